@@ -1,0 +1,128 @@
+"""Small helpers shared by the training scripts: device choice, atomic checkpoints, weight files.
+
+safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
+JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
+checkpoint needs nothing beyond torch.
+"""
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _atomic_write(path, write) -> None:
+    """Write to a temporary file in the target folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save(obj, path), atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Write {name: tensor} as a .safetensors file (atomically)."""
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header to a multiple of 8 bytes
+
+    def write(f):
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for raw in chunks:
+            f.write(raw)
+
+    _atomic_write(path, write)
+
+
+def read_safetensors(path) -> dict:
+    """Read a .safetensors file into {name: tensor} on the CPU."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=torch.uint8) if end > start \
+            else torch.empty(0, dtype=torch.uint8)
+        out[name] = flat.view(dtype).reshape(info["shape"])
+    return out
+
+
+def load_weights(path) -> dict:
+    """A state dict from a local .safetensors, .pt, .pth or .bin file (tensors only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        return state
+    raise ValueError(f"cannot read {path}: expected a .safetensors, .pt, .pth or .bin file")
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON line (metrics logs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
