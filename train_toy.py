@@ -1,0 +1,264 @@
+"""CoTo at work in about a minute on a CPU: a toy problem the script makes itself.
+
+A small residual MLP with 6 blocks is pretrained to classify Gaussian points labelled by a random
+teacher network; the downstream task labels rotated points with the same teacher, so the frozen
+backbone gets it mostly wrong. LoRA adapters on every block's fc1 / fc2 are then trained with and
+without CoTo (same seeds, same data order), and the script prints, side by side:
+  - test accuracy,
+  - accuracy of the two seeds' adapters averaged at lambda = 0.5 (factor-wise: A and B separately),
+  - accuracy after removing the adapters of every other block (blocks 1, 3, 5).
+It writes runs/toy/toy.png: the CoTo schedule, the fraction of active blocks per step, the loss curves.
+
+    python train_toy.py            # ~1 minute on 2 CPU cores
+"""
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from coto import CoTo, active_mask, block_groups, coto_prob
+from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
+
+
+@dataclass
+class Config:
+    d_in: int = 16             # input dimension of the synthetic points
+    dim: int = 64              # residual width
+    hidden: int = 128          # MLP width inside a block
+    n_blocks: int = 6          # blocks = CoTo groups
+    n_classes: int = 8
+    n_train: int = 8192
+    n_test: int = 4096
+    rotation: float = 1.0      # how far the downstream inputs are rotated (radians-ish scale)
+    batch_size: int = 256
+    pretrain_steps: int = 800
+    pretrain_lr: float = 3e-3
+    steps: int = 500           # fine-tuning optimizer steps
+    lr: float = 5e-3
+    r: int = 4
+    alpha: float = 8.0
+    p0: float = 0.0            # CoTo's starting probability (paper figure: 0; authors' snippet: 0.1)
+    stage1_ratio: float = 0.75
+    seeds: tuple = (0, 1)      # two seeds: their adapters are averaged at lambda = 0.5
+    data_seed: int = 1234
+    log_every: int = 100
+    out_dir: str = "runs/toy"
+    plot: bool = True
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, h):  # (B, dim) -> (B, dim)
+        return h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+
+
+class ToyNet(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Linear(cfg.d_in, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.hidden) for _ in range(cfg.n_blocks))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.n_classes)
+
+    def forward(self, x):  # (B, d_in) -> (B, n_classes)
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+def make_tasks(cfg: Config) -> dict:
+    """Source and downstream (x, y) splits. Labels come from a random 2-layer teacher; the
+    downstream task feeds the teacher rotated points, x -> x @ R, R = exp(skew-symmetric)."""
+    g = torch.Generator().manual_seed(cfg.data_seed)
+    T1 = torch.randn(cfg.d_in, 4 * cfg.d_in, generator=g) / math.sqrt(cfg.d_in)
+    T2 = torch.randn(4 * cfg.d_in, cfg.n_classes, generator=g) / math.sqrt(4 * cfg.d_in)
+    S = torch.randn(cfg.d_in, cfg.d_in, generator=g) / math.sqrt(cfg.d_in)
+    R = torch.linalg.matrix_exp(cfg.rotation * (S - S.T))  # (d_in, d_in), orthogonal
+
+    def teacher(x):
+        return (torch.tanh(x @ T1) @ T2).argmax(-1)
+
+    def split(n, rotate):
+        x = torch.randn(n, cfg.d_in, generator=g)
+        return x, teacher(x @ R if rotate else x)
+
+    return {"source": (split(cfg.n_train, False), split(cfg.n_test, False)),
+            "target": (split(cfg.n_train, True), split(cfg.n_test, True))}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x, y) -> float:
+    return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def train(model, params, data, steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
+    """AdamW with a cosine LR; CoTo (if given) draws its mask before every optimizer step.
+    Returns per-step records {loss, p, active}."""
+    (x, y), (x_test, y_test) = data
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)  # data order: identical with and without CoTo
+    history, t0 = [], time.perf_counter()
+    for step in range(steps):
+        lr_t = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr_t
+        if coto is not None:
+            coto.step(step)
+        idx = torch.randint(len(x), (batch_size,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # None, not zero: bypassed adapters are not moved by AdamW
+        p, active = (coto.p, coto.mask.float().mean().item()) if coto else (1.0, 1.0)
+        history.append({"loss": loss.item(), "p": p, "active": active})
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            if coto is None:
+                acc = accuracy(model, x_test, y_test)
+            else:
+                with coto.all_active():  # evaluation always uses every adapter
+                    acc = accuracy(model, x_test, y_test)
+            ms = 1000 * (time.perf_counter() - t0) / (step + 1)
+            print(f"{name:>12} step {step:4d} | loss {loss.item():.3f} | acc {acc:.3f} | "
+                  f"p {p:.2f} | active {active:.2f} | {ms:.1f} ms")
+    return history
+
+
+def pretrain(cfg: Config, tasks: dict) -> dict:
+    torch.manual_seed(cfg.data_seed)
+    model = ToyNet(cfg)
+    train(model, model.parameters(), tasks["source"], cfg.pretrain_steps, cfg.pretrain_lr,
+          cfg.batch_size, seed=cfg.data_seed, log_every=cfg.log_every * 4, name="pretrain")
+    return model.state_dict()
+
+
+def finetune(cfg: Config, backbone: dict, tasks: dict, seed: int, use_coto: bool):
+    """LoRA on every block's fc1 / fc2 of a frozen pretrained ToyNet (head frozen too: the
+    classes are the same). Returns the model and its training history."""
+    model = ToyNet(cfg)
+    model.load_state_dict(backbone)
+    torch.manual_seed(seed)  # lora_A's initialisation
+    inject_lora(model, ["fc1", "fc2"], r=cfg.r, alpha=cfg.alpha)
+    mark_only_lora_as_trainable(model)
+    coto = CoTo(block_groups(model), cfg.steps, cfg.p0, cfg.stage1_ratio, seed=seed) if use_coto else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = f"{'coto' if use_coto else 'lora'} s{seed}"
+    history = train(model, params, tasks["target"], cfg.steps, cfg.lr, cfg.batch_size, seed, coto,
+                    cfg.log_every, name)
+    if coto is not None:
+        coto.step(cfg.steps)  # p = 1 past the schedule: every adapter on from here
+    return model, history
+
+
+def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
+    """Accuracy per seed, of the lambda = 0.5 factor-wise average, and with every other block's
+    adapters removed."""
+    x, y = tasks["target"][1]
+    accs = [accuracy(m, x, y) for m in models]
+    states = [lora_state_dict(m) for m in models]
+    avg = {k: 0.5 * (states[0][k] + states[1][k]) for k in states[0]}
+    merged = models[0]
+    load_lora_state_dict(merged, avg)
+    merged_acc = accuracy(merged, x, y)
+    load_lora_state_dict(merged, states[0])
+    groups = block_groups(models[0])
+    keep_even = [i % 2 == 0 for i in range(len(groups))]
+    pruned = []
+    for m in models:
+        with active_mask(block_groups(m), keep_even):
+            pruned.append(accuracy(m, x, y))
+    return {"acc": sum(accs) / len(accs), "accs": accs, "interp_0.5": merged_acc,
+            "prune_every_other": sum(pruned) / len(pruned)}
+
+
+def plot(cfg: Config, histories: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    steps = range(cfg.steps)
+    for shape in ("linear", "exp", "sine"):
+        axes[0].plot(steps, [coto_prob(t, cfg.steps, cfg.p0, cfg.stage1_ratio, shape) for t in steps],
+                     label=shape)
+    axes[0].set(title=f"CoTo schedule p(t) (p0={cfg.p0}, stage1_ratio={cfg.stage1_ratio})",
+                xlabel="step", ylabel="p")
+    axes[0].legend()
+    active = torch.tensor([h["active"] for h in histories["coto"]])
+    smooth = torch.nn.functional.avg_pool1d(active[None, None], 15, 1, 7, count_include_pad=False)[0, 0]
+    axes[1].plot(steps, active, ".", ms=2, alpha=0.3, label="per step")
+    axes[1].plot(steps, smooth, label="moving average")
+    axes[1].plot(steps, [h["p"] for h in histories["coto"]], "--", label="p(t)")
+    axes[1].set(title="fraction of active blocks (CoTo, seed 0)", xlabel="step")
+    axes[1].legend()
+    for name, hist in histories.items():
+        loss = torch.tensor([h["loss"] for h in hist])
+        axes[2].plot(steps, torch.nn.functional.avg_pool1d(loss[None, None], 15, 1, 7,
+                                                           count_include_pad=False)[0, 0], label=name)
+    axes[2].set(title="training loss (seed 0, smoothed)", xlabel="step", yscale="log")
+    axes[2].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    if len(cfg.seeds) != 2:
+        raise ValueError(f"seeds={cfg.seeds}: give exactly two seeds (their adapters are averaged)")
+    t0 = time.perf_counter()
+    tasks = make_tasks(cfg)
+    backbone = pretrain(cfg, tasks)
+    base = ToyNet(cfg)
+    base.load_state_dict(backbone)
+    results = {"source_acc": accuracy(base, *tasks["source"][1]),
+               "base_target_acc": accuracy(base, *tasks["target"][1])}
+    histories = {}
+    for method in ("lora", "coto"):
+        runs = [finetune(cfg, backbone, tasks, seed, method == "coto") for seed in cfg.seeds]
+        histories[method] = runs[0][1]
+        results[method] = evaluate_method(cfg, [m for m, _ in runs], tasks)
+    results["seconds"] = time.perf_counter() - t0
+
+    print(f"\nbackbone: source acc {results['source_acc']:.3f}, "
+          f"downstream acc without adapters {results['base_target_acc']:.3f}")
+    print(f"{'downstream test accuracy':<40}{'LoRA':>8}{'CoTo':>8}")
+    for key, label in (("acc", "fine-tuned (mean of 2 seeds)"),
+                       ("interp_0.5", "2 seeds averaged, lambda = 0.5"),
+                       ("prune_every_other", "adapters of every other block removed")):
+        print(f"{label:<40}{results['lora'][key]:>8.3f}{results['coto'][key]:>8.3f}")
+    print(f"total time {results['seconds']:.0f} s")
+    if cfg.plot:
+        path = Path(cfg.out_dir) / "toy.png"
+        plot(cfg, histories, path)
+        print(f"wrote {path}")
+    return results
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=f.default)
+        elif f.type is tuple:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, nargs="+", default=f.default)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default)
+    args = vars(parser.parse_args(argv))
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+
+
+if __name__ == "__main__":
+    main(parse_config())
