@@ -19,14 +19,16 @@ import torch
 
 from lora import lora_layers
 
-SHAPES = ("linear", "exp", "sine")
+SHAPES = ("linear", "exp", "sine", "constant")
 
 
 def coto_prob(step: int, total_steps: int, p0: float = 0.0, stage1_ratio: float = 0.75,
               shape: str = "linear") -> float:
     """Activation probability at optimizer step `step` (method.md section 2):
     linear: p(t) = min(p0 + (1 - p0) * t / ceil(stage1_ratio * T), 1). "exp" starts slower,
-    "sine" faster; all three reach exactly 1 at step ceil(stage1_ratio * T) and stay there."""
+    "sine" faster; all three reach exactly 1 at step ceil(stage1_ratio * T) and stay there.
+    "constant" keeps p = p0 through stage 1: with stage1_ratio = 1 it is the constant-rate layer
+    drop baseline ("stochastic depth for LoRA", method.md section 4)."""
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r} must be a positive integer")
     if not 0.0 <= p0 <= 1.0:
@@ -45,6 +47,8 @@ def coto_prob(step: int, total_steps: int, p0: float = 0.0, stage1_ratio: float 
         u = math.expm1(5.0 * u) / math.expm1(5.0)
     elif shape == "sine":
         u = math.sin(0.5 * math.pi * u)
+    elif shape == "constant":
+        u = 0.0
     return p0 + (1.0 - p0) * u
 
 

@@ -38,6 +38,10 @@ def test_shapes_differ_as_documented():
     assert mid[0] == pytest.approx(math.expm1(2.5) / math.expm1(5.0))
 
 
+def test_constant_shape_is_layer_drop_at_rate_one_minus_p0():
+    assert [coto_prob(t, 10, 0.8, 1.0, "constant") for t in (0, 5, 9, 10)] == [0.8, 0.8, 0.8, 1.0]
+
+
 def test_stage1_ratio_zero_is_plain_lora():
     assert [coto_prob(t, 10, 0.0, 0.0) for t in range(3)] == [1.0, 1.0, 1.0]
 
