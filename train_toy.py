@@ -39,10 +39,10 @@ class Config:
     batch_size: int = 256
     pretrain_steps: int = 800
     pretrain_lr: float = 3e-3
-    steps: int = 500           # fine-tuning optimizer steps
-    lr: float = 5e-3
-    r: int = 4
-    alpha: float = 8.0
+    steps: int = 800           # fine-tuning optimizer steps
+    lr: float = 1e-2
+    r: int = 8
+    alpha: float = 16.0
     p0: float = 0.0            # CoTo's starting probability (paper figure: 0; authors' snippet: 0.1)
     stage1_ratio: float = 0.75
     seeds: tuple = (0, 1)      # two seeds: their adapters are averaged at lambda = 0.5
