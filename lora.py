@@ -74,8 +74,11 @@ class LoRALinear(nn.Module):
         return self.scaling * (W * BA if self.variant == "hira" else BA)
 
     def _dora_scale(self, W: torch.Tensor) -> torch.Tensor:
-        """m / ||W + scaling B A|| per output row: (out,). The norm is detached (DoRA 4.3)."""
-        return self.lora_magnitude / (W + self._update(W)).norm(dim=1).detach()
+        """m / ||W + scaling B A|| per output row: (out,). The norm is a constant in backward
+        (DoRA section 4.3), so it is computed without building a graph."""
+        with torch.no_grad():
+            norm = (W + self._update(W)).norm(dim=1)
+        return self.lora_magnitude / norm
 
     def delta_weight(self) -> torch.Tensor:
         """W_effective - W, shape (out, in), for any variant; while merged, the delta that was merged."""
@@ -105,12 +108,16 @@ class LoRALinear(nn.Module):
         if self.merged or not self.active:
             return self.base(x)
         W, xd = self.base.weight, self.lora_dropout(x)
-        if self.variant == "lora":  # never forms the (out, in) product: two thin matmuls
-            return self.base(x) + self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
         if self.variant == "hira":
+            if isinstance(self.lora_dropout, nn.Identity):  # one matmul: (W + delta W) x + b
+                return F.linear(x, W + self._update(W), self.base.bias)
             return self.base(x) + F.linear(xd, self._update(W))
+        # B (scaling * A x): two thin matmuls, never the (out, in) product; scaling the (..., r)
+        # tensor costs less than scaling the (..., out) one
+        lora = F.linear(self.scaling * F.linear(xd, self.lora_A), self.lora_B)
+        if self.variant == "lora":
+            return self.base(x) + lora
         # dora: m / ||V|| * (W x + scaling B A dropout(x)) + b
-        lora = self.scaling * F.linear(F.linear(xd, self.lora_A), self.lora_B)
         y = self._dora_scale(W) * (F.linear(x, W) + lora)
         return y if self.base.bias is None else y + self.base.bias
 

@@ -11,10 +11,10 @@ from lora import (LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lo
 VARIANTS = ["lora", "dora", "hira"]
 
 
-def make_layer(variant, bias=True, rslora=False, seed=0):
+def make_layer(variant, bias=True, rslora=False, seed=0, dropout=0.0):
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(7, 5, bias=bias).double()
-    layer = LoRALinear(base, r=3, alpha=6.0, variant=variant, rslora=rslora)
+    layer = LoRALinear(base, r=3, alpha=6.0, variant=variant, rslora=rslora, dropout=dropout)
     with torch.no_grad():  # a non-zero B (and magnitude), so the update is visible
         layer.lora_B.copy_(torch.randn(5, 3, generator=g, dtype=torch.float64))
         if variant == "dora":
@@ -46,6 +46,29 @@ def test_forward_matches_formula(variant, bias):
     # delta_weight() is W_eff - W: read W_eff off the identity input, bias removed
     W_eff = (reference(layer, torch.eye(7, dtype=torch.float64)) - (layer.base.bias if bias else 0)).T
     torch.testing.assert_close(layer.delta_weight(), W_eff - layer.base.weight, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dropout_only_touches_the_adapter_input(variant):
+    layer, x = make_layer(variant, dropout=0.5)
+    layer.eval()  # dropout off: the formula exactly
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-12, atol=1e-12)
+    layer.train()
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    xd = layer.lora_dropout(x)  # the same dropout mask
+    W, s = layer.base.weight, layer.scaling
+    update = s * layer.lora_B @ layer.lora_A
+    if variant == "lora":
+        expected = layer.base(x) + xd @ update.T
+    elif variant == "hira":
+        expected = layer.base(x) + xd @ (W * (layer.lora_B @ layer.lora_A) * s).T
+    else:
+        scale = layer.lora_magnitude / (W + update).norm(dim=1)
+        expected = scale * (x @ W.T + xd @ update.T) + layer.base.bias
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(y, reference(layer, x))
 
 
 def test_scaling_and_rslora():

@@ -1,0 +1,541 @@
+"""Speed and memory of LoRA / DoRA / HiRA, with and without CoTo, measured side by side (issue 5).
+
+CoTo shortens training because a bypassed adapter costs nothing and backward stops below the
+lowest active block (method.md section 3). This script measures how much of that saving is real,
+next to what the FLOP arithmetic allows, plus the other costs a user asks about:
+
+    1. training steps over a CoTo schedule vs always-on adapters (lora, dora, hira; two ViTs)
+    2. backward truncation: step time vs the lowest active block
+    3. one LoRALinear forward+backward vs the frozen nn.Linear it wraps; merged inference vs base
+    4. exact Shapley: the table of all 2^n coalition values, prefix-sharing vs naive (games.py)
+    5. peak memory of a LoRA step vs full fine-tuning
+
+Every figure is a ratio measured in the same run: the compared cases alternate call by call (so
+the drift of a busy machine hits them alike), warm-up calls are excluded, and each ratio is the
+median over repeats. On CUDA the steps run in bf16 autocast.
+
+    python bench.py            # a few minutes on a 2-core CPU; prints the table, writes runs/bench/
+    python bench.py --quick    # about a minute, one ViT, noisier
+"""
+import argparse
+import contextlib
+import copy
+import io
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import games
+from coto import CoTo, block_groups, set_active
+from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from utils import format_eta, pick_device
+from vit import VisionTransformer
+
+
+@dataclass
+class Config:
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (use 1 on a machine shared with other jobs)
+    embed_dim: int = 128  # the default ViT (vit.py's defaults): width,
+    depth: int = 6  # blocks,
+    num_heads: int = 4  # and heads
+    large_embed_dim: int = 192  # the larger ViT of sections 1 and 5 (ViT-Ti width, twice as deep);
+    large_depth: int = 12  # 0 skips it
+    large_num_heads: int = 3
+    variants: tuple = ("lora", "dora", "hira")
+    targets: tuple = ("qkv", "proj", "fc1", "fc2")  # LoRA targets in every block
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # scaling = alpha / r
+    batch_size: int = 32  # images per training step (28x28, 17 tokens each)
+    total_steps: int = 1000  # length of the CoTo schedule whose masks are replayed
+    p0: float = 0.0  # CoTo's starting probability
+    stage1_ratio: float = 0.75  # CoTo ramps p over this fraction of total_steps
+    schedule_points: int = 12  # steps of that schedule measured, evenly spaced over it
+    repeats: int = 3  # rounds of alternating calls; every figure is the median over rounds
+    warmup: int = 2  # calls of each case before timing (excluded)
+    shapley_blocks: tuple = (6, 12)  # depths of the exact-Shapley row (empty: skip)
+    shapley_batch: int = 16  # held-out images the coalition values are computed on
+    naive_samples: int = 32  # coalitions timed for the naive way (its time is per coalition x 2^n)
+    seed: int = 0
+    out: str = "runs/bench"  # bench.json and bench.md are written here
+
+
+# ---------------------------------------------------------------------------------------------
+# The measuring harness
+
+
+def sync_fn(device: torch.device):
+    """What makes a timer honest on this device: CUDA runs asynchronously, the CPU does not."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def alternate(cases: dict, calls: int, repeats: int, warmup: int, sync=lambda: None) -> dict:
+    """Time `cases[name](i)` for i in range(calls), alternating the cases call by call and
+    reversing their order every other call, so machine drift hits every case alike.
+
+    Returns {name: {"s": median over repeats of the time of all `calls` calls, "ratio": median over
+    repeats of that time divided by the first case's time in the same repeat}}. The `warmup`
+    calls of each case before the first repeat are not timed."""
+    names = list(cases)
+    for i in range(warmup):
+        for name in names:
+            cases[name](i % calls)
+    total = {name: [0.0] * repeats for name in names}
+    for rep in range(repeats):
+        for i in range(calls):
+            for name in names if (rep + i) % 2 == 0 else names[::-1]:
+                sync()
+                t0 = time.perf_counter()
+                cases[name](i)
+                sync()
+                total[name][rep] += time.perf_counter() - t0
+    base = total[names[0]]
+    return {name: {"s": statistics.median(t),
+                   "ratio": statistics.median(a / b for a, b in zip(t, base))}
+            for name, t in total.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The FLOP model: matmul FLOPs, as lora.py computes each variant (tests/test_bench.py checks it
+# against torch's FlopCounterMode). Elementwise work (norms, GELU, the adapters' adds and scales)
+# is not counted: on a CPU it is where measured and predicted part ways.
+
+
+def linear_flops(T: int, i: int, o: int, r: int, variant: str, active: bool, grad_in: bool) -> int:
+    """Forward + backward matmul FLOPs of one frozen (o, i) linear layer on T tokens, its adapter
+    active or bypassed. The frozen W needs no weight gradient: backward computes only dX, and only
+    when the layer's input requires grad (grad_in)."""
+    flops = 2 * T * i * o + (2 * T * i * o if grad_in else 0)  # W x; dX = dY W
+    if not active:
+        return flops
+    if variant in ("lora", "dora"):  # B (A x): forward; dB, d(Ax), dA; dX through A if needed
+        flops += 2 * T * r * (i + o) + 2 * T * r * (2 * o + i) + (2 * T * r * i if grad_in else 0)
+    if variant == "dora":  # B A inside the row norm ||W + s B A||, which is detached: no backward
+        flops += 2 * o * r * i
+    if variant == "hira":  # B A; (W + W * s B A) x replaces W x; dW_eff = dY^T x; dB and dA of B A
+        flops += 2 * o * r * i + 2 * T * i * o + 4 * o * r * i
+    return flops
+
+
+def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, mask,
+                   targets=("qkv", "proj", "fc1", "fc2")) -> int:
+    """Matmul FLOPs of one training step of `model` (frozen backbone, adapters on `targets`, a
+    trainable head) with block l's adapters on where mask[l] is true.
+
+    Walks the blocks bottom-up, tracking whether the residual stream requires grad: it does not
+    below the lowest active block (the embedding is frozen), so nothing there runs backward."""
+    pe = model.patch_embed
+    N, D, C = pe.num_patches + 1, model.embed_dim, model.head.out_features  # tokens, width, classes
+    T = batch * N
+    flops = 2 * batch * pe.num_patches * pe.in_chans * pe.patch_size ** 2 * D  # patch conv, no grad
+    grad = False  # does the residual stream require grad?
+    for on, blk in zip(mask, model.blocks):
+        on_ = {t: bool(on) and t in targets for t in ("qkv", "proj", "fc1", "fc2")}
+        H = blk.mlp.fc1.out_features
+        flops += linear_flops(T, D, 3 * D, r, variant, on_["qkv"], grad)
+        grad_attn = grad or on_["qkv"]
+        flops += 4 * batch * N * N * D + (8 * batch * N * N * D if grad_attn else 0)  # q k^T, a v
+        flops += linear_flops(T, D, D, r, variant, on_["proj"], grad_attn)
+        grad = grad_attn or on_["proj"]
+        flops += linear_flops(T, D, H, r, variant, on_["fc1"], grad)
+        grad_hidden = grad or on_["fc1"]
+        flops += linear_flops(T, H, D, r, variant, on_["fc2"], grad_hidden)
+        grad = grad_hidden or on_["fc2"]
+    return flops + 2 * batch * D * C * (2 + grad)  # head: forward, dW, and dX if grad
+
+
+def coto_masks(depth: int, total_steps: int, points: int, p0: float, stage1_ratio: float,
+               seed: int) -> list:
+    """The masks CoTo draws at `points` evenly spaced steps of a `total_steps` schedule, drawn by
+    the training controller itself (coto.CoTo) over stand-in groups."""
+    coto = CoTo({f"blocks.{l}": [] for l in range(depth)}, total_steps, p0=p0,
+                stage1_ratio=stage1_ratio, seed=seed)
+    steps = [round(k * (total_steps - 1) / max(points - 1, 1)) for k in range(points)]
+    return [coto.step(t).tolist() for t in steps]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and steps
+
+
+def vit_sizes(cfg: Config) -> dict:
+    """{"default": VisionTransformer kwargs, "large": ...} from the config."""
+    sizes = {"default": dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)}
+    if cfg.large_depth:
+        sizes["large"] = dict(embed_dim=cfg.large_embed_dim, depth=cfg.large_depth,
+                              num_heads=cfg.large_num_heads)
+    return sizes
+
+
+def lora_vit(size: dict, variant: str | None, cfg: Config, device: torch.device) -> VisionTransformer:
+    """VisionTransformer(**size) with adapters on cfg.targets, B != 0 as after some training, and
+    only adapters and head trainable; variant None: the plain ViT, everything trainable."""
+    torch.manual_seed(cfg.seed)
+    model = VisionTransformer(**size)
+    if variant is not None:
+        inject_lora(model, list(cfg.targets), cfg.r, cfg.alpha, variant=variant)
+        for layer in lora_layers(model).values():
+            nn.init.normal_(layer.lora_B, std=0.02)
+        with contextlib.redirect_stdout(io.StringIO()):  # the bench prints only its own lines
+            mark_only_lora_as_trainable(model, also=("head",))
+    return model.to(device)
+
+
+def batch_of(batch: int, num_classes: int, device: torch.device, seed: int):
+    """A preloaded batch: only speed is measured, so random images, and no data loading in the loop."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28, generator=g)
+    y = torch.randint(num_classes, (batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, device: torch.device) -> None:
+    """One optimizer step as train_vit.py takes it (bf16 autocast on CUDA)."""
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else contextlib.nullcontext())
+    with amp:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections
+
+
+def bench_coto(name: str, size: dict, variant: str, cfg: Config, device: torch.device) -> dict:
+    """Section 1: the steps of a CoTo schedule against the same steps with every adapter on."""
+    model = lora_vit(size, variant, cfg, device)
+    groups, opt = block_groups(model), adamw(model)
+    x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
+    depth = len(model.blocks)
+    masks = coto_masks(depth, cfg.total_steps, cfg.schedule_points, cfg.p0, cfg.stage1_ratio, cfg.seed)
+    on = [True] * depth
+
+    def run(mask):
+        set_active(groups, mask)
+        train_step(model, opt, x, y, device)
+
+    res = alternate({"always-on": lambda i: run(on), "coto": lambda i: run(masks[i])},
+                    len(masks), cfg.repeats, cfg.warmup, sync_fn(device))
+    flops_on = vit_step_flops(model, cfg.batch_size, cfg.r, variant, on, cfg.targets)
+    flops_coto = sum(vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets)
+                     for m in masks) / len(masks)
+    saving, predicted = 1 - res["coto"]["ratio"], 1 - flops_coto / flops_on
+    step_s = res["always-on"]["s"] / len(masks)
+    return {"model": name, "depth": depth, "params": sum(p.numel() for p in model.parameters()),
+            "variant": variant, "active_fraction": sum(map(sum, masks)) / (len(masks) * depth),
+            "ms_on": 1e3 * step_s, "ms_coto": 1e3 * res["coto"]["s"] / len(masks),
+            "images_per_s_on": cfg.batch_size / step_s, "gflop_on": flops_on / 1e9,
+            "ratio": res["coto"]["ratio"], "saving": saving, "predicted_saving": predicted,
+            "of_predicted": saving / predicted}
+
+
+def grad_per_block(model: VisionTransformer, x) -> list:
+    """Whether each block's output requires grad under the adapters' current `active` flags: it
+    must not below the lowest active block, where backward then has nothing to do."""
+    h, out = model.embed(x), []
+    for blk in model.blocks:
+        h = blk(h)
+        out.append(h.requires_grad)
+    return out
+
+
+def bench_truncation(variant: str, cfg: Config, device: torch.device) -> list:
+    """Section 2: a step with only block l's adapters on, for every l: the same adapter work each
+    time, only the depth of backward changes."""
+    model = lora_vit(vit_sizes(cfg)["default"], variant, cfg, device)
+    groups, opt = block_groups(model), adamw(model)
+    x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
+    depth = len(model.blocks)
+    masks = [[k == l for k in range(depth)] for l in range(depth)]
+
+    def case(mask):
+        def run(i):
+            set_active(groups, mask)
+            train_step(model, opt, x, y, device)
+        return run
+
+    res = alternate({l: case(m) for l, m in enumerate(masks)}, 2, 2 * cfg.repeats, cfg.warmup,
+                    sync_fn(device))
+    f0 = vit_step_flops(model, cfg.batch_size, cfg.r, variant, masks[0], cfg.targets)
+    rows = []
+    for l, m in enumerate(masks):
+        set_active(groups, m)
+        rows.append({"variant": variant, "lowest": l, "ms": 1e3 * res[l]["s"] / 2, "ratio": res[l]["ratio"],
+                     "predicted": vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets) / f0,
+                     "no_grad_below": not any(grad_per_block(model, x)[:l])})
+    return rows
+
+
+def bench_layer(cfg: Config, device: torch.device) -> list:
+    """Section 3a: one LoRALinear (the default ViT's fc1 shape, one batch of tokens) forward +
+    backward vs its frozen nn.Linear, the input requiring grad as inside a network."""
+    D, T = cfg.embed_dim, cfg.batch_size * 17
+    torch.manual_seed(cfg.seed)
+    base = nn.Linear(D, 4 * D).requires_grad_(False).to(device)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    dy = torch.randn(T, 4 * D, device=device)  # the gradient arriving from above
+    layers = {"nn.Linear": base}
+    for v in cfg.variants:
+        layers[v] = LoRALinear(copy.deepcopy(base), cfg.r, cfg.alpha, variant=v)
+        nn.init.normal_(layers[v].lora_B, std=0.02)
+
+    def case(layer):
+        def run(i):
+            layer(x).backward(dy)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+        return run
+
+    res = alternate({k: case(m) for k, m in layers.items()}, 10, 3 * cfg.repeats, cfg.warmup,
+                    sync_fn(device))  # milliseconds per call: sums of 10 calls are steadier
+    f0 = linear_flops(T, D, 4 * D, cfg.r, "lora", False, True)
+    return [{"layer": k, "ms": 1e3 * res[k]["s"] / 10, "ratio": res[k]["ratio"],
+             "flop_ratio": linear_flops(T, D, 4 * D, cfg.r, k, k != "nn.Linear", True) / f0}
+            for k in layers]
+
+
+def bench_merged(cfg: Config, device: torch.device) -> list:
+    """Section 3b: inference of the merged LoRA model, and of the unmerged one, vs the base ViT; a
+    copy of the base shows how far two identical cases differ here (the noise floor)."""
+    base = lora_vit(vit_sizes(cfg)["default"], None, cfg, device).eval()
+    unmerged = copy.deepcopy(base)
+    inject_lora(unmerged, list(cfg.targets), cfg.r, cfg.alpha)
+    for layer in lora_layers(unmerged).values():
+        nn.init.normal_(layer.lora_B, std=0.02)
+    merged = copy.deepcopy(unmerged)
+    merge_lora(merged)
+    x, _ = batch_of(4 * cfg.batch_size, base.num_classes, device, cfg.seed)
+
+    def case(model):
+        @torch.inference_mode()
+        def run(i):
+            model(x)
+        return run
+
+    cases = {"base": case(base), "base, a copy (noise floor)": case(copy.deepcopy(base)),
+             "merged": case(merged), "unmerged": case(unmerged)}
+    res = alternate(cases, 4, 2 * cfg.repeats, cfg.warmup, sync_fn(device))
+    return [{"model": k, "ms": 1e3 * v["s"] / 4, "ratio": v["ratio"]} for k, v in res.items()]
+
+
+@torch.no_grad()
+def coalition_values_batched(model: VisionTransformer, x, y, max_rows: int = 8192):
+    """Every coalition of block adapters, breadth-first: at block l the 2^l prefixes are stacked
+    along the batch and run through the block twice (adapters off, then on), `max_rows` images per
+    call. Same prefix evaluations as games.coalition_values, far fewer (and larger) calls.
+    Returns (values (2^L,) float64 minus the mean cross-entropy, indexed by bitmask; calls)."""
+    groups = block_groups(model)
+    h, calls = model.embed(x)[None], 0  # (prefixes, B, N+1, D); prefix m: bit l = block l on
+    for l, blk in enumerate(model.blocks):
+        halves = []
+        for on in (False, True):  # off first: the new prefix index is m + on * 2^l
+            set_active(groups, [k == l and on for k in range(len(groups))])
+            chunk = max(1, max_rows // x.shape[0])
+            halves += [blk(c.flatten(0, 1)).view_as(c) for c in h.split(chunk)]
+            calls += -(-h.shape[0] // chunk)
+        h = torch.cat(halves)
+    set_active(groups, [True] * len(groups))
+    logits = model.forward_head(h.flatten(0, 1)).unflatten(0, h.shape[:2])  # (2^L, B, classes)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(h.shape[0]), reduction="none")
+    return -loss.view(h.shape[:2]).double().mean(1), calls
+
+
+def bench_shapley(cfg: Config, device: torch.device) -> list:
+    """Section 4: the table of all 2^L coalition values (one player per block): naive (a full
+    forward per coalition, timed on `naive_samples` coalitions and scaled to 2^L), games.py's
+    depth-first prefix sharing, and the batched breadth-first form above."""
+    rows = []
+    for depth in cfg.shapley_blocks:
+        model = lora_vit({**vit_sizes(cfg)["default"], "depth": depth}, "lora", cfg, device).eval()
+        groups = block_groups(model)
+        x, y = batch_of(cfg.shapley_batch, model.num_classes, device, cfg.seed)
+        n = 2 ** depth
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.naive_samples]
+        naive = {}
+
+        def naive_run(i):
+            for m in sample.tolist():
+                with games.coalition(groups, [l for l in range(depth) if m >> l & 1]):
+                    naive[m] = games.score(model, x, y, value="neg_loss")
+
+        out = {}
+
+        def prefix_run(i):
+            out["prefix"] = games.coalition_values(model.embed, model.blocks, model.forward_head, x, y,
+                                                   value="neg_loss")
+
+        def batched_run(i):
+            out["batched"] = coalition_values_batched(model, x, y)
+
+        res = alternate({"naive": naive_run, "prefix": prefix_run, "batched": batched_run}, 1,
+                        max(1, cfg.repeats // 3), 0, sync_fn(device))  # seconds each: few repeats
+        (prefix, evals), (batched, calls) = out["prefix"], out["batched"]
+        diff_prefix = max(abs(prefix[m].item() - v) for m, v in naive.items())  # vs naive, float32
+        scale = n / len(sample)  # the naive time is per coalition: measured on a sample, times 2^L
+        naive_s = res["naive"]["s"] * scale
+        rows += [{"blocks": depth, "method": "naive (n forward passes per coalition)",
+                  "block_evals": depth * n, "calls": depth * n, "s": naive_s, "vs_naive": 1.0,
+                  "max_abs_diff": None},
+                 {"blocks": depth, "method": "prefix sharing, depth-first (games.py)",
+                  "block_evals": evals, "calls": evals, "s": res["prefix"]["s"],
+                  "vs_naive": res["prefix"]["ratio"] / scale, "max_abs_diff": diff_prefix},
+                 {"blocks": depth, "method": "prefix sharing, batched breadth-first",
+                  "block_evals": 2 * n - 2, "calls": calls, "s": res["batched"]["s"],
+                  "vs_naive": res["batched"]["ratio"] / scale,
+                  "max_abs_diff": (prefix - batched).abs().max().item()}]
+    return rows
+
+
+def peak_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x, y, device: torch.device) -> int:
+    """Peak bytes of tensor memory during one training step taken after a warm-up step (so the
+    optimizer state exists): what lives before the step plus the step's highest transient.
+
+    CUDA reports it (max_memory_allocated). On the CPU, the running sum of the profiler's
+    allocation events (+bytes on allocation, -bytes on free) peaks at the step's transient."""
+    train_step(model, opt, x, y, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, opt, x, y, device)
+        return torch.cuda.max_memory_allocated()
+    before = sum(t.numel() * t.element_size() for t in
+                 [*model.parameters(), *model.buffers(),
+                  *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        train_step(model, opt, x, y, device)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    now = peak = 0
+    for e in events:
+        now += e.nbytes()
+        peak = max(peak, now)
+    return before + peak
+
+
+def bench_memory(cfg: Config, device: torch.device) -> list:
+    """Section 5: peak memory of one training step, full fine-tuning vs each adapter variant."""
+    rows = []
+    for name, size in vit_sizes(cfg).items():
+        for method in ("full", *cfg.variants):
+            model = lora_vit(size, None if method == "full" else method, cfg, device)
+            x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
+            rows.append({"model": name, "method": method,
+                         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         "peak_mb": peak_step_memory(model, adamw(model), x, y, device) / 2 ** 20})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def table(res: dict) -> str:
+    cfg = res["config"]
+    L = [f"bench.py on {res['device']} ({res['threads']} threads), torch {torch.__version__}, "
+         f"batch {cfg['batch_size']}, r {cfg['r']}, targets {'/'.join(cfg['targets'])}",
+         "", "1. Training step over a CoTo schedule (p0 %g, %d steps evenly spaced over it) vs "
+             "always-on adapters; saving = 1 - time ratio" % (cfg["p0"], cfg["schedule_points"]), "",
+         "| model | variant | ms/step on | img/s on | active | CoTo / on | saving | predicted (FLOPs) | of predicted |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    L += [f"| {r['model']} ({r['depth']} blocks, {r['params'] / 1e6:.1f}M) | {r['variant']} | "
+          f"{r['ms_on']:.1f} | {r['images_per_s_on']:.0f} | {r['active_fraction']:.0%} | "
+          f"{r['ratio']:.3f} | {r['saving']:.1%} | {r['predicted_saving']:.1%} | {r['of_predicted']:.0%} |"
+          for r in res["coto"]]
+    L += ["", "2. Backward truncation: only block l's adapters on (default ViT)", "",
+          "| variant | lowest active block | ms/step | vs l=0 | predicted (FLOPs) | nothing below requires grad |",
+          "|---|---|---|---|---|---|"]
+    L += [f"| {r['variant']} | {r['lowest']} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['predicted']:.3f} | "
+          f"{'yes' if r['no_grad_below'] else 'NO'} |" for r in res["truncation"]]
+    L += ["", "3. LoRA overhead: one fc1-shaped layer, forward + backward, input requiring grad", "",
+          "| layer | ms | vs nn.Linear | FLOP ratio |", "|---|---|---|---|"]
+    L += [f"| {r['layer']} | {r['ms']:.2f} | {r['ratio']:.2f} | {r['flop_ratio']:.2f} |" for r in res["layer"]]
+    L += ["", f"   Inference of the default ViT, batch {4 * cfg['batch_size']}, no grad", "",
+          "| model | ms | vs base |", "|---|---|---|"]
+    L += [f"| {r['model']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in res["merged"]]
+    if res["shapley"]:
+        L += ["", f"4. Exact Shapley: all 2^L coalition values of block adapters, {cfg['shapley_batch']} "
+                  "images (naive time: measured per coalition x 2^L)", "",
+              "| blocks | method | block evaluations | calls | s | vs naive | max abs diff to the row above |",
+              "|---|---|---|---|---|---|---|"]
+        for r in res["shapley"]:
+            diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+            L.append(f"| {r['blocks']} | {r['method']} | {r['block_evals']:,} | {r['calls']:,} | "
+                     f"{r['s']:.2f} | {r['vs_naive']:.3f} | {diff} |")
+    L += ["", "5. Peak memory of one training step (AdamW)", "",
+          "| model | method | trainable params | peak MB | vs full |", "|---|---|---|---|---|"]
+    full = {r["model"]: r["peak_mb"] for r in res["memory"] if r["method"] == "full"}
+    L += [f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['peak_mb']:.1f} | "
+          f"{r['peak_mb'] / full[r['model']]:.2f} |" for r in res["memory"]]
+    return "\n".join(L)
+
+
+def main(cfg: Config) -> dict:
+    if min(cfg.schedule_points, cfg.repeats, cfg.batch_size, cfg.shapley_batch, cfg.naive_samples) < 1:
+        raise ValueError("schedule_points, repeats, batch_size, shapley_batch and naive_samples must "
+                         "be at least 1")
+    if any(not 1 <= b <= 12 for b in cfg.shapley_blocks):
+        raise ValueError(f"shapley_blocks={cfg.shapley_blocks}: each depth must be in 1..12 (all 2^L "
+                         f"coalitions are evaluated; the batched form holds all of them at once)")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    res = {"config": asdict(cfg), "device": device.type, "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+
+    def log(line):
+        print(f"{line} | {format_eta(time.perf_counter() - t0)} elapsed", flush=True)
+
+    res["coto"] = []
+    for name, size in vit_sizes(cfg).items():
+        for variant in cfg.variants:
+            r = bench_coto(name, size, variant, cfg, device)
+            res["coto"].append(r)
+            log(f"coto {name} {variant} | {r['ms_on']:.0f} ms/step on | saving {r['saving']:.1%} "
+                f"| predicted {r['predicted_saving']:.1%}")
+    res["truncation"] = [row for v in ("lora", "hira") if v in cfg.variants
+                         for row in bench_truncation(v, cfg, device)]
+    log("truncation")
+    res["layer"], res["merged"] = bench_layer(cfg, device), bench_merged(cfg, device)
+    log("overhead")
+    res["shapley"] = bench_shapley(cfg, device)
+    log("shapley")
+    res["memory"] = bench_memory(cfg, device)
+    log("memory")
+    res["table"] = table(res)
+    print("\n" + res["table"])
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(res, indent=1))
+    (out / "bench.md").write_text(res["table"] + "\n")
+    return res
+
+
+QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # --quick overrides these
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="*", default=f.default, type=type(f.default[0]))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    parser.add_argument("--quick", action="store_true", help="one ViT, fewer steps: about a minute")
+    args = vars(parser.parse_args())
+    quick = args.pop("quick")
+    main(Config(**{**args, **(QUICK if quick else {})}))

@@ -1,0 +1,109 @@
+"""bench.py: its FLOP model against torch's own counter, its harness against a fake clock, backward
+truncation against the expected list, and a tiny run of main() whose three coalition tables agree."""
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from coto import block_groups, set_active
+
+TINY = dict(embed_dim=16, depth=3, num_heads=2)
+CPU = torch.device("cpu")
+
+
+ALL = ("qkv", "proj", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("variant, targets", [("lora", ALL), ("dora", ALL), ("hira", ALL),
+                                              ("lora", ("proj", "fc2")), ("hira", ("proj", "fc2"))])
+def test_flop_model_matches_flop_counter(variant, targets):
+    """The hand count equals what FlopCounterMode sees in a real step, for every mask (the MATH
+    attention backend makes the attention matmuls visible to the counter on CPU)."""
+    cfg = bench.Config(r=2, targets=targets)
+    model = bench.lora_vit(TINY, variant, cfg, CPU)
+    groups = block_groups(model)
+    x, y = bench.batch_of(4, model.num_classes, CPU, 0)
+    for mask in itertools.product([False, True], repeat=TINY["depth"]):
+        if not any(mask):
+            continue  # CoTo always keeps one group on
+        set_active(groups, mask)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        assert bench.vit_step_flops(model, 4, 2, variant, mask, targets) == counter.get_total_flops(), mask
+
+
+def test_alternate_against_a_fake_clock(monkeypatch):
+    """Case b takes exactly twice case a while the machine slows down from repeat to repeat: the
+    medians and the per-repeat ratio come out as computed by hand, and warm-up is not timed."""
+    clock, calls = [0.0], {"a": 0, "b": 0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def case(name, cost):
+        def run(i):
+            calls[name] += 1
+            slow = 1 + calls[name] // 4  # drift: each repeat (3 calls) is slower than the last
+            clock[0] += cost * slow * (i + 1)
+        return run
+
+    res = bench.alternate({"a": case("a", 1.0), "b": case("b", 2.0)}, calls=3, repeats=3, warmup=1)
+    assert calls == {"a": 10, "b": 10}  # 1 warm-up + 3 repeats x 3 calls
+    # call k (1-based, warm-up is call 1) of a case costs cost * (1 + k // 4) * (i + 1)
+    per_rep = [sum((1 + k // 4) * (i + 1) for i, k in zip(range(3), range(2 + 3 * r, 5 + 3 * r)))
+               for r in range(3)]
+    assert res["a"]["s"] == pytest.approx(sorted(per_rep)[1])
+    assert res["b"]["s"] == pytest.approx(2 * sorted(per_rep)[1])
+    assert res["b"]["ratio"] == pytest.approx(2.0) and res["a"]["ratio"] == pytest.approx(1.0)
+
+
+def test_backward_stops_below_the_lowest_active_block():
+    """Nothing below the lowest active block requires grad, and after backward only the active
+    block's adapters and the head have gradients."""
+    model = bench.lora_vit(TINY, "lora", bench.Config(r=2), CPU)
+    groups = block_groups(model)
+    x, y = bench.batch_of(4, model.num_classes, CPU, 0)
+    for lowest in range(TINY["depth"]):
+        set_active(groups, [k == lowest for k in range(TINY["depth"])])
+        assert bench.grad_per_block(model, x) == [k >= lowest for k in range(TINY["depth"])]
+        F.cross_entropy(model(x), y).backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == {n for n, p in model.named_parameters()
+                             if n.startswith("head.") or (n.startswith(f"blocks.{lowest}.") and "lora_" in n)}
+        model.zero_grad(set_to_none=True)
+
+
+def test_coto_masks_follow_the_schedule():
+    """Stage 2 (from ceil(0.75 T)) has every block on; every mask has at least one block on."""
+    masks = bench.coto_masks(depth=4, total_steps=100, points=34, p0=0.0, stage1_ratio=0.75, seed=0)
+    steps = [round(k * 99 / 33) for k in range(34)]
+    assert all(any(m) for m in masks)
+    assert all(all(m) for t, m in zip(steps, masks) if t >= 75)
+    assert not all(all(m) for t, m in zip(steps, masks) if t < 75)
+
+
+def test_main_tiny(tmp_path):
+    cfg = bench.Config(**TINY, large_embed_dim=16, large_depth=4, large_num_heads=2, r=2,
+                       batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks=(3,),
+                       shapley_batch=8, naive_samples=8, out=str(tmp_path), threads=0)
+    res = bench.main(cfg)
+    assert [(r["model"], r["variant"]) for r in res["coto"]] == \
+        [(m, v) for m in ("default", "large") for v in ("lora", "dora", "hira")]
+    # the three ways to build the coalition table agree, with the evaluation counts of games.py
+    shap = {r["method"].split(",")[0].split(" ")[0]: r for r in res["shapley"]}
+    assert all(r["max_abs_diff"] < 1e-5 for r in res["shapley"] if r["max_abs_diff"] is not None)  # float32
+    assert shap["naive"]["block_evals"] == 3 * 2 ** 3 and shap["prefix"]["block_evals"] == 2 ** 4 - 2
+    trunc = [r for r in res["truncation"] if r["variant"] == "lora"]
+    assert all(r["no_grad_below"] for r in res["truncation"])
+    assert all(a["predicted"] > b["predicted"] for a, b in zip(trunc, trunc[1:]))
+    # full fine-tuning holds at least weights, grads and AdamW's two moments at its peak (fp32)
+    for r in res["memory"]:
+        model = bench.lora_vit(bench.vit_sizes(cfg)[r["model"]], None, cfg, CPU)
+        n = sum(p.numel() for p in model.parameters())
+        assert r["peak_mb"] * 2 ** 20 >= 4 * n + 12 * r["trainable"], r
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["table"] == res["table"] and "5. Peak memory" in res["table"]
