@@ -1,0 +1,724 @@
+"""Pretrain a small ViT on real images, then adapt it to new tasks with LoRA, with and without CoTo.
+
+No pretrained ViT can be downloaded here, so the script makes its own backbone: it trains vit.py's
+VisionTransformer on a source task (Fashion-MNIST classes 0-4), caches it under runs/, then freezes
+it and fine-tunes LoRA adapters (qkv, proj, fc1, fc2 of every block) plus a task head on downstream
+tasks the backbone does not solve by itself (unseen classes, rotated, inverted, patch-shuffled
+images), once as plain LoRA and once with CoTo (coto.py; method.md section 2), and prints both side
+by side with a frozen-backbone linear probe.
+
+    python train_vit.py                          # a few minutes on a 2-core CPU
+    python train_vit.py --variant dora --seeds 3 --plot
+    torchrun --nproc_per_node 2 train_vit.py     # DDP (gloo on CPU, nccl on CUDA)
+    python train_vit.py --init my_vit.safetensors  # start from timm-format weights, no pretraining
+
+Data: Fashion-MNIST's four IDX .gz files (Debian/Ubuntu: `apt install dataset-fashion-mnist`), or
+CIFAR-10's python batches (`--dataset cifar10`); nothing is downloaded.
+"""
+import argparse
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import pickle
+import struct
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from coto import CoTo, block_groups, coto_prob, set_active
+from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
+                  mark_only_lora_as_trainable)
+from utils import append_jsonl, atomic_save, format_eta, pick_device, read_safetensors, write_safetensors
+from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
+
+TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | synthetic (tiny generated set, for tests)
+    data_dir: str = ""  # folder with the data files; "" = $COTO_DATA_DIR, ./data, then the Debian path
+    # model (vit.py, timm names); image size and channels come from the dataset
+    patch_size: int = 7  # 28x28 -> 16 patches + class token = 17 tokens
+    embed_dim: int = 96
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    init: str = ""  # timm-format .safetensors/.pth to start from instead of pretraining
+    # pretraining (full training on the source task; cached under out_dir/pretrain-<hash>/)
+    source_classes: str = "0-4"  # training-split classes the backbone learns
+    pretrain_steps: int = 500
+    pretrain_lr: float = 1e-3
+    pretrain_seed: int = 0  # the backbone's initialisation and data order (fine-tuning seeds do not change it)
+    # downstream tasks, built from the same data (see make_tasks)
+    tasks: str = "new5,rot90,invert,shuffle"  # comma-separated, from TASKS
+    n_train: int = 10000  # training examples per task (0 = all)
+    n_test: int = 5000  # test examples per task (0 = the whole test split)
+    n_per_class: int = 0  # few-shot: this many training examples per class (0 = use n_train)
+    # LoRA
+    targets: str = "qkv,proj,fc1,fc2"  # nn.Linear name suffixes that get adapters
+    r: int = 4
+    alpha: float = 8.0
+    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    variant: str = "lora"  # lora | dora | hira
+    lora_dropout: float = 0.0  # element-wise dropout on the adapter input (a baseline)
+    progressive_dropout: bool = False  # lora_dropout decays to 0 on CoTo's stage-1 schedule (a baseline)
+    head: str = "probe_init"  # probe_init: starts at the linear probe, trained | learned: fresh | probe: frozen probe
+    # CoTo (method.md section 2)
+    coto: bool = True  # main() runs plain LoRA and CoTo side by side; finetune() reads this switch
+    compare: bool = True  # main(): also run the other setting of `coto` and print both
+    p0: float = 0.0  # activation probability at step 0 (paper figure: 0; authors' snippet: 0.1)
+    stage1_ratio: float = 0.75  # fraction of steps over which p rises to 1
+    shape: str = "linear"  # linear | exp | sine ramp
+    # optimisation (fine-tuning)
+    steps: int = 150
+    batch_size: int = 128  # global batch; split over DDP ranks
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    warmup: int = 10  # linear warmup steps, then cosine to 0
+    seed: int = 0  # first seed: initialisation, data order, CoTo draws
+    seeds: int = 1  # main() runs seeds seed .. seed + seeds - 1
+    # running
+    device: str = "auto"  # auto | cpu | cuda | mps
+    compile: bool = False  # torch.compile each block (2 graphs per block: adapters on / off)
+    out_dir: str = "runs/vit"
+    resume: bool = False  # continue from each run's checkpoint (and skip finished runs)
+    ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
+    log_every: int = 25
+    eval_every: int = 0  # steps between test-set evaluations during fine-tuning (0 = only at the end)
+    plot: bool = False  # write loss curves (PNG) into out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: everything is preloaded as uint8 tensors (N, C, H, W); batches are cut by index.
+
+FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def data_dirs(data_dir: str, extra: str = "") -> list:
+    """Where to look, in order: --data-dir, $COTO_DATA_DIR, ./data, then `extra` (a system path)."""
+    dirs = [data_dir, os.environ.get("COTO_DATA_DIR", ""), "data", extra]
+    return [Path(d) for d in dirs if d]
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (gzipped or not) as a uint8 tensor: images (N, 28, 28), labels (N,)."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    magic, = struct.unpack(">I", raw[:4])
+    if magic >> 8 != 0x08:  # 0x00000803 images, 0x00000801 labels: unsigned bytes, 3 or 1 dims
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {magic:#010x})")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def load_fashion_mnist(data_dir: str = "") -> dict:
+    """{"x_train": (60000, 1, 28, 28) uint8, "y_train": (60000,) int64, "x_test", "y_test"}."""
+    tried = []
+    for d in data_dirs(data_dir, DEBIAN_DIR):
+        paths = [next((p for p in (d / f"{f}.gz", d / f) if p.is_file()), None) for f in FASHION_FILES]
+        tried.append(str(d))
+        if all(paths):
+            xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
+            return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None],
+                    "y_test": yte.long(), "classes": 10}
+    raise FileNotFoundError(
+        "Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
+        f"{', '.join(tried)}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist  "
+        f"(installs them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
+        "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into ./data, or pass "
+        "--data-dir FOLDER, or set COTO_DATA_DIR.")
+
+
+def load_cifar10(data_dir: str = "") -> dict:
+    """CIFAR-10 from its python pickle batches (data_batch_1..5, test_batch): (N, 3, 32, 32) uint8."""
+    tried = []
+    for d in data_dirs(data_dir):
+        for folder in (d, d / "cifar-10-batches-py"):
+            tried.append(str(folder))
+            if (folder / "test_batch").is_file():
+                def read(name):
+                    with open(folder / name, "rb") as f:
+                        b = pickle.load(f, encoding="bytes")
+                    return torch.tensor(b[b"data"]).reshape(-1, 3, 32, 32), torch.tensor(b[b"labels"])
+                train = [read(f"data_batch_{i}") for i in range(1, 6)]
+                xte, yte = read("test_batch")
+                return {"x_train": torch.cat([x for x, _ in train]), "y_train": torch.cat([y for _, y in train]),
+                        "x_test": xte, "y_test": yte, "classes": 10}
+    raise FileNotFoundError(
+        f"CIFAR-10 python batches not found (looked for test_batch in: {', '.join(tried)}).\n  Download "
+        "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it into ./data "
+        "(giving ./data/cifar-10-batches-py/) or pass --data-dir FOLDER.")
+
+
+def make_synthetic(n_train: int = 600, n_test: int = 300, seed: int = 0) -> dict:
+    """A tiny generated 10-class set shaped like Fashion-MNIST, for tests: class k is a bright
+    7x7 square at one of 10 fixed positions (an asymmetric layout, so rotations change the class
+    geometry), on noise."""
+    g = torch.Generator().manual_seed(seed)
+    corners = [(0, 0), (0, 7), (0, 14), (0, 21), (7, 0), (7, 14), (14, 7), (14, 21), (21, 0), (21, 14)]
+
+    def draw(n):
+        y = torch.randint(10, (n,), generator=g)
+        x = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+        for i, k in enumerate(y.tolist()):
+            r, c = corners[k]
+            x[i, 0, r:r + 7, c:c + 7] = 200
+        return x, y
+
+    (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
+    return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte, "classes": 10}
+
+
+def load_data(cfg: Config) -> dict:
+    if cfg.dataset == "fashion-mnist":
+        return load_fashion_mnist(cfg.data_dir)
+    if cfg.dataset == "cifar10":
+        return load_cifar10(cfg.data_dir)
+    if cfg.dataset == "synthetic":
+        return make_synthetic()
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: choose fashion-mnist, cifar10 or synthetic")
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [-1, 1] (mean 0.5, std 0.5, as timm's ViTs normalise)."""
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def parse_classes(spec: str) -> list:
+    """"0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+@dataclass
+class Task:
+    name: str
+    x_train: torch.Tensor  # (N, C, H, W) uint8
+    y_train: torch.Tensor  # (N,) int64 in 0..num_classes-1
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+
+def _shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor:
+    """Rearrange the p x p tiles of every image by the fixed permutation `perm`."""
+    B, C, H, W = x.shape
+    t = x.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5).reshape(B, C, -1, p, p)
+    t = t[:, :, perm].reshape(B, C, H // p, W // p, p, p).permute(0, 1, 2, 4, 3, 5)
+    return t.reshape(B, C, H, W)
+
+
+# Fashion-MNIST: 0 T-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker,
+# 8 bag, 9 ankle boot. "coarse": 0 top (0, 2, 4, 6), 1 trousers / dress (1, 3), 2 shoe (5, 7, 9), 3 bag.
+COARSE = torch.tensor([0, 1, 0, 1, 0, 2, 0, 2, 3, 2])
+
+
+def make_task(data: dict, name: str, source_classes: list, patch_size: int) -> Task:
+    """One downstream task from the whole data set (before any subsampling).
+    new5: the classes not used for pretraining; rot90: every class, images rotated 90 degrees;
+    invert: every class, 255 - pixel; shuffle: every class, the patch_size tiles in a fixed random
+    order; coarse: 4 super-classes of rotated images."""
+    xtr, ytr, xte, yte, k = data["x_train"], data["y_train"], data["x_test"], data["y_test"], data["classes"]
+    if name == "new5":
+        new = torch.tensor([c for c in range(k) if c not in source_classes])
+        remap = torch.full((k,), -1, dtype=torch.long)
+        remap[new] = torch.arange(len(new))
+        mtr, mte = remap[ytr] >= 0, remap[yte] >= 0
+        return Task(name, xtr[mtr], remap[ytr[mtr]], xte[mte], remap[yte[mte]], len(new))
+    if name in ("rot90", "coarse"):
+        rot = lambda x: torch.rot90(x, 1, dims=(2, 3))  # noqa: E731
+        if name == "rot90":
+            return Task(name, rot(xtr), ytr, rot(xte), yte, k)
+        return Task(name, rot(xtr), COARSE[ytr], rot(xte), COARSE[yte], int(COARSE.max()) + 1)
+    if name == "invert":
+        return Task(name, 255 - xtr, ytr, 255 - xte, yte, k)
+    if name == "shuffle":
+        n = (xtr.shape[-1] // patch_size) ** 2
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(1234))  # part of the task definition
+        return Task(name, _shuffle_patches(xtr, patch_size, perm), ytr,
+                    _shuffle_patches(xte, patch_size, perm), yte, k)
+    raise ValueError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+
+
+def subsample(y: torch.Tensor, n: int, n_per_class: int, num_classes: int, generator) -> torch.Tensor:
+    """Indices of a random subset: n_per_class of each class (few-shot), else n in all (0 = all)."""
+    if n_per_class:
+        idx = []
+        for c in range(num_classes):
+            members = (y == c).nonzero().flatten()
+            if len(members) < n_per_class:
+                raise ValueError(f"class {c} has only {len(members)} examples, fewer than "
+                                 f"n_per_class={n_per_class}")
+            idx.append(members[torch.randperm(len(members), generator=generator)[:n_per_class]])
+        return torch.cat(idx)
+    perm = torch.randperm(len(y), generator=generator)
+    return perm[:n] if n else perm
+
+
+def make_tasks(data: dict, names, source_classes: list, patch_size: int, n_train: int = 0,
+               n_test: int = 0, n_per_class: int = 0, seed: int = 0) -> dict:
+    """{name: Task}, each subsampled with its own generator (seed): n_train / n_test examples,
+    or n_per_class training examples per class for few-shot."""
+    tasks = {}
+    for name in names:
+        t = make_task(data, name, source_classes, patch_size)
+        g = torch.Generator().manual_seed(seed)
+        tr = subsample(t.y_train, n_train, n_per_class, t.num_classes, g)
+        te = subsample(t.y_test, n_test, 0, t.num_classes, g)
+        tasks[name] = Task(name, t.x_train[tr], t.y_train[tr], t.x_test[te], t.y_test[te], t.num_classes)
+    return tasks
+
+
+class Batches:
+    """Endless shuffled mini-batches of indices, drawn with an explicit generator; resumable."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.queue = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        while len(self.queue) < self.batch_size:  # epochs are concatenated: batches may span two
+            self.queue = torch.cat([self.queue, torch.randperm(self.n, generator=self.generator)])
+        idx, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "queue": self.queue.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.queue = state["queue"].clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def get_lr(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to 0 (a pure function of the step)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
+
+
+def rank_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA only; CPU and MPS run in float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple:
+    """(accuracy, mean cross-entropy) of `model` on uint8 images x (N, C, H, W), labels y (N,)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        xb, yb = to_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
+        with autocast(device):
+            logits = model(xb).float()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return correct / len(y), loss / len(y)
+
+
+def save_checkpoint(path: Path, model, opt, batches: Batches, step: int, coto=None) -> None:
+    """Everything a resumed run needs to continue exactly: trainable weights, AdamW moments,
+    the step (the LR schedule is a function of it), CoTo's generator, data order and RNG states."""
+    atomic_save({
+        "step": step,
+        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": opt.state_dict(), "batches": batches.state_dict(),
+        "coto": coto.state_dict() if coto is not None else None,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }, path)
+
+
+def load_checkpoint(path: Path, model, opt, batches: Batches, coto=None) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            if n not in params or params[n].shape != t.shape:
+                raise ValueError(f"checkpoint {path} does not fit this run ({n}: "
+                                 f"{tuple(t.shape)} in the file); delete it or drop --resume")
+            params[n].copy_(t)
+    opt.load_state_dict(ck["optimizer"])
+    batches.load_state_dict(ck["batches"])
+    if coto is not None:
+        coto.load_state_dict(ck["coto"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["step"]
+
+
+def set_lora_dropout(model, rate: float) -> None:
+    for layer in lora_layers(model).values():
+        layer.lora_dropout.p = rate
+
+
+def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, out_dir=None,
+               coto=None, eval_fn=None, tag: str = "") -> dict:
+    """Train the parameters of `model` that require grad on uint8 images x, labels y.
+    AdamW, warmup + cosine LR, global batch cfg.batch_size (split over DDP ranks), one CoTo draw
+    per step. eval_fn(model) -> (acc, loss) runs every cfg.eval_every steps with every adapter on.
+    With out_dir: checkpoints (cfg.ckpt_every), metrics.jsonl, and resume (cfg.resume).
+    Returns {"history": [...], "train_time_s", "ms_per_step", "active_frac"}."""
+    rank, world = rank_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} DDP ranks")
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    batches = Batches(len(y), cfg.batch_size, seed)  # the same global batches on every rank
+    ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
+    start = load_checkpoint(ckpt, model, opt, batches, coto) if cfg.resume and ckpt and ckpt.is_file() else 0
+    # DDP: gradients of bypassed adapters are absent on every rank alike (same CoTo mask), hence
+    # find_unused_parameters; a plain LoRA or pretraining run uses every parameter.
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+            find_unused_parameters=coto is not None)
+    history, t0, t_last, loss_acc, n_acc, active = [], time.time(), time.time(), [], [], []
+    model.train()
+    for step in range(start, steps):
+        lr_now = get_lr(step, steps, lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        if coto is not None:
+            coto.step(step)  # one draw per optimizer step: each block's adapters on with prob p(step)
+            active.append(coto.mask.float().mean().item())
+        if cfg.progressive_dropout:
+            set_lora_dropout(model, cfg.lora_dropout * (1 - coto_prob(step, steps, 0.0, cfg.stage1_ratio)))
+        idx = batches.next()[rank::world]
+        xb, yb = to_float(x[idx]).to(device), y[idx].to(device)
+        with autocast(device):
+            logits = net(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
+        loss_acc.append(loss.item())
+        n_acc.append((logits.argmax(1) == yb).float().mean().item())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps:
+            ms = 1000 * (time.time() - t_last) / len(loss_acc)
+            rec = {"tag": tag, "step": done, "loss": sum(loss_acc) / len(loss_acc),
+                   "acc": sum(n_acc) / len(n_acc), "lr": lr_now, "ms": ms}
+            line = f"{tag}step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}"
+            if coto is not None:
+                rec["p"] = coto.p
+                line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
+            line += f" | {ms:.0f} ms | eta {format_eta(ms / 1000 * (steps - done))}"
+            history.append(rec)
+            if rank == 0:
+                print(line, flush=True)
+                if out_dir:
+                    append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
+            loss_acc, n_acc, t_last = [], [], time.time()
+        if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            with coto.all_active() if coto is not None else nullcontext():  # evaluation: every adapter on
+                acc, loss_e = eval_fn(model)
+            if rank == 0:
+                print(f"{tag}step {done} | eval loss {loss_e:.3f} | eval acc {acc:.4f}", flush=True)
+                if out_dir:
+                    append_jsonl(Path(out_dir) / "metrics.jsonl", {"tag": tag, "step": done, "eval_loss": loss_e, "eval_acc": acc})
+            t_last = time.time()  # evaluation time is not counted in the next interval's ms/step
+        if ckpt and rank == 0 and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
+            save_checkpoint(ckpt, model, opt, batches, done, coto)
+    if world > 1:
+        dist.barrier()
+    elapsed = time.time() - t0
+    return {"history": history, "train_time_s": elapsed,
+            "ms_per_step": 1000 * elapsed / max(steps - start, 1),
+            "active_frac": sum(active) / len(active) if active else 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining, probing, fine-tuning
+
+
+def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:
+    """A VisionTransformer sized by cfg for images like x (N, C, H, W)."""
+    _, c, h, w = x.shape
+    if h != w:
+        raise ValueError(f"images must be square, got {h}x{w}")
+    return VisionTransformer(img_size=h, patch_size=cfg.patch_size, in_chans=c, num_classes=num_classes,
+                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                             mlp_ratio=cfg.mlp_ratio)
+
+
+PRETRAIN_FIELDS = ("dataset", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                   "source_classes", "pretrain_steps", "pretrain_lr", "batch_size", "weight_decay",
+                   "warmup", "pretrain_seed")
+
+
+def pretrain_key(cfg: Config) -> str:
+    """Short hash of the fields that determine the pretrained backbone (its cache folder name)."""
+    fields = {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def pretrain(cfg: Config, data: dict) -> dict:
+    """The backbone's state dict (timm names): loaded from cfg.init, from the cache
+    out_dir/pretrain-<hash>/backbone.safetensors, or trained on the source classes and cached."""
+    source = parse_classes(cfg.source_classes)
+    if cfg.init:
+        model = build_model(cfg, data["x_train"], len(source))
+        load_pretrained_file(model, cfg.init)
+        return model.state_dict()
+    folder = Path(cfg.out_dir) / f"pretrain-{pretrain_key(cfg)}"
+    cached = folder / "backbone.safetensors"
+    if cached.is_file():
+        return read_safetensors(cached)
+    rank, _ = rank_world()
+    torch.manual_seed(cfg.pretrain_seed)
+    device = pick_device(cfg.device)
+    model = build_model(cfg, data["x_train"], len(source)).to(device)
+    remap = torch.full((data["classes"],), -1, dtype=torch.long)
+    remap[source] = torch.arange(len(source))
+    mtr, mte = remap[data["y_train"]] >= 0, remap[data["y_test"]] >= 0
+    if rank == 0:
+        print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on "
+              f"classes {cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps")
+    train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, steps=cfg.pretrain_steps,
+               lr=cfg.pretrain_lr, seed=cfg.pretrain_seed, tag="pretrain ")
+    acc, _ = evaluate(model, data["x_test"][mte], remap[data["y_test"][mte]])
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if rank == 0:
+        print(f"pretrained: source test accuracy {acc:.4f}; cached in {cached}")
+        write_safetensors(state, cached, metadata={"source_acc": acc, **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}})
+        (folder / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "source_acc": acc}, indent=1))
+    return state
+
+
+def features(model: VisionTransformer, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Frozen (N, D) features: the class token after the final norm (what the head sees)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            h = model.embed(to_float(x[i:i + batch_size]).to(device))
+            for blk in model.blocks:
+                h = blk(h)
+            out.append(model.norm(h)[:, 0].float().cpu())
+    return torch.cat(out)
+
+
+def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-4, iters: int = 100) -> tuple:
+    """Fit a linear head on frozen features (full-batch L-BFGS, logistic regression).
+    Returns ({"weight": (K, D), "bias": (K,)}, test accuracy)."""
+    model.eval()
+    ftr, fte = features(model, task.x_train), features(model, task.x_test)
+    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6  # standardise for L-BFGS, folded back into the head below
+    head = torch.nn.Linear(ftr.shape[1], task.num_classes)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=iters, history_size=20,
+                            line_search_fn="strong_wolfe")
+    ztr = (ftr - mu) / sd
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(ztr), task.y_train) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w = head.weight.detach() / sd  # head((f - mu) / sd) == (W / sd) f + (b - (W / sd) mu)
+    b = head.bias.detach() - w @ mu
+    acc = ((fte @ w.T + b).argmax(1) == task.y_test).float().mean().item()
+    return {"weight": w, "bias": b}, acc
+
+
+def method_name(cfg: Config) -> str:
+    """"lora" / "coto" for plain LoRA; "dora", "dora-coto", ... for the variants."""
+    base = "" if cfg.variant == "lora" else cfg.variant
+    return "-".join(filter(None, [base, "coto" if cfg.coto else ("" if base else "lora")]))
+
+
+def run_dir(cfg: Config, task: str) -> Path:
+    """out_dir/<backbone hash>/<task>/<method>/seed<seed>: one fine-tuning run's files."""
+    key = pretrain_key(cfg) if not cfg.init else "init-" + hashlib.sha1(cfg.init.encode()).hexdigest()[:8]
+    return Path(cfg.out_dir) / key / task / method_name(cfg) / f"seed{cfg.seed}"
+
+
+def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out_dir=None) -> tuple:
+    """LoRA (cfg.coto: with CoTo) on the frozen backbone plus a task head; returns (model, metrics).
+    The head is fresh and trained (cfg.head == "learned"), the frozen `probe_head` ("probe"), or
+    starts at `probe_head` and is trained ("probe_init": linear probing, then fine-tuning).
+    With out_dir: checkpoint / resume, metrics.jsonl, and at the end adapters.safetensors
+    (lora_state_dict plus head.weight / head.bias) and result.json."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # adapters' initialisation; the same with and without CoTo
+    model = build_model(cfg, task.x_train, task.num_classes)
+    load_pretrained(model, backbone_state)  # the source head is dropped: reset_head below
+    reset_head(model, task.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.progressive_dropout and not cfg.lora_dropout > 0:
+        raise ValueError("progressive_dropout decays lora_dropout to 0: set lora_dropout > 0 (e.g. 0.5)")
+    if cfg.head not in ("learned", "probe", "probe_init"):
+        raise ValueError(f"unknown head mode {cfg.head!r}: choose learned, probe or probe_init")
+    if cfg.head != "learned":
+        if probe_head is None:
+            raise ValueError(f"head={cfg.head!r} needs probe_head (from linear_probe)")
+        model.head.load_state_dict(probe_head)
+    inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                variant=cfg.variant, rslora=cfg.rslora)
+    mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())
+    model.to(device)
+    if cfg.compile:
+        for blk in model.blocks:  # per block: its adapters are on or off, so two graphs, no recompiles
+            blk.compile()
+    coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
+                shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
+    rank, _ = rank_world()
+    tag = f"{task.name} {method_name(cfg)} s{cfg.seed} | "
+    out = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                     out_dir=out_dir, coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test), tag=tag)
+    if coto is not None:  # training is over: every adapter on from here (evaluation, saving, callers)
+        set_active(coto.groups, [True] * len(coto.names))
+    acc, loss = evaluate(model, task.x_test, task.y_test)
+    metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **out}
+    if out_dir and rank == 0:
+        state = {**lora_state_dict(model), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+        write_safetensors(state, Path(out_dir) / "adapters.safetensors",
+                          metadata={"task": task.name, "method": method_name(cfg), "seed": cfg.seed})
+        (Path(out_dir) / "result.json").write_text(json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+    return model, metrics
+
+
+def load_adapters(cfg: Config, task: Task, backbone_state: dict, path) -> VisionTransformer:
+    """Rebuild a fine-tuned model from a saved adapters.safetensors (for analyses)."""
+    model = build_model(cfg, task.x_train, task.num_classes)
+    load_pretrained(model, backbone_state)
+    inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant=cfg.variant, rslora=cfg.rslora)
+    state = read_safetensors(path)
+    model.head.load_state_dict({"weight": state.pop("head.weight"), "bias": state.pop("head.bias")})
+    load_lora_state_dict(model, state)
+    return model.to(pick_device(cfg.device)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo. Returns the results."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        if torch.cuda.is_available() and cfg.device != "cpu":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank, _ = rank_world()
+    t0 = time.time()
+    data = load_data(cfg)
+    source = parse_classes(cfg.source_classes)
+    backbone = pretrain(cfg, data)
+    names = [t for t in cfg.tasks.split(",") if t]
+    # the task subsets are fixed (seed 0): seeds vary initialisation, data order and CoTo draws only
+    tasks = make_tasks(data, names, source, cfg.patch_size, cfg.n_train, cfg.n_test, cfg.n_per_class, seed=0)
+    probe_model = build_model(cfg, data["x_train"], len(source))
+    settings = [cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto]
+    settings.sort()  # plain LoRA first
+    results = {"probe": {}, "runs": []}
+    for name, task in tasks.items():
+        load_pretrained(probe_model, backbone)
+        probe_head, probe_acc = linear_probe(probe_model, task)
+        results["probe"][name] = probe_acc
+        if rank == 0:
+            print(f"{name}: frozen-backbone linear probe test accuracy {probe_acc:.4f}")
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            for coto_on in settings:
+                c = dataclasses.replace(cfg, coto=coto_on, seed=seed)
+                out = run_dir(c, name)
+                if cfg.resume and (out / "result.json").is_file():
+                    results["runs"].append(json.loads((out / "result.json").read_text()))
+                    continue
+                if rank == 0 and not cfg.resume and out.exists():
+                    for f in ("ckpt.pt", "metrics.jsonl"):
+                        (out / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
+                _, metrics = finetune(c, task, backbone, probe_head, out_dir=out)
+                results["runs"].append(metrics)
+    results["wall_s"] = time.time() - t0
+    if rank == 0:
+        print_table(results, names)
+        print(f"total {format_eta(results['wall_s'])}")
+        summary = Path(cfg.out_dir) / "results.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+        if cfg.plot:
+            plot_curves(results, Path(cfg.out_dir) / "curves.png")
+    return results
+
+
+def print_table(results: dict, names: list) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    print("\ntest accuracy (mean over seeds)")
+    print(f"{'task':<10}{'probe':>8}" + "".join(f"{m:>12}" for m in methods))
+    for name in names + ["mean"]:
+        row = f"{name:<10}"
+        if name == "mean":
+            row += f"{sum(results['probe'].values()) / len(names):>8.4f}"
+        else:
+            row += f"{results['probe'][name]:>8.4f}"
+        for m in methods:
+            accs = [r["acc"] for r in results["runs"] if r["method"] == m and (name == "mean" or r["task"] == name)]
+            row += f"{sum(accs) / len(accs):>12.4f}"
+        print(row)
+    for m in methods:
+        runs = [r for r in results["runs"] if r["method"] == m]
+        print(f"{m}: {sum(r['ms_per_step'] for r in runs) / len(runs):.0f} ms/step, "
+              f"adapters active {100 * sum(r['active_frac'] for r in runs) / len(runs):.1f}% of block-steps")
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(results["probe"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3), squeeze=False)
+    for ax, name in zip(axes[0], tasks):
+        for r in results["runs"]:
+            if r["task"] == name and "history" in r:
+                h = r["history"]
+                ax.plot([e["step"] for e in h], [e["loss"] for e in h], label=f"{r['method']} s{r['seed']}")
+        ax.set_title(name), ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())
