@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import games
 from coto import CoTo, block_groups, set_active
 from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from utils import format_eta, pick_device
+from utils import atomic_write_text, format_eta, pick_device
 from vit import VisionTransformer
 
 
@@ -520,8 +520,8 @@ def main(cfg: Config) -> dict:
     print("\n" + res["table"])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(res, indent=1))
-    (out / "bench.md").write_text(res["table"] + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(res, indent=1))
+    atomic_write_text(out / "bench.md", res["table"] + "\n")
     return res
 
 

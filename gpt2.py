@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import lora_layers
-from utils import load_weights, write_safetensors
+from utils import atomic_write_text, load_weights, write_safetensors
 
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF stores these (in, out)
 
@@ -216,4 +216,4 @@ def save_hf(model: GPT, folder) -> None:
           "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "bos_token_id": None,
           "eos_token_id": None, "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
     write_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    atomic_write_text(folder / "config.json", json.dumps(hf, indent=2))

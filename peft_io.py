@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from lora import inject_lora, load_lora_state_dict, lora_layers
-from utils import read_safetensors, write_safetensors
+from utils import atomic_write_text, read_safetensors, write_safetensors
 
 PREFIX = "base_model.model."
 FILE_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
@@ -58,7 +58,7 @@ def save_peft_adapter(model: nn.Module, folder, base_model_name_or_path: str | N
     }
     folder = Path(folder)
     write_safetensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
 
 
 def load_peft_adapter(model: nn.Module, folder) -> list:

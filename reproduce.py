@@ -1,0 +1,523 @@
+"""The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, several seeds, every
+analysis of games.py, and a markdown table with the paper's numbers (method.md section 5) beside.
+
+    python reproduce.py --quick   # ~9 min on a shared 2-core CPU: 2 tasks, 3 seeds, 20-step runs
+    python reproduce.py           # about an hour and a quarter there; rerun the same command to resume
+
+Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
+linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
+epochs), an LR sweep, the DoRA / HiRA variants (accuracy and wall-clock), and ablations (p0, stage1
+ratio, element-wise / progressive LoRA dropout, constant-rate layer drop). Every comparison is at
+equal optimizer steps; the wall-clock row reports the time ratio itself. Intervals are 95 % t
+intervals over seeds; LoRA and CoTo share a seed's initialisation and data order, so the verdict
+uses the paired difference CoTo - LoRA.
+
+Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<study>/<task>/
+<setting>/seed<k>/ holds train_vit.py's adapters.safetensors and result.json, so
+`python games.py --run-dir runs/repro/runs/full` works on them; analysis/ holds the games.py
+reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
+numbers), out_dir/table.md (the README table) and the games.py plots of the "full" regime.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import games
+import train_vit
+from coto import SHAPES
+from utils import atomic_write_text, format_eta, pick_device, read_safetensors
+
+
+@dataclass
+class Config:
+    out_dir: str = "runs/repro"  # runs, analyses and the table; rerunning resumes from here
+    quick: bool = False  # a few minutes: 2 tasks, short runs, small held-out set, fewer extras
+    seeds: int = 3  # seeds per setting (>= 3 for an interval; 5 where time allows)
+    tasks: str = "new5,rot90,invert,shuffle"  # train_vit.py tasks of the "full" and "fewshot" regimes
+    side_tasks: int = 1  # the first this many tasks: LR sweep, variants, ablations ("probe": at least 2)
+    steps: int = 150  # fine-tuning steps in the full-data regimes
+    lr: float = 1e-2  # fine-tuning LR in the full-data regimes (train_vit.py's default)
+    fewshot_steps: int = 300  # 16 per class, batch 32: ~60 epochs on the 10-class tasks
+    fewshot_lr: float = 2e-3
+    lrs: str = "3e-3,3e-2,1e-1"  # LR sweep besides `lr` (full data); up to where LoRA degrades
+    n_test: int = 2000  # test examples per task (single-task accuracy)
+    n_eval: int = 500  # the first n_eval of them are the held-out set of the analyses
+    pretrain_steps: int = 500  # the backbone (train_vit.py's pretraining, cached)
+    studies: str = "full,probe,fewshot,lr,variants,ablations"  # which parts of the table to run
+    vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
+    data_dir: str = ""  # Fashion-MNIST folder ("" = train_vit.py's search path)
+    device: str = "auto"
+
+
+def quick_config(cfg: Config) -> Config:
+    """--quick: the same table, smaller: two tasks (one for the side studies), shorter runs, a
+    two-point LR sweep, smaller test and held-out sets."""
+    out_dir = cfg.out_dir if cfg.out_dir != Config.out_dir else Config.out_dir + "-quick"
+    return dataclasses.replace(cfg, out_dir=out_dir, tasks=",".join(cfg.tasks.split(",")[:2]), side_tasks=1,
+                               steps=20, fewshot_steps=30, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to run: studies of settings (train_vit.Config overrides), each over tasks and seeds
+
+
+def studies(cfg: Config) -> list:
+    """[(study, {setting: overrides}, tasks, analyse)]: analyse = run games.py's reports."""
+    tasks = cfg.tasks.split(",")
+    side = tasks[:cfg.side_tasks]
+    pair = lambda extra: {"lora": {**extra, "coto": False}, "coto": {**extra, "coto": True}}  # noqa: E731
+    fewshot = dict(n_per_class=16, r=2, alpha=1.0, rslora=True, lr=cfg.fewshot_lr, steps=cfg.fewshot_steps,
+                   batch_size=32, warmup=20)
+    out = [("full", pair({}), tasks, True),
+           ("probe", pair({"head": "probe"}), tasks[:max(2, cfg.side_tasks)], True),
+           ("fewshot", pair(fewshot), tasks, True)]
+    sweep = {}
+    for lr in [v for v in cfg.lrs.split(",") if float(v) != cfg.lr]:  # lr itself: the "full" runs
+        sweep.update({f"{m}@{float(lr):g}": {"lr": float(lr), "coto": m == "coto"} for m in ("lora", "coto")})
+    out.append(("lr", sweep, side, False))
+    variants = {}
+    for v in ("dora", "hira"):
+        variants.update({f"{v}-{m}": {"variant": v, "coto": m == "coto"} for m in ("lora", "coto")})
+    out.append(("variants", variants, side, False))
+    out.append(("ablations", {
+        "coto p0=0.1": {"coto": True, "p0": 0.1},
+        "coto stage1=0.5": {"coto": True, "stage1_ratio": 0.5},
+        "coto stage1=1.0": {"coto": True, "stage1_ratio": 1.0},
+        "lora dropout 0.1": {"coto": False, "lora_dropout": 0.1},
+        "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
+        # stochastic depth for LoRA: each block's adapters on with a constant probability 0.75
+        "layer drop 0.25": {"coto": True, "shape": "constant", "p0": 0.75, "stage1_ratio": 1.0},
+    }, side, False))
+    chosen = cfg.studies.split(",")
+    unknown = set(chosen) - {name for name, *_ in out}
+    if unknown:
+        raise ValueError(f"unknown studies {sorted(unknown)}: choose from "
+                         f"{', '.join(name for name, *_ in out)}")
+    for _, settings, _, _ in out:
+        for setting, overrides in list(settings.items()):
+            if overrides.get("shape", "linear") not in SHAPES:  # an older coto.py: say so, run the rest
+                print(f"skipping {setting!r}: coto.py has no {overrides['shape']!r} schedule shape")
+                del settings[setting]
+    return [s for s in out if s[0] in chosen]
+
+
+def vit_config(cfg: Config, overrides: dict, seed: int) -> train_vit.Config:
+    """The train_vit.Config of one run: train_vit.py's defaults, this script's settings (a fresh
+    learned head unless a regime says otherwise), --vit, then the setting's overrides."""
+    extra = json.loads(cfg.vit) if cfg.vit else {}
+    base = train_vit.Config(data_dir=cfg.data_dir, device=cfg.device, steps=cfg.steps, lr=cfg.lr, n_test=cfg.n_test,
+                            pretrain_steps=cfg.pretrain_steps, out_dir=cfg.out_dir, head="learned", compare=False,
+                            resume=True, log_every=10 ** 9, ckpt_every=50)
+    try:
+        return dataclasses.replace(base, **{**extra, **overrides, "seed": seed})
+    except TypeError as e:
+        raise ValueError(f"--vit {cfg.vit!r}: {e}; the fields are those of train_vit.Config") from None
+
+
+def write_json(path: Path, obj) -> None:
+    """JSON, atomically (a crash never leaves half a cache file)."""
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+class Plan:
+    """Jobs (label, kind, weight, cache path, fn) run in order, skipping cached ones, with one
+    progress line each: the ETA uses the seconds per unit of weight measured for each kind."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def add(self, label: str, kind: str, weight: float, path: Path, fn) -> None:
+        self.jobs.append((label, kind, weight, path, fn))
+
+    def run(self) -> None:
+        todo = [j for j in self.jobs if not j[3].is_file()]
+        print(f"{len(self.jobs)} jobs, {len(self.jobs) - len(todo)} cached, {len(todo)} to run", flush=True)
+        rate, t0 = {}, time.time()  # kind -> [seconds, weight]
+        for i, (label, kind, weight, path, fn) in enumerate(todo, 1):
+            t = time.time()
+            write_json(path, fn())
+            s = rate.setdefault(kind, [0.0, 0.0])
+            s[0], s[1] = s[0] + time.time() - t, s[1] + weight
+            overall = sum(v[0] for v in rate.values()) / sum(v[1] for v in rate.values())
+            left = sum(w * (rate[k][0] / rate[k][1] if k in rate else overall) for _, k, w, _, _ in todo[i:])
+            print(f"[{i}/{len(todo)}] {label} | {time.time() - t:.0f} s | elapsed "
+                  f"{format_eta(time.time() - t0)} | eta {format_eta(left)}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The jobs
+
+
+class Context:
+    """Data, backbone, tasks and probe heads, built once and shared by every job."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        base = vit_config(cfg, {}, 0)
+        self.data = train_vit.load_data(base)
+        self.backbone = train_vit.pretrain(base, self.data)
+        self.source = train_vit.parse_classes(base.source_classes)
+        self._tasks, self._probe = {}, {}
+
+    def tasks(self, vcfg: train_vit.Config) -> dict:
+        """The tasks subsampled as vcfg says: one subset for the full-data regimes, a new 16-per-class
+        draw per seed for few-shot (as few-shot benchmarks do); LoRA and CoTo of a seed share it."""
+        key = (vcfg.n_train, vcfg.n_test, vcfg.n_per_class, vcfg.seed if vcfg.n_per_class else 0)
+        if key not in self._tasks:
+            self._tasks[key] = train_vit.make_tasks(self.data, self.cfg.tasks.split(","), self.source,
+                                                    vcfg.patch_size, vcfg.n_train, vcfg.n_test,
+                                                    vcfg.n_per_class, seed=key[-1])
+        return self._tasks[key]
+
+    def probe_head(self, vcfg: train_vit.Config, task: train_vit.Task):
+        key = (task.name, vcfg.n_per_class, vcfg.seed if vcfg.n_per_class else 0)
+        if key not in self._probe:
+            model = train_vit.build_model(vcfg, self.data["x_train"], len(self.source))
+            train_vit.load_pretrained(model, self.backbone)
+            self._probe[key] = train_vit.linear_probe(model, task)
+        return self._probe[key]
+
+    def eval_set(self, task: train_vit.Task) -> tuple:
+        n = self.cfg.n_eval
+        device = pick_device(self.cfg.device)
+        return train_vit.to_float(task.x_test[:n]).to(device), task.y_test[:n].to(device)
+
+    def model(self, vcfg: train_vit.Config, task: train_vit.Task, folder: Path):
+        return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.safetensors")
+
+
+def train_job(ctx: Context, vcfg, task, folder: Path):
+    def fn():
+        head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
+        _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, out_dir=folder)
+        keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
+        return {k: metrics[k] for k in keep}
+    return fn
+
+
+def run_folder(cfg: Config, study: str, setting: str, task: str, seed: int) -> Path:
+    """out_dir/runs/<study>/<task>/<setting>/seed<k>: train_vit.py's layout, so games.py runs on it too."""
+    return Path(cfg.out_dir) / "runs" / study / task / setting.replace(" ", "_") / f"seed{seed}"
+
+
+def plan(cfg: Config, ctx: Context) -> tuple:
+    """(Plan, index): index lists what each cache file holds, for collect()."""
+    p, index = Plan(), []
+    root = Path(cfg.out_dir)
+    for study, settings, task_names, analyse in studies(cfg):
+        for setting, overrides in settings.items():
+            folder = lambda name, s: run_folder(cfg, study, setting, name, s)  # noqa: E731
+            for seed in range(cfg.seeds):
+                vcfg = vit_config(cfg, overrides, seed)
+                tasks = ctx.tasks(vcfg)
+                cost = vcfg.steps * vcfg.batch_size * {"lora": 1.0, "dora": 1.6, "hira": 1.3}[vcfg.variant]
+                for name in task_names:
+                    p.add(f"train {study}/{setting}/{name}/seed{seed}", "train", cost,
+                          folder(name, seed) / "summary.json", train_job(ctx, vcfg, tasks[name], folder(name, seed)))
+                    index.append(("train", study, setting, name, seed, folder(name, seed) / "summary.json"))
+            if not analyse:
+                continue
+            for seed in range(cfg.seeds):
+                vcfg = vit_config(cfg, overrides, seed)
+                tasks = ctx.tasks(vcfg)
+                for name in task_names:
+                    out = root / "analysis" / study / setting / name / f"seed{seed}.json"
+                    p.add(f"games {study}/{setting}/{name}/seed{seed}", "adapter", cfg.n_eval, out,
+                          adapter_job(ctx, vcfg, tasks[name], folder(name, seed)))
+                    index.append(("adapter", study, setting, name, seed, out))
+                    other = (seed + 1) % cfg.seeds  # pairs (0, 1), (1, 2), ..., (S-1, 0)
+                    if cfg.seeds == 2 and seed == 1:
+                        continue  # (1, 0) is (0, 1) again
+                    out = root / "analysis" / study / setting / name / f"pair{seed}-{other}.json"
+                    p.add(f"interpolate {study}/{setting}/{name}/seeds {seed},{other}", "pair", cfg.n_eval,
+                          out, pair_job(ctx, vcfg, tasks[name], folder(name, seed), folder(name, other)))
+                    index.append(("pair", study, setting, name, seed, out))
+                out = root / "analysis" / study / setting / f"merge-seed{seed}.json"
+                p.add(f"merge {study}/{setting}/seed{seed}", "merge", cfg.n_eval * len(task_names), out,
+                      merge_job(ctx, vcfg, {n: tasks[n] for n in task_names}, {n: folder(n, seed) for n in task_names}))
+                index.append(("merge", study, setting, "all", seed, out))
+    return p, index
+
+
+def adapter_job(ctx, vcfg, task, folder):
+    return lambda: games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task))
+
+
+def pair_job(ctx, vcfg, task, folder_a, folder_b):
+    def fn():
+        a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
+        return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task))
+    return fn
+
+
+def merge_job(ctx, vcfg, tasks: dict, folders: dict):
+    def fn():
+        states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
+        first = next(iter(tasks))
+        model = ctx.model(vcfg, tasks[first], folders[first])
+        return games.merge_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()})
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and the table
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(xs: list) -> tuple:
+    """(mean, half-width of the 95 % t interval); the half-width is nan with one value."""
+    n = len(xs)
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def verdict(diff: tuple, expect: int) -> str:
+    """Plain words for a paired difference (mean, half-width) against the paper's direction."""
+    d, h = diff
+    if math.isnan(h):
+        return "n/a (one seed)"
+    significant = abs(d) > h
+    if d == 0:
+        return "no difference"
+    if expect == 0:
+        return "differs" if significant else "no clear difference"
+    same = (d > 0) == (expect > 0)
+    if significant:
+        return "holds" if same else "reversed"
+    return "not significant (same direction)" if same else "not significant (reversed)"
+
+
+def collect(index: list) -> dict:
+    """{kind: {study: {setting: {task: {seed: record}}}}} from the cache files."""
+    out = {}
+    for kind, study, setting, task, seed, path in index:
+        if path.is_file():
+            out.setdefault(kind, {}).setdefault(study, {}).setdefault(setting, {}).setdefault(task, {})[
+                str(seed)] = json.loads(path.read_text())
+    return out
+
+
+def per_seed(res: dict, kind: str, study: str, setting: str, get, tasks=None) -> list:
+    """One value per seed: get(record) averaged over tasks (all tasks, or `tasks`)."""
+    runs = res.get(kind, {}).get(study, {}).get(setting, {})
+    tasks = [t for t in (tasks or runs) if t in runs]
+    seeds = sorted({s for t in tasks for s in runs[t]}, key=int)
+    return [statistics.fmean(get(runs[t][s]) for t in tasks if s in runs[t]) for s in seeds]
+
+
+def row(claim: str, a: list, b: list, expect: int, paper: str = "", fmt: str = "pct", missing: str = "missing") -> dict:
+    """A table row: A (LoRA or a baseline) against B (CoTo), paired by seed. expect: the paper's
+    direction of B - A (+1 higher, -1 lower, 0 none claimed)."""
+    pairs = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]  # seeds with both values
+    n = len(pairs)
+    if not n:
+        return {"claim": claim, "a": None, "b": None, "diff": None, "n": 0, "paper": paper, "fmt": fmt,
+                "verdict": missing}
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    diff = interval([y - x for x, y in pairs])
+    return {"claim": claim, "a": interval(a), "b": interval(b), "diff": diff, "n": n, "paper": paper, "fmt": fmt,
+            "verdict": verdict(diff, expect)}
+
+
+REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear-probe head",
+           "fewshot": "few-shot (16 per class), learned head"}
+
+
+def regime_rows(res: dict, study: str) -> list:
+    """Claims 1-5 in one regime, LoRA (A) against CoTo (B)."""
+    def pair(kind, get, tasks=None):
+        return per_seed(res, kind, study, "lora", get, tasks), per_seed(res, kind, study, "coto", get, tasks)
+
+    acc = lambda r: r["acc"]  # noqa: E731
+    tasks = list(res.get("train", {}).get(study, {}).get("lora", {}))
+    out = [row(f"1. accuracy, {t}", *pair("train", acc, [t]), +1) for t in tasks]
+    out.append(row("1. accuracy, mean over tasks", *pair("train", acc), +1,
+                   "82.95 → 83.48 (CLIP ViT-B/16 few-shot, 11 sets)"))
+    for space in ("factors", "delta"):
+        out.append(row(f"2. seed interpolation at λ = 0.5, {space}", *pair("pair", lambda r: r[space]["midpoint"]),
+                       +1, "39 → 79; DTD 1:1 seed merge 65.60 → 72.03" if space == "factors" else ""))
+        out.append(row(f"2. interpolation barrier, {space}", *pair("pair", lambda r: r[space]["barrier"]), -1,
+                       "lower with CoTo"))
+    for m, paper in (("single", "(each task's own adapter)"), ("fusion", "+11.4 (LLaMA-2, 9 tasks); +4 to +6 (GLUE)"),
+                     ("delta_avg", ""), ("ties", "")):
+        out.append(row(f"3. multi-task merge, {m}", *pair("merge", lambda r: statistics.fmean(r[m].values())),
+                       +1, paper))
+    for name, paper in (("every_other", "63.30 → 71.11 (DTD)"), ("low", ""), ("middle", ""), ("high", "")):
+        out.append(row(f"4. structured pruning, keep {name.replace('_', ' ')}",
+                       *pair("adapter", lambda r: r["structured"][name]), +1, paper))
+    for part in "qkv":
+        out.append(row(f"4. keep only the {part} slice of qkv", *pair("adapter", lambda r: r["qkv"][part]), +1))
+    for sp in ("0.3", "0.5", "0.7"):
+        out.append(row(f"4. unstructured pruning, {float(sp):.0%} of each ΔW",
+                       *pair("adapter", lambda r: r["unstructured"][sp]), +1,
+                       "about +10 points at 50 %" if sp == "0.5" else ""))
+    shares = {m: credit_shares(res, study, m) for m in ("lora", "coto")}
+    top = lambda s: sum(s[i] for i in games.block_subsets(len(s))["high"])  # noqa: E731
+    none = "n/a: the adapters add < 1 point, no credit to share"
+    out.append(row("5. Shapley share of the top third of blocks", share_stat(shares["lora"], top),
+                   share_stat(shares["coto"], top), -1, "LoRA: 69 % in the top 4 of 12 blocks", missing=none))
+    out.append(row("5. largest single block's Shapley share", share_stat(shares["lora"], max),
+                   share_stat(shares["coto"], max), -1, "CoTo: spread out (lower)", missing=none))
+    return out
+
+
+def credit_shares(res: dict, study: str, setting: str, min_gain: float = 0.01) -> list:
+    """Per seed: each block's share of the Shapley credit, summed over tasks (a ratio of sums), or
+    None where all credit, v(all) - v(none), is below min_gain (1 point of accuracy): adapters that
+    add nothing leave no credit to share, and the ratio would be noise over ~0."""
+    runs = res.get("adapter", {}).get(study, {}).get(setting, {})
+    out = []
+    for seed in sorted({s for t in runs for s in runs[t]}, key=int):
+        phis = [runs[t][seed]["shapley"] for t in runs if seed in runs[t]]
+        total = sum(sum(phi) for phi in phis)
+        out.append([sum(col) / total for col in zip(*phis)] if total >= min_gain else None)
+    return out
+
+
+def share_stat(shares: list, stat) -> list:
+    """stat(shares of one seed) per seed; nan where the seed has no credit to share."""
+    return [stat(s) if s is not None else float("nan") for s in shares]
+
+
+def sections(res: dict, cfg: Config) -> list:
+    """[(title, A header, B header, rows)]: the whole table (paper numbers: method.md section 5)."""
+    out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", regime_rows(res, s)) for s in REGIMES if s in res.get("train", {})]
+    acc, ms = (lambda r: r["acc"]), (lambda r: r["ms_per_step"])  # noqa: E731
+    side = cfg.tasks.split(",")[:cfg.side_tasks]
+    cost = []
+    for variant, study, paper in (("lora", "full", "0.93"), ("dora", "variants", "0.76"), ("hira", "variants", "0.76")):
+        lora, coto = ("lora", "coto") if variant == "lora" else (f"{variant}-lora", f"{variant}-coto")
+        a, b = per_seed(res, "train", study, lora, ms, side), per_seed(res, "train", study, coto, ms, side)
+        ratio = [y / x for x, y in zip(a, b)]
+        cost.append(row(f"6. wall-clock per step, CoTo / LoRA, {variant}", [1.0] * len(ratio), ratio, -1,
+                        f"1.00 → {paper}", fmt="ratio"))
+        if variant != "lora":
+            cost.append(row(f"   accuracy, {variant}", per_seed(res, "train", study, lora, acc, side),
+                            per_seed(res, "train", study, coto, acc, side), +1))
+    out.append(("Training cost (time per step at equal steps) and variants", "without CoTo", "with CoTo", cost))
+    ablation = []
+    default = per_seed(res, "train", "full", "coto", acc, side)  # CoTo with p0 0, stage1 0.75
+    for setting in res.get("train", {}).get("ablations", {}):
+        vals = per_seed(res, "train", "ablations", setting, acc, side)
+        if "p0" in setting:
+            ablation.append(row(f"7. {setting}", vals, default, 0, "the snippet uses p0 = 0.1, the figure 0"))
+        elif "stage1" in setting:
+            ablation.append(row(f"7. {setting}", vals, default, +1, "stage1 0.75 best"))
+        else:
+            ablation.append(row(f"7. baseline: {setting}", vals, default, +1, "CoTo better than each baseline"))
+    out.append(("Ablations (accuracy, full data)", "the setting", "CoTo (p0 0, stage1 0.75)", ablation))
+    lrs = sorted({float(v) for v in cfg.lrs.split(",")} | {cfg.lr})
+    sweep = []
+    for lr in lrs:  # the sweep's runs, and the "full" runs at cfg.lr
+        study, lora, coto = ("full", "lora", "coto") if lr == cfg.lr else ("lr", f"lora@{lr:g}", f"coto@{lr:g}")
+        sweep.append(row(f"accuracy at lr {lr:g}", per_seed(res, "train", study, lora, acc, side),
+                         per_seed(res, "train", study, coto, acc, side), +1,
+                         "CoTo's advantage grows with the LR, LoRA degrades" if lr == lrs[-1] else ""))
+    out.append(("Learning-rate sweep (accuracy, full data)", "LoRA", "CoTo", sweep))
+    return [s for s in out if s[3]]
+
+
+def fmt(x: tuple | None, kind: str) -> str:
+    if x is None or math.isnan(x[0]):
+        return "–"
+    m, h = x if kind == "ratio" else (100 * x[0], 100 * x[1])
+    digits = 2 if kind == "ratio" else 1
+    return f"{m:.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
+
+
+def markdown(table: list, profile: dict, cfg: Config) -> str:
+    flags = (" --quick" if cfg.quick else "") + (f" --studies {cfg.studies}" if cfg.studies != Config.studies else "")
+    lines = [f"Generated by `python reproduce.py{flags}`: mean ± 95 % t interval over "
+             f"{cfg.seeds} seeds (seed pairs for interpolation), B − A paired by seed, every comparison at equal "
+             f"optimizer steps; accuracies and shares in %. Tasks: {cfg.tasks} (side studies: the first "
+             f"{cfg.side_tasks}); {cfg.steps} steps at lr {cfg.lr} (few-shot: {cfg.fewshot_steps} at "
+             f"{cfg.fewshot_lr}); analyses on {cfg.n_eval} held-out test images per task.", ""]
+    for title, a, b, rs in table:
+        lines += [f"#### {title}", "", f"| claim | A: {a} | B: {b} | B − A | n | paper (A → B) | verdict here |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | {fmt(r['diff'], r['fmt'])} "
+                  f"| {r['n']} | {r['paper']} | {r['verdict']} |" for r in rs]
+        lines.append("")
+    for study, prof in profile.items():
+        n = len(prof["lora"])
+        lines += [f"#### Shapley share per block, {REGIMES[study]} (block 0 is the lowest)", "",
+                  "| method | " + " | ".join(f"block {i}" for i in range(n)) + " |", "|---" * (n + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in shares) + " |" for m, shares in prof.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def shapley_profiles(res: dict) -> dict:
+    """Share of the Shapley credit per block, per regime and method: each block's credit over all
+    credit, summed over tasks and seeds."""
+    out = {}
+    for study, settings in res.get("adapter", {}).items():
+        prof = {}
+        for method in ("lora", "coto"):
+            phis = [r["shapley"] for runs in settings.get(method, {}).values() for r in runs.values()]
+            total = sum(sum(phi) for phi in phis)
+            if phis and total >= 0.01:  # as credit_shares: no profile of credit that is not there
+                prof[method] = [sum(col) / total for col in zip(*phis)]
+        if len(prof) == 2:
+            out[study] = prof
+    return out
+
+
+def main(cfg: Config) -> dict:
+    if cfg.quick:
+        cfg = quick_config(cfg)
+    if cfg.seeds < 2:
+        raise ValueError(f"seeds={cfg.seeds}: intervals and seed interpolation need at least 2 (3 or more advised)")
+    t0 = time.time()
+    root = Path(cfg.out_dir)
+    # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
+    saved = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "seeds", "studies", "device")}
+    base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
+    mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
+    if saved is not None and saved != mine:
+        flat = lambda d: {**d, **{f"train_vit.{k}": v for k, v in d.get("train_vit", {}).items()}}  # noqa: E731
+        changed = sorted(k for k, v in flat(mine).items() if flat(saved).get(k) != v and k != "train_vit")
+        raise ValueError(f"{root} holds results of another configuration (differs in {changed}): "
+                         f"pass another --out-dir, or delete {root} to start over")
+    write_json(root / "config.json", mine)
+    ctx = Context(cfg)
+    p, index = plan(cfg, ctx)
+    p.run()
+    res = collect(index)
+    table, profile = sections(res, cfg), shapley_profiles(res)
+    text = markdown(table, profile, cfg)
+    write_json(root / "results.json", {"config": dataclasses.asdict(cfg), "runs": res, "table": table,
+                                       "shapley_profile": profile, "wall_s": time.time() - t0})
+    (root / "table.md").write_text(text + "\n")
+    reports = lambda kind, m: [r for runs in res.get(kind, {}).get("full", {}).get(m, {}).values()  # noqa: E731
+                               for r in runs.values()]
+    games.plot_reports({m: {"adapters": reports("adapter", m), "pairs": reports("pair", m),
+                            "merges": reports("merge", m)} for m in ("lora", "coto")}, root)
+    print(text)
+    print(f"wrote {root / 'results.json'}, {root / 'table.md'} and plots in {root} ({format_eta(time.time() - t0)})")
+    return {"table": table, "profile": profile, "markdown": text}
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return Config(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())

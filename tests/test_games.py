@@ -1,0 +1,370 @@
+"""games.py against references that could disagree: Shapley axioms and games with known values,
+brute-force permutation averages, naive per-coalition forward passes on a real (tiny) ViT, the
+explicit cross-term formula of delta-W interpolation, and TIES worked out by hand."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from coto import block_groups
+from games import (adapter_report, barrier, block_subsets, coalition, coalition_values, combine,
+                   connectivity, delta_state, interpolate, interpolate_delta, keep_qkv, merge_report,
+                   prune_magnitude, shapley_exact, shapley_multilinear, shapley_permutation, ties_merge,
+                   use_adapter)
+from lora import inject_lora, lora_layers, lora_state_dict
+from vit import VisionTransformer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models here are tiny: one thread is faster, and far faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_game(n, seed):
+    table = torch.rand(2 ** n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    table[0] = 0.0
+    return table
+
+
+def fn(table):
+    return lambda S: float(table[sum(1 << i for i in S)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapley values
+
+
+def test_games_with_known_values():
+    w = [0.5, -1.0, 2.0, 0.25]
+    assert torch.allclose(shapley_exact(lambda S: sum(w[i] for i in S), 4), torch.tensor(w, dtype=torch.float64))
+    # unanimity game on T = {1, 3}: 1/|T| each for T, 0 for the others
+    assert torch.allclose(shapley_exact(lambda S: float({1, 3} <= S), 4),
+                          torch.tensor([0, 0.5, 0, 0.5], dtype=torch.float64))
+    # glove game: one left glove (0), two right gloves (1, 2); a pair is worth 1 -> (2/3, 1/6, 1/6)
+    assert torch.allclose(shapley_exact(lambda S: float(0 in S and bool(S & {1, 2})), 3),
+                          torch.tensor([2 / 3, 1 / 6, 1 / 6], dtype=torch.float64))
+
+
+def test_axioms_on_random_games():
+    n = 5
+    v, u = random_game(n, 0), random_game(n, 1)
+    phi = shapley_exact(v, n)
+    assert math.isclose(phi.sum().item(), (v[-1] - v[0]).item(), abs_tol=1e-12)  # efficiency
+    assert torch.allclose(shapley_exact(v + u, n), phi + shapley_exact(u, n))  # additivity
+    # null player 4 and symmetric players 0, 1: build the game from a 3-player random one
+    base = random_game(3, 2)
+    sym = lambda S: float(base[(1 if S & {0, 1} else 0) + (2 if len(S & {0, 1}) == 2 else 0)
+                               + (4 if 2 in S else 0)]) + (0.3 if 3 in S else 0.0)
+    phi = shapley_exact(sym, n)
+    assert phi[4] == 0.0 and math.isclose(phi[0], phi[1], abs_tol=1e-12)
+    assert math.isclose(phi[3], 0.3, abs_tol=1e-12)  # additive part
+
+
+def test_exact_equals_brute_force_permutation_average():
+    n = 5
+    table = random_game(n, 3)
+    v = fn(table)
+    brute = torch.zeros(n, dtype=torch.float64)
+    for perm in itertools.permutations(range(n)):
+        S = frozenset()
+        for i in perm:
+            brute[i] += v(S | {i}) - v(S)
+            S = S | {i}
+    brute /= math.factorial(n)
+    assert torch.allclose(shapley_exact(v, n), brute, atol=1e-12)
+    assert torch.allclose(shapley_exact(table, n), brute, atol=1e-12)  # table input
+
+
+@pytest.mark.parametrize("estimator", [shapley_permutation, shapley_multilinear])
+def test_sampled_estimators_within_stated_error(estimator):
+    n = 6
+    table = random_game(n, 4)
+    exact = shapley_exact(table, n)
+    g = torch.Generator().manual_seed(0)
+    phi, se = estimator(fn(table), n, 400, generator=g)
+    assert (se > 0).all() and ((phi - exact).abs() <= 4 * se).all()
+    # the stated error is neither too small nor too large: ~95 % of +-2 se intervals cover
+    hits = []
+    for _ in range(150):
+        phi, se = estimator(table, n, 30, generator=g)
+        hits.append(((phi - exact).abs() <= 2 * se).double())
+    coverage = torch.cat(hits).mean().item()
+    assert 0.85 <= coverage <= 0.995, coverage
+
+
+# ---------------------------------------------------------------------------------------------
+# A real tiny ViT with non-zero adapters
+
+
+def tiny_vit(variant="lora", depth=3, seed=0, targets=("qkv", "proj", "fc1", "fc2")):
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16,
+                              depth=depth, num_heads=2, mlp_ratio=2.0)
+    inject_lora(model, list(targets), r=2, alpha=4, variant=variant)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)  # B = 0 would make every coalition the base model
+            if variant == "dora":
+                layer.lora_magnitude.mul_(1.3)
+    return model.eval()
+
+
+def data(n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def naive_values(model, groups, x, y):
+    """One full forward pass per coalition, blocks counted with hooks: (acc table, -loss table, calls)."""
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in model.blocks]
+    n = len(groups)
+    acc, neg_loss = torch.zeros(2 ** n, dtype=torch.float64), torch.zeros(2 ** n, dtype=torch.float64)
+    with torch.no_grad():
+        for m in range(2 ** n):
+            with coalition(groups, [i for i in range(n) if m >> i & 1]):
+                logits = model(x)
+            acc[m] = (logits.argmax(-1) == y).double().mean()
+            neg_loss[m] = -torch.nn.functional.cross_entropy(logits, y)
+    for h in hooks:
+        h.remove()
+    return acc, neg_loss, len(calls)
+
+
+@pytest.mark.parametrize("per_module", [False, True])
+def test_prefix_sharing_equals_naive_with_fewer_block_evaluations(per_module):
+    if per_module:  # one player per LoRA layer: 2 blocks x 2 modules
+        model = tiny_vit(depth=2, targets=("qkv", "fc2"))
+        groups = block_groups(model, group_of=lambda name: name)
+    else:  # one player per block
+        model = tiny_vit(depth=4)
+        groups = block_groups(model)
+    x, y = data()
+    n, L, batches = len(groups), len(model.blocks), 3
+    acc, neg_loss, naive_evals = naive_values(model, groups, x, y)
+    assert naive_evals == L * 2 ** n
+    for value, ref in (("acc", acc), ("neg_loss", neg_loss)):
+        got, evals = coalition_values(model.embed, model.blocks, model.forward_head, x, y, value,
+                                      groups=groups, batch_size=16)  # 40 examples: 3 batches
+        assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+        # per batch: 2^(players in blocks 0..l) evaluations of block l
+        assert evals == batches * ((2 ** 2 + 2 ** 4) if per_module else (2 ** (L + 1) - 2))
+        assert evals < batches * naive_evals
+    assert len(set(neg_loss.tolist())) == 2 ** n  # the adapters matter: every coalition differs
+    assert all(layer.active for layer in lora_layers(model).values())  # flags restored
+    if not per_module:  # default players: one per block, the whole set in one batch
+        default, evals = coalition_values(model.embed, model.blocks, model.forward_head, x, y, "neg_loss")
+        assert torch.allclose(default, neg_loss, atol=1e-6, rtol=0) and evals == 2 ** (L + 1) - 2
+
+
+def test_coalition_restores_flags_and_rejects_bad_input():
+    model = tiny_vit()
+    groups = block_groups(model)
+    list(groups.values())[2][0].active = False  # a previous state that is not "all on"
+    before = [l.active for l in lora_layers(model).values()]
+    with coalition(groups, {0, "blocks.2"}):
+        assert [l.active for l in groups["blocks.1"]] == [False] * 4
+        assert all(l.active for l in groups["blocks.0"] + groups["blocks.2"])
+    assert [l.active for l in lora_layers(model).values()] == before
+    with pytest.raises(ValueError, match="neither indices"):
+        coalition(groups, {7})
+    model.train()
+    with pytest.raises(ValueError, match="model.eval"):
+        coalition_values(model.embed, model.blocks, model.forward_head, *data(), "acc")
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "hira"])
+def test_delta_state_reproduces_the_adapter(variant):
+    model = tiny_vit(variant)
+    x, _ = data()
+    with torch.no_grad():
+        ref = model(x)
+        deltas = delta_state(model)
+        assert all(layer.active for layer in lora_layers(model).values())
+        for layer in lora_layers(model).values():
+            layer.active = False
+        base = model(x)
+        for layer in lora_layers(model).values():
+            layer.active = True
+        with use_adapter(model, deltas):  # W + delta, adapters bypassed
+            got = model(x)
+        assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(base, ref, atol=1e-3)
+        assert torch.equal(model(x), ref)  # everything restored
+
+
+def two_adapters(variant="lora"):
+    model = tiny_vit(variant, seed=0)
+    a = {**lora_state_dict(model), "head.weight": model.head.weight.detach().clone()}
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    return model, a, b
+
+
+def acc_fn(x, y):
+    return lambda m: (m(x).argmax(-1) == y).double().mean().item()
+
+
+def test_interpolation_endpoints_and_delta_cross_terms():
+    model, a, b = two_adapters()
+    x, y = data()
+    assert all(torch.equal(interpolate(a, b, 0.0)[k], a[k]) for k in a)
+    assert all(torch.equal(interpolate(a, b, 1.0)[k], b[k]) for k in a)
+    evaluate = acc_fn(x, y)
+    with torch.no_grad():
+        with use_adapter(model, a):
+            va = evaluate(model)
+        with use_adapter(model, b):
+            vb = evaluate(model)
+        for space in ("factors", "delta"):
+            curve = connectivity(model, evaluate, a, b, space=space)
+            assert curve["values"][0] == va and curve["values"][-1] == vb
+    # delta-W interpolation = factor interpolation + s * lam (1 - lam) (B_a - B_b)(A_a - A_b)
+    lam, name = 0.3, "blocks.1.mlp.fc1"
+    s = lora_layers(model)[name].scaling
+    Aa, Ab, Ba, Bb = a[f"{name}.lora_A"], b[f"{name}.lora_A"], a[f"{name}.lora_B"], b[f"{name}.lora_B"]
+    d = interpolate_delta(model, a, b, lam)[f"{name}.delta_weight"]
+    f = delta_state(model, interpolate(a, b, lam))[f"{name}.delta_weight"]
+    assert torch.allclose(d - f, s * lam * (1 - lam) * (Ba - Bb) @ (Aa - Ab), atol=1e-5)
+    assert torch.equal(interpolate_delta(model, a, b, lam)["head.weight"], interpolate(a, b, lam)["head.weight"])
+
+
+def test_barrier_by_hand():
+    assert barrier([0, 0.25, 0.5, 0.75, 1], [0.8, 0.5, 0.4, 0.7, 0.6]) == (pytest.approx(0.3), 0.4)
+    assert barrier([0, 0.5, 1], [0.8, 0.9, 0.6]) == (0.0, 0.9)
+    with pytest.raises(ValueError, match="contain 0.5"):
+        barrier([0, 1], [1, 1])
+
+
+def test_merging_an_adapter_with_itself_returns_it():
+    model, a, _ = two_adapters("dora")
+    d = delta_state(model, a)
+    assert all(torch.allclose(combine([a, a, a], [1 / 3] * 3)[k], a[k]) for k in a)
+    ties = ties_merge([d, d], density=1.0)
+    assert all(torch.allclose(ties[k], d[k]) for k in d)
+
+
+def test_ties_matches_hand_computation():
+    t1 = {"w": torch.tensor([[3.0, -1.0, 0.5], [2.0, -4.0, 0.1]])}
+    t2 = {"w": torch.tensor([[-2.0, -3.0, 1.0], [1.0, 5.0, -0.2]])}
+    t3 = {"w": torch.tensor([[-0.5, 2.0, -6.0], [0.3, -1.0, 0.0]])}
+    # trim to density 0.5 (3 of 6 kept):  t1 -> [3, 0, 0; 2, -4, 0]   t2 -> [-2, -3, 0; 0, 5, 0]
+    #                                     t3 -> [0, 2, -6; 0, -1, 0]
+    # elected sign of the sums [1, -1, -6; 2, 0, 0] -> [+, -, -; +, 0, 0]
+    # disjoint means: 3 | -3 | -6 ; 2 | 0 (no agreeing value) | 0
+    want = torch.tensor([[3.0, -3.0, -6.0], [2.0, 0.0, 0.0]])
+    assert torch.equal(ties_merge([t1, t2, t3], density=0.5)["w"], want)
+    assert torch.equal(ties_merge([t1, t2, t3], density=0.5, lam=0.5)["w"], want / 2)
+
+
+def test_pruning_sparsity_and_named_blocks_only():
+    model, a, _ = two_adapters()
+    d = delta_state(model, a)
+    for sparsity in (0.3, 0.5, 0.7):
+        p = prune_magnitude(d, sparsity)
+        for k, t in d.items():
+            if k.endswith("delta_weight"):
+                zeroed = p[k] == 0
+                assert zeroed.sum().item() == round(sparsity * t.numel())
+                assert t[zeroed].abs().max() <= t[~zeroed].abs().min()  # the smallest ones
+        assert torch.equal(p["head.weight"], d["head.weight"])
+    q = keep_qkv(d, "k")
+    W = d["blocks.0.attn.qkv.delta_weight"]
+    assert torch.equal(q["blocks.0.attn.qkv.delta_weight"][16:32], W[16:32])
+    assert q["blocks.0.attn.qkv.delta_weight"][[*range(16), *range(32, 48)]].abs().sum() == 0
+    assert q["blocks.0.mlp.fc1.delta_weight"].abs().sum() == 0
+    # structured: keep blocks 0 and 2 of 3 == zeroing block 1's delta W, nothing else
+    assert block_subsets(6) == {"every_other": [0, 2, 4], "low": [0, 1], "middle": [2, 3], "high": [4, 5]}
+    keep = block_subsets(3)["every_other"]
+    x, _ = data()
+    dropped = {k: torch.zeros_like(t) if k.startswith("blocks.1.") else t for k, t in d.items()}
+    with torch.no_grad():
+        with coalition(block_groups(model), keep), use_adapter(model, a):
+            got = model(x)
+        with use_adapter(model, dropped):
+            ref = model(x)
+        with use_adapter(model, d):
+            full = model(x)
+    assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, full, atol=1e-3)
+
+
+def test_reports_agree_with_direct_evaluation():
+    model, a, b = two_adapters()
+    x, y = data()
+    with use_adapter(model, a):
+        rep = adapter_report(model, x, y, "neg_loss", batch_size=16)
+        direct = {}
+        with torch.no_grad():
+            with coalition(block_groups(model), [0, 2]):
+                direct["every_other"] = -torch.nn.functional.cross_entropy(model(x), y).item()
+            with use_adapter(model, prune_magnitude(delta_state(model), 0.5)):
+                direct["0.5"] = -torch.nn.functional.cross_entropy(model(x), y).item()
+    assert rep["structured"]["every_other"] == pytest.approx(direct["every_other"], abs=1e-5)
+    assert rep["unstructured"]["0.5"] == pytest.approx(direct["0.5"], abs=1e-5)
+    assert sum(rep["share"]) == pytest.approx(1.0) and rep["block_evals"] < rep["naive_block_evals"]
+    # merging a task's adapter with a copy of itself changes nothing; heads stay per task
+    sets = {"t1": (x, y), "t2": (x, (y + 1) % 3)}
+    merged = merge_report(model, {"t1": a, "t2": {**a, "head.weight": b["head.weight"]}}, sets, "acc")
+    for name in ("fusion", "delta_avg"):
+        assert merged[name] == pytest.approx(merged["single"], abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# reproduce.py: statistics, verdicts and resuming, on hand-made inputs
+
+
+def test_reproduce_interval_and_verdict_by_hand():
+    from reproduce import interval, verdict
+    m, h = interval([0.80, 0.84, 0.82])  # sd 0.02, t(0.975, 2) = 4.303
+    assert m == pytest.approx(0.82) and h == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    assert math.isnan(interval([0.5])[1])
+    assert verdict((0.03, 0.01), +1) == "holds" and verdict((-0.03, 0.01), +1) == "reversed"
+    assert verdict((0.01, 0.02), -1) == "not significant (reversed)"
+    assert verdict((-0.01, 0.02), -1) == "not significant (same direction)"
+    assert verdict((0.05, 0.01), 0) == "differs"
+
+
+def test_reproduce_plan_resumes_where_it_stopped(tmp_path, capsys):
+    from reproduce import Plan
+    calls = []
+
+    def job(i, fail=False):
+        def fn():
+            if fail:
+                raise KeyboardInterrupt  # the user stops the run here
+            calls.append(i)
+            return {"i": i}
+        return fn
+
+    def plan(fail_at):
+        p = Plan()
+        for i in range(5):
+            p.add(f"job {i}", "train" if i % 2 else "adapter", 1.0, tmp_path / f"{i}.json", job(i, i == fail_at))
+        return p
+
+    with pytest.raises(KeyboardInterrupt):
+        plan(fail_at=3).run()
+    assert calls == [0, 1, 2] and not (tmp_path / "3.json").exists()
+    plan(fail_at=None).run()
+    assert calls == [0, 1, 2, 3, 4]  # only the missing jobs ran
+    assert [json.loads((tmp_path / f"{i}.json").read_text())["i"] for i in range(5)] == list(range(5))
+    assert "5 jobs, 3 cached, 2 to run" in capsys.readouterr().out
+
+
+def test_use_adapter_takes_another_tasks_head_and_gives_it_back():
+    model, a, _ = two_adapters()
+    x, _ = data()
+    head = {"head.weight": torch.randn(5, 16), "head.bias": torch.randn(5)}
+    with torch.no_grad():
+        before = model(x)
+        with use_adapter(model, {**a, **head}):
+            feats = model.norm(torch.nn.Sequential(*model.blocks)(model.embed(x)))[:, 0]  # (B, D)
+            assert torch.allclose(model(x), feats @ head["head.weight"].T + head["head.bias"], atol=1e-5)
+        assert torch.equal(model(x), before) and model.head.weight.shape == (3, 16)
+    with pytest.raises(ValueError, match="not a parameter"):
+        with use_adapter(model, {"blocks.0.attn.qkv.lora_C": torch.zeros(1)}):
+            pass
