@@ -28,7 +28,6 @@ tensor of 2^n values indexed by bitmask: table[m] = v({i : bit i of m is set}).
 Run as a script on adapters that train_vit.py saved (Config at the end of the file):
     python games.py --run-dir runs/vit            # writes runs/vit/games/games.json and PNG plots
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 from coto import active_mask, block_groups
 from lora import LoRALinear, lora_layers
-from utils import atomic_write_text, format_eta, pick_device, read_safetensors
+from utils import atomic_write_text, format_eta, parse_config, pick_device, read_safetensors
 
 # ---------------------------------------------------------------------------------------------
 # Shapley values of any cooperative game
@@ -676,7 +675,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Shapley, connectivity, merging and pruning of saved adapters")
-    for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    main(Config(**vars(parser.parse_args())))
+    main(parse_config(Config, description="Shapley, connectivity, merging and pruning of saved adapters"))

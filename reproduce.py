@@ -18,7 +18,6 @@ Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<
 reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
 numbers), out_dir/table.md (the README table) and the games.py plots of the "full" regime.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -30,7 +29,7 @@ from pathlib import Path
 import games
 import train_vit
 from coto import SHAPES
-from utils import atomic_write_text, format_eta, pick_device, read_safetensors
+from utils import atomic_write_text, format_eta, parse_config, pick_device, read_safetensors
 
 
 @dataclass
@@ -508,16 +507,5 @@ def main(cfg: Config) -> dict:
     return {"table": table, "profile": profile, "markdown": text}
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_config(Config, description=__doc__.split("\n")[0]))

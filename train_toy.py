@@ -11,8 +11,6 @@ It writes runs/toy/toy.png: the CoTo schedule, the fraction of active blocks per
 
     python train_toy.py            # ~1 minute on 2 CPU cores
 """
-import argparse
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 from coto import CoTo, active_mask, block_groups, coto_prob
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
+from utils import parse_config
 
 
 @dataclass
@@ -246,19 +245,5 @@ def main(cfg: Config) -> dict:
     return results
 
 
-def parse_config(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=f.default)
-        elif f.type is tuple:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, nargs="+", default=f.default)
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, default=f.default)
-    args = vars(parser.parse_args(argv))
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-
-
 if __name__ == "__main__":
-    main(parse_config())
+    main(parse_config(Config, description=__doc__.split("\n")[0]))

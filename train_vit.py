@@ -15,7 +15,6 @@ by side with a frozen-backbone linear probe.
 Data: Fashion-MNIST's four IDX .gz files (Debian/Ubuntu: `apt install dataset-fashion-mnist`), or
 CIFAR-10's python batches (`--dataset cifar10`); nothing is downloaded.
 """
-import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 from coto import CoTo, block_groups, coto_prob, set_active
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
                   mark_only_lora_as_trainable)
-from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, pick_device, read_safetensors,
-                   write_safetensors)
+from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, parse_config,
+                   pick_device, read_safetensors, write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -710,16 +709,5 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_config(Config, description=__doc__.split("\n")[0]))

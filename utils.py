@@ -4,6 +4,8 @@ safetensors is read and written by hand (the format is an 8-byte little-endian h
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
 checkpoint needs nothing beyond torch.
 """
+import argparse
+import dataclasses
 import json
 import os
 import struct
@@ -18,6 +20,23 @@ _ST_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def parse_config(cls, argv=None, description: str = ""):
+    """A `cls` (a dataclass) from the command line: one --flag per field, --flag / --no-flag for
+    booleans, several values for tuples. `main(parse_config(Config))` is how every script starts."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, nargs="+", type=type(f.default[0]), default=f.default)
+        else:
+            kind = f.type if isinstance(f.type, type) else type(f.default)
+            parser.add_argument(flag, type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
 
 
 def pick_device(name: str = "auto") -> torch.device:

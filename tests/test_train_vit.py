@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 import train_vit
 from lora import lora_state_dict
 from train_vit import (Batches, Config, evaluate, finetune, get_lr, load_adapters, load_cifar10,
-                       load_data, load_fashion_mnist, main, make_task, make_tasks, parse_args, pretrain)
-from utils import write_safetensors
+                       load_data, load_fashion_mnist, main, make_task, make_tasks, pretrain)
+from utils import parse_config, write_safetensors
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -219,7 +219,7 @@ def test_pretrain_is_cached_by_config(tmp_path, monkeypatch):
 
 
 def test_cli_builds_the_config():
-    cfg = parse_args(["--no-coto", "--steps", "7", "--variant", "dora", "--p0", "0.1", "--tasks", "rot90"])
+    cfg = parse_config(Config, ["--no-coto", "--steps", "7", "--variant", "dora", "--p0", "0.1", "--tasks", "rot90"])
     assert cfg == dataclasses.replace(Config(), coto=False, steps=7, variant="dora", p0=0.1, tasks="rot90")
 
 
