@@ -17,15 +17,6 @@ from lora import inject_lora, lora_layers, lora_state_dict
 from vit import VisionTransformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: one thread is faster, and far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_game(n, seed):
     table = torch.rand(2 ** n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     table[0] = 0.0

@@ -19,15 +19,6 @@ from train_vit import (Batches, Config, evaluate, finetune, get_lr, load_adapter
                        load_data, load_fashion_mnist, main, make_task, make_tasks, pretrain)
 from utils import parse_config, write_safetensors
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = Config(dataset="synthetic", embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6,
               batch_size=32, n_train=200, n_test=100, tasks="new5,rot90", warmup=2, log_every=3,
               ckpt_every=3, r=2, alpha=4.0, lr=1e-2, head="learned")

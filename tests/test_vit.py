@@ -8,15 +8,6 @@ import torch
 from utils import write_safetensors
 from vit import VisionTransformer, load_pretrained, load_pretrained_file
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 KW = dict(img_size=8, patch_size=4, in_chans=2, num_classes=3, embed_dim=12, depth=2, num_heads=3, mlp_ratio=2.0)
 
 
