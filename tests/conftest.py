@@ -10,3 +10,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """Runs a test once per device: always on the CPU, and on CUDA where a GPU is present
+    (skipped elsewhere, CI included). A test that compares against a reference computes the
+    reference on a device it names itself."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device(request.param)
