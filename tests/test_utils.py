@@ -1,37 +1,141 @@
-"""utils.py: safetensors by hand against the reference library, atomic writes, the CLI builder."""
+"""utils.py: safetensors by hand against the reference library, atomic writes, checkpoints, the CLI."""
+import json
+import os
+import pickle
+import struct
+import tracemalloc
 from dataclasses import dataclass
 
 import pytest
-import safetensors.torch  # installed with transformers (requirements-test.txt): the reference
+import safetensors
+import safetensors.torch  # the reference (requirements-test.txt)
 import torch
 
-from utils import atomic_save, atomic_write_text, parse_config, read_safetensors, write_safetensors
+from utils import (atomic_save, atomic_write_text, load_checkpoint, load_weights, parse_config,
+                   read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl,
+                   write_safetensors)
 
 TENSORS = {"a.weight": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
            "half": torch.randn(5).to(torch.bfloat16), "flag": torch.tensor([True, False]),
-           "empty": torch.zeros(0, 2)}
+           "empty": torch.zeros(0, 2), "bn.num_batches_tracked": torch.tensor(7),  # 0-d, as in BatchNorm
+           "f8": torch.randn(4).to(torch.float8_e4m3fn),
+           "u16": torch.arange(3, dtype=torch.int16).view(torch.uint16),
+           "c": torch.randn(2, dtype=torch.complex64), "t": torch.randn(3, 2).t()}  # not contiguous
+
+
+def _bits(t):
+    """The raw bytes: compares every dtype (float8 has no torch.equal) and NaN payloads exactly."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def test_safetensors_round_trip_with_the_reference_library(tmp_path):
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-    write_safetensors(TENSORS, ours, metadata={"format": "pt"})
-    safetensors.torch.save_file(TENSORS, str(theirs))
+    write_safetensors(TENSORS, ours, metadata={"format": "pt", "r": 4})
+    safetensors.torch.save_file({k: t.contiguous() for k, t in TENSORS.items()}, str(theirs),
+                                metadata={"format": "pt"})
     for name, loaded in (("ours read by the library", safetensors.torch.load_file(str(ours))),
                          ("the library's read by ours", read_safetensors(theirs))):
         assert loaded.keys() == TENSORS.keys(), name
         for k, t in TENSORS.items():
-            assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t), (name, k)
+            assert loaded[k].dtype == t.dtype and loaded[k].shape == t.shape, (name, k)
+            assert torch.equal(_bits(loaded[k]), _bits(t)), (name, k)
+    with safetensors.safe_open(str(ours), "pt") as f:
+        assert f.metadata() == read_safetensors_metadata(ours) == {"format": "pt", "r": "4"}
+    assert read_safetensors_metadata(theirs) == {"format": "pt"}
 
 
-def test_bad_safetensors_file_is_a_clear_error(tmp_path):
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(ValueError, match="header is not JSON"):
-        read_safetensors(bad)
+def _file(header, data=b"", length=None):
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(head) if length is None else length) + head + data
+
+
+def _f32(shape, offsets):
+    return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+
+DAMAGED = {  # name: (file, what our error says)
+    "empty file": (b"", "0 bytes"),
+    "shorter than the length": (b"\x10\x00\x00", "3 bytes"),
+    "header length 2**63": (_file({"a": _f32([1], [0, 4])}, bytes(4), length=2**63), "larger than the file"),
+    "header length past the end": (_file({"a": _f32([1], [0, 4])}, bytes(4), length=100),
+                                   "larger than the file"),
+    "not JSON": (_file(b"not json at all!"), "not JSON"),
+    "not UTF-8": (_file(b'{"\xff": 1}'), "not JSON"),
+    "a list header": (_file([1, 2]), "not a JSON object"),
+    "an entry not an object": (_file({"a": [0, 4]}, bytes(4)), "not an object with dtype"),
+    "an entry without offsets": (_file({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)),
+                                 "not an object with dtype"),
+    "unknown dtype": (_file({"a": {**_f32([1], [0, 4]), "dtype": "F31"}}, bytes(4)), "unknown dtype"),
+    "shape -1": (_file({"a": _f32([-1], [0, 4])}, bytes(4)), "shape"),
+    "shape not integers": (_file({"a": _f32([1.0], [0, 4])}, bytes(4)), "shape"),
+    "negative offset": (_file({"a": _f32([1], [-4, 0])}, bytes(4)), "data_offsets"),
+    "end before start": (_file({"a": _f32([0], [4, 0])}, bytes(4)), "data_offsets"),
+    "offsets past the end": (_file({"a": _f32([2], [0, 8])}, bytes(4)), "the file holds 4"),
+    "bytes after the last tensor": (_file({"a": _f32([1], [0, 4])}, bytes(8)), "the file holds 8"),
+    "overlapping offsets": (_file({"a": _f32([2], [0, 8]), "b": _f32([2], [4, 12])}, bytes(12)), "overlap"),
+    "a gap": (_file({"a": _f32([1], [0, 4]), "b": _f32([1], [8, 12])}, bytes(12)), "a gap"),
+    "size not shape times dtype": (_file({"a": _f32([3], [0, 8])}, bytes(8)), "needs 12"),
+    "metadata not strings": (_file({"__metadata__": {"r": 4}, "a": _f32([1], [0, 4])}, bytes(4)),
+                             "__metadata__"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_damaged_safetensors_file_is_rejected_as_the_library_rejects_it(tmp_path, case):
+    data, says = DAMAGED[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(safetensors.SafetensorError):  # the reference refuses the file too
+        safetensors.torch.load_file(str(path))
+    for read in (read_safetensors, read_safetensors_metadata):
+        with pytest.raises(ValueError, match="bad.safetensors is not a valid safetensors file") as e:
+            read(path)
+        assert says in str(e.value)
+
+
+def test_duplicate_names_in_a_safetensors_header_are_rejected(tmp_path):
+    """The library keeps one of the two silently; which tensor a name means must not be a guess."""
+    entry = '{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(_file(f'{{"a": {entry}, "a": {entry}}}'.encode(), bytes(4)))
+    with pytest.raises(ValueError, match="repeats the key 'a'"):
+        read_safetensors(path)
+
+
+@pytest.mark.parametrize("case", ["tensors out of order", "empty tensors share an offset", "null metadata",
+                                  "an extra field", "0-d"])
+def test_unusual_valid_safetensors_files_load_as_the_library_loads_them(tmp_path, case):
+    data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
+    header = {"tensors out of order": {"b": _f32([4], [16, 32]), "a": _f32([2, 2], [0, 16])},
+              "empty tensors share an offset": {"e": _f32([0, 3], [0, 0]), "a": _f32([8], [0, 32]),
+                                                "z": _f32([0], [32, 32])},
+              "null metadata": {"__metadata__": None, "a": _f32([8], [0, 32])},
+              "an extra field": {"a": {**_f32([8], [0, 32]), "note": 1}},
+              "0-d": {"a": _f32([], [0, 4]), "b": _f32([7], [4, 32])}}[case]
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(_file(header, data))
+    theirs, ours = safetensors.torch.load_file(str(path)), read_safetensors(path)
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+def test_reading_safetensors_takes_no_more_memory_than_the_file(tmp_path):
+    path = tmp_path / "big.safetensors"
+    write_safetensors({f"w{i}": torch.randn(256, 1024) for i in range(8)}, path)  # 8 MiB
+    tracemalloc.start()
+    try:
+        state = read_safetensors(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(state) == 8
+    assert peak < 1.1 * path.stat().st_size  # the tensors themselves, no second copy of the file
 
 
 def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
+    (tmp_path / "ckpt.pt.x1y2.tmp").write_bytes(b"half a file")  # left by a process killed mid-write
     atomic_save({"step": 1}, path)
 
     class Unpicklable:
@@ -48,15 +152,166 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
 
 @dataclass
 class Demo:
-    steps: int = 10
+    steps: int = 10  # optimizer steps
     lr: float = 1e-3
-    name: str = "x"
-    coto: bool = True
-    seeds: tuple = (0, 1)
+    name: str = "x#y"  # a "#" in a string is not a comment
+    coto: bool = True  # stage 1 lasts 75 % of the steps
+    seeds: tuple = (0, 1)  # one run per seed,
+    # a comment of its own, about nothing
+    blocks: tuple = ()  # (empty: none)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
 
 
 def test_parse_config_builds_every_field_type():
     assert parse_config(Demo, []) == Demo()
-    cfg = parse_config(Demo, ["--steps", "3", "--lr", "2", "--name", "y", "--no-coto", "--seeds", "4", "5", "6"])
-    assert cfg == Demo(steps=3, lr=2.0, name="y", coto=False, seeds=(4, 5, 6))
+    cfg = parse_config(Demo, ["--steps", "3", "--lr", "2", "--name", "y", "--no-coto",
+                              "--seeds", "4", "5", "6", "--blocks", "a", "b"])
+    assert cfg == Demo(steps=3, lr=2.0, name="y", coto=False, seeds=(4, 5, 6), blocks=("a", "b"))
     assert isinstance(cfg.lr, float)
+    assert parse_config(Demo, ["--seeds"]).seeds == ()
+
+
+def test_help_shows_each_fields_comment_and_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Demo, ["--help"], description="A demo.")
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for line in ("A demo.", "--steps STEPS optimizer steps (default: 10)", "--lr LR lr (default: 0.001)",
+                 "--name NAME a \"#\" in a string is not a comment (default: 'x#y')",
+                 "--coto, --no-coto stage 1 lasts 75 % of the steps (default: True)",
+                 "one run per seed, (default: (0, 1))", "--blocks [BLOCKS ...] (empty: none) (default: ())"):
+        assert line in text, (line, text)
+    assert "about nothing" not in text and text.count("(default:") == 6  # once per field
+
+
+@pytest.mark.parametrize("argv, says", [(["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+                                        (["--steps", "0"], "steps=0 must be >= 1"),
+                                        (["--stpes", "3"], "unrecognized arguments: --stpes 3"),
+                                        (["--seed", "3"], "unrecognized arguments: --seed 3")])  # not --seeds
+def test_a_bad_flag_is_one_line_not_a_traceback(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Demo, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("error: " + says) and len(err) == 2  # the one-line usage, then the error
+
+
+CONFIG = {"r": 2, "alpha": 4.0, "lr": 0.01, "tasks": ("rot90", "flip")}
+
+
+def _train_setup():
+    torch.manual_seed(0)  # the same base model, as a resumed run rebuilds it
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)  # a frozen base weight: not in the checkpoint
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    return model, opt
+
+
+def _train_step(model, opt):
+    x = torch.randn(5, 4)  # drawn from the global generator: a resumed run must draw the same
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def test_checkpoint_resume_continues_bit_identically(tmp_path):
+    model, opt = _train_setup()
+    _train_step(model, opt)
+    extra = {"history": [{"step": 1, "loss": 0.5}], "elapsed": 1.5, "active": torch.tensor([3, 1])}
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt, 1, {"epoch": 0, "pos": 5}, config=CONFIG, extra=extra)
+    _train_step(model, opt)  # the uninterrupted run
+
+    resumed, opt2 = _train_setup()
+    with torch.no_grad():  # other trainable weights and RNG state: the checkpoint must restore both
+        resumed[1].weight.add_(1.0)
+    torch.manual_seed(1)
+    step, data, extra2 = load_checkpoint(tmp_path / "ckpt.pt", resumed, opt2, config=dict(CONFIG))
+    assert (step, data) == (1, {"epoch": 0, "pos": 5})
+    assert extra2["history"] == extra["history"] and extra2["elapsed"] == 1.5
+    assert torch.equal(extra2["active"], extra["active"])
+    _train_step(resumed, opt2)
+    for (n, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_checkpoint_of_another_configuration_lists_every_difference(tmp_path):
+    model, opt = _train_setup()
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt, 3, None, config=CONFIG)
+    before = [p.clone() for p in model.parameters()]
+    other = {"r": 8, "alpha": 4.0, "lr": 0.1, "tasks": ("rot90", "flip"), "p0": 0.5}
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(tmp_path / "ckpt.pt", model, opt, config=other)
+    msg = str(e.value)
+    for text in ("r: 2 in the checkpoint, 8 now", "lr: 0.01 in the checkpoint, 0.1 now",
+                 "p0: '(absent)' in the checkpoint, 0.5 now", "same flags", "--resume", "ckpt.pt"):
+        assert text in msg, (text, msg)
+    assert "alpha" not in msg and "tasks" not in msg  # only the fields that differ
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    bigger = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5))  # all trainable, wider
+    with pytest.raises(ValueError, match=r"differ in name or shape: 0\.weight, 1\.bias, 1\.weight\)"):
+        load_checkpoint(tmp_path / "ckpt.pt", bigger, torch.optim.AdamW(bigger.parameters()), config=CONFIG)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "a list", "a pickle"])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    path = tmp_path / "ckpt.pt"
+    model, opt = _train_setup()
+    save_checkpoint(path, model, opt, 3, None, config=CONFIG)
+    good = path.read_bytes()
+    if damage == "a list":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[:len(good) // 2], "garbage": os.urandom(len(good)),
+                          "a pickle": pickle.dumps(ValueError("x"))}[damage])
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(path, model, opt, config=CONFIG)
+    msg = str(e.value)
+    assert str(path) in msg and "delete" in msg and "--resume" in msg
+    assert "weights_only" not in msg
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling this would create a file: code from the weights file runs
+        return (open, (self.marker, "w"))
+
+
+def test_weights_file_with_python_objects_is_refused_without_running_them(tmp_path):
+    payload = _Payload()
+    payload.marker = str(tmp_path / "ran")
+    path = tmp_path / "w.pt"
+    path.write_bytes(pickle.dumps({"w": payload}))
+    with pytest.raises(ValueError) as e:
+        load_weights(path)
+    assert "w.pt is damaged or not a file of tensors" in str(e.value) and "weights_only" not in str(e.value)
+    assert not (tmp_path / "ran").exists()
+    torch.save({"model": {"w": torch.ones(2)}}, path)  # the usual nesting still loads
+    assert torch.equal(load_weights(path)["w"], torch.ones(2))
+
+
+def test_truncate_jsonl_keeps_the_steps_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"event": "start"}] + [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 5, "lo')  # killed mid-line
+    truncate_jsonl(path, 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records[:3]
+    truncate_jsonl(tmp_path / "none.jsonl", 2)  # no log yet: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")  # the reference: what open() gives
+        atomic_write_text(tmp_path / "r.json", "{}")
+        atomic_save({"step": 1}, tmp_path / "ckpt.pt")
+        write_safetensors({"w": torch.ones(2)}, tmp_path / "a.safetensors")
+    finally:
+        os.umask(before)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("r.json", "ckpt.pt", "a.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == want, name
