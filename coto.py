@@ -1,23 +1,25 @@
 """CoTo: "Come Together, But Not Right Now" (Zhuang et al., ICML 2025, arXiv 2506.05713).
 
-Before every optimizer step, each transformer block's LoRA adapters are switched on together with
+Before every optimizer step, each transformer block's adapters are switched on together with
 probability p(t), which rises from p0 to 1 over the first `stage1_ratio` of training (stage 1);
-the rest is plain LoRA (stage 2). A switched-off adapter is bypassed (LoRALinear.active = False):
-no compute, no gradient, no AdamW update. Evaluation always uses every adapter.
+the rest is plain LoRA (stage 2). A switched-off adapter is bypassed: no compute, no gradient
+(grad None), no AdamW update. The mask acts only on forward passes in training mode: in eval mode
+every adapter runs, so evaluation needs nothing but the usual `model.eval()`.
 
     coto = CoTo(block_groups(model), total_steps, p0=0.0, seed=0)
     for step in range(total_steps):
         lr = get_lr(step); coto.step(step)     # one draw per optimizer step
-        loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-        with coto.all_active():
-            evaluate(model)
+        model.train(); loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        model.eval(); evaluate(model)          # every adapter on
+
+An adapter layer is any module with a boolean `active` flag (lora.LoRALinear) or a PEFT LoRA
+layer (switched through its public `enable_adapters`); coto.py imports neither lora.py nor PEFT.
+With transformers' Trainer: `Trainer(..., callbacks=[CoToCallback(block_groups(model))])`.
 """
 import math
 from contextlib import contextmanager
 
 import torch
-
-from lora import lora_layers
 
 SHAPES = ("linear", "exp", "sine", "constant")
 
@@ -29,16 +31,19 @@ def coto_prob(step: int, total_steps: int, p0: float = 0.0, stage1_ratio: float 
     "sine" faster; all three reach exactly 1 at step ceil(stage1_ratio * T) and stay there.
     "constant" keeps p = p0 through stage 1: with stage1_ratio = 1 it is the constant-rate layer
     drop baseline ("stochastic depth for LoRA", method.md section 4)."""
-    if not isinstance(total_steps, int) or total_steps < 1:
+    if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r} must be a positive integer")
+    for name, value in (("p0", p0), ("stage1_ratio", stage1_ratio)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}")
     if not 0.0 <= p0 <= 1.0:
         raise ValueError(f"p0={p0} is a probability: it must be in [0, 1]")
     if not 0.0 <= stage1_ratio <= 1.0:
         raise ValueError(f"stage1_ratio={stage1_ratio} must be in [0, 1] (0 = plain LoRA)")
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
-    if step < 0:
-        raise ValueError(f"step={step} must be >= 0")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step={step!r} must be an integer >= 0 (the optimizer step)")
     ramp = math.ceil(stage1_ratio * total_steps)
     if step >= ramp:
         return 1.0
@@ -52,10 +57,46 @@ def coto_prob(step: int, total_steps: int, p0: float = 0.0, stage1_ratio: float 
     return p0 + (1.0 - p0) * u
 
 
+# ---------------------------------------------------------------------------------------------
+# Adapter layers: the one on/off switch CoTo needs, for this project's layers and for PEFT's
+
+
+def is_adapter_layer(module) -> bool:
+    """A module with a boolean `active` flag (lora.LoRALinear), or a PEFT LoRA / DoRA layer."""
+    return isinstance(getattr(module, "active", None), bool) or \
+        "lora_A" in getattr(module, "adapter_layer_names", ())
+
+
+def is_on(layer) -> bool:
+    return layer.active if isinstance(getattr(layer, "active", None), bool) else not layer.disable_adapters
+
+
+def switch(layer, on: bool) -> None:
+    """Turn one adapter layer on or off. Off means bypassed: the layer returns its base layer's
+    output and its adapter parameters get no gradient (grad None)."""
+    if not on and getattr(layer, "merged", False):
+        raise RuntimeError(f"cannot switch off a merged adapter ({type(layer).__name__}): its update "
+                           f"is inside the base weight; unmerge first (lora.unmerge_lora, or PEFT's "
+                           f"unmerge_adapter)")
+    if hasattr(layer, "coto_bypassed"):  # driven by CoTo: an explicit switch wins over CoTo's
+        layer.coto_bypassed = False
+    if isinstance(getattr(layer, "active", None), bool):
+        layer.active = on
+        return
+    # PEFT's public switch also sets requires_grad on the adapter's parameters (False when off,
+    # True for the active adapter when on). Put every flag back: an optimizer built from the
+    # parameters that require grad then always sees the same set, and weights a user froze stay frozen.
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    layer.enable_adapters(on)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 def block_of(name: str) -> str:
     """The grouping rule: a layer belongs to the block named by its path up to and including the
     first integer component ("blocks.3.attn.qkv" -> "blocks.3", "transformer.h.5.mlp.c_fc" ->
-    "transformer.h.5")."""
+    "transformer.h.5", PEFT's "base_model.model.model.layers.3.self_attn.q_proj" ->
+    "base_model.model.model.layers.3")."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
@@ -65,72 +106,158 @@ def block_of(name: str) -> str:
 
 
 def block_groups(model: torch.nn.Module, group_of=block_of) -> dict:
-    """{group name: [LoRALinear, ...]} in module order: one CoTo draw per group.
+    """{group name: [adapter layer, ...]} in module order: one CoTo draw per group.
     `group_of(name) -> str` overrides the rule (e.g. `lambda name: name` for one draw per module)."""
-    layers = lora_layers(model)
+    layers = {name: m for name, m in model.named_modules() if is_adapter_layer(m)}
     if not layers:
-        raise ValueError("the model has no LoRA layers: call lora.inject_lora(model, ...) first")
+        raise ValueError("the model has no adapter layers (modules with a boolean `active` flag, such as "
+                         "lora.LoRALinear, or PEFT LoRA layers): add adapters first (lora.inject_lora "
+                         "or peft.get_peft_model)")
     groups = {}
     for name, layer in layers.items():
         groups.setdefault(group_of(name), []).append(layer)
     return groups
 
 
+def check_groups(groups) -> None:
+    """groups must be {group name: [adapter layer, ...]} with every layer in one group only."""
+    if not isinstance(groups, dict):
+        raise TypeError(f"groups must be a dict {{group name: [adapter layers]}}, got a "
+                        f"{type(groups).__name__}: build it with block_groups(model)")
+    seen = set()
+    for name, layers in groups.items():
+        if not isinstance(layers, (list, tuple)):
+            raise TypeError(f"groups[{name!r}] must be a list of adapter layers, got a "
+                            f"{type(layers).__name__}: build groups with block_groups(model) "
+                            f"(group_of=lambda name: name for one group per layer)")
+        for layer in layers:
+            if not is_adapter_layer(layer):
+                raise TypeError(f"groups[{name!r}] holds a {type(layer).__name__}, which is not an adapter "
+                                f"layer (a module with a boolean `active` flag, or a PEFT LoRA layer): "
+                                f"build groups with block_groups(model)")
+            if id(layer) in seen:
+                raise ValueError(f"groups[{name!r}] repeats a layer that is already in another group: "
+                                 f"each layer belongs to one group")
+            seen.add(id(layer))
+
+
 def set_active(groups: dict, mask) -> None:
-    """Switch the adapters of group i on or off according to mask[i]."""
+    """Switch the adapters of group i on or off according to mask[i]: an explicit switch (for
+    analyses) that holds in training and in eval mode until switched again."""
+    check_groups(groups)
     if len(mask) != len(groups):
         raise ValueError(f"mask has {len(mask)} entries for {len(groups)} groups")
     for on, layers in zip(mask, groups.values()):
         for layer in layers:
-            layer.active = bool(on)
+            switch(layer, bool(on))
 
 
 @contextmanager
 def active_mask(groups: dict, mask):
-    """Temporarily set the adapters' `active` flags from `mask` (one entry per group); the previous
-    flags of every layer come back afterwards, also on an exception."""
-    before = [(layer, layer.active) for layers in groups.values() for layer in layers]
+    """Temporarily set the adapters' switches from `mask` (one entry per group); the previous
+    switch of every layer comes back afterwards, also on an exception."""
+    check_groups(groups)
+    before = [(layer, is_on(layer)) for layers in groups.values() for layer in layers]
     set_active(groups, mask)
     try:
         yield
     finally:
         for layer, on in before:
-            layer.active = on
+            switch(layer, on)
+
+
+def _bypass(layer, args) -> None:
+    """Forward pre-hook CoTo puts on each adapter layer: in training mode, switch the layer off if
+    its group is masked this step (`layer.coto_on`, written by CoTo.step)."""
+    if layer.coto_bypassed:  # the last forward raised before _restore ran: undo its switch first
+        _restore(layer, args, None)
+    if not layer.training:
+        return
+    if layer.coto_on is None:
+        raise RuntimeError("a training-mode forward pass reached a CoTo adapter before any "
+                           "coto.step(step): call coto.step(step) before each optimizer step "
+                           "(or model.eval() to evaluate)")
+    if not layer.coto_on and is_on(layer):
+        switch(layer, False)
+        layer.coto_bypassed = True
+
+
+def _restore(layer, args, output) -> None:
+    """Forward hook: switch back on what _bypass switched off."""
+    if layer.coto_bypassed:
+        switch(layer, True)
+        layer.coto_bypassed = False
 
 
 class CoTo:
-    """Draws CoTo's per-block mask before every optimizer step and applies it.
+    """Draws CoTo's per-block mask before every optimizer step; the mask acts on every forward
+    pass in training mode until the next draw, and on none in eval mode.
+
+    Each layer gets two hooks: before its forward, in training mode, a layer of a masked group is
+    switched off; after it, the switch goes back to what it was (after a forward that raised: at
+    the layer's next forward pass or explicit switch). So explicit switches (set_active,
+    active_mask) are never overwritten, and `model.eval()` runs every adapter a user has not
+    switched off; `remove()` takes the hooks off. The hooks read plain bools on the layer
+    (`training`, `coto_on`: its group's draw, `coto_bypassed`), so a compiled block guards on their
+    values, as it does on `active`, and all blocks share one compiled graph per combination.
 
     The draw uses its own seeded torch.Generator, so turning CoTo on changes neither the data
     order nor the initialisation against plain LoRA, and every DDP rank draws the same mask.
     If no group is drawn, one group chosen uniformly at random is switched on (no rejection loop:
-    with p0 = 0 that could spin for a very long time)."""
+    with p0 = 0 that could spin for a very long time). A group may be empty (it is drawn, and
+    switches nothing)."""
 
     def __init__(self, groups: dict, total_steps: int, p0: float = 0.0, stage1_ratio: float = 0.75,
                  shape: str = "linear", seed: int = 0):
+        check_groups(groups)
         if not groups:
             raise ValueError("CoTo needs at least one group of adapters (see block_groups)")
         coto_prob(0, total_steps, p0, stage1_ratio, shape)  # validates the arguments
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed={seed!r} must be an integer")
+        if any(hasattr(layer, "coto_on") for group in groups.values() for layer in group):
+            raise ValueError("these adapter layers are already driven by another CoTo: call its remove() "
+                             "first (one CoTo per model)")
         self.groups, self.names = groups, list(groups)
         self.total_steps, self.p0, self.stage1_ratio, self.shape = total_steps, p0, stage1_ratio, shape
         self.generator = torch.Generator().manual_seed(seed)
         self.p = 1.0
         self.mask = torch.ones(len(groups), dtype=torch.bool)
+        self._handles = []
+        for group in groups.values():
+            for layer in group:
+                layer.coto_on, layer.coto_bypassed = None, False  # None: not stepped yet
+                self._handles += [layer.register_forward_pre_hook(_bypass),
+                                  layer.register_forward_hook(_restore)]
+
+    def _apply(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        for on, group in zip(mask.tolist(), self.groups.values()):
+            for layer in group:
+                layer.coto_on = on
+
+    def remove(self) -> None:
+        """Take CoTo off the layers: every adapter then runs in training mode too. Idempotent."""
+        if not self._handles:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for group in self.groups.values():
+            for layer in group:
+                _restore(layer, None, None)  # a forward that raised may have left it off
+                del layer.coto_on, layer.coto_bypassed
 
     def step(self, step: int) -> torch.Tensor:
-        """Draw and apply the mask for optimizer step `step`; returns it, (n_groups,) bool."""
+        """Draw the mask for optimizer step `step`: (n_groups,) bool, True = the group's adapters
+        train. It applies to every training-mode forward pass until the next step()."""
         self.p = coto_prob(step, self.total_steps, self.p0, self.stage1_ratio, self.shape)
         n = len(self.names)
         mask = torch.rand(n, generator=self.generator) < self.p  # rand is in [0, 1): p = 1 keeps all
         if not mask.any():
             mask[torch.randint(n, (1,), generator=self.generator)] = True
-        self.mask = mask
-        set_active(self.groups, mask)
+        self._apply(mask)
         return mask
-
-    def all_active(self):
-        """Context manager for evaluation: every adapter on, the training mask restored after."""
-        return active_mask(self.groups, [True] * len(self.names))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "p": self.p, "mask": self.mask.clone(),
@@ -139,10 +266,55 @@ class CoTo:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be the dict CoTo.state_dict() returned, got a "
+                            f"{type(state).__name__}")
+        missing = [key for key in mine if key not in state]
+        if missing:
+            raise ValueError(f"CoTo state lacks {', '.join(missing)}: pass the dict "
+                             f"CoTo.state_dict() returned")
         for key in ("names", "total_steps", "p0", "stage1_ratio", "shape"):
             if state[key] != mine[key]:
                 raise ValueError(f"CoTo state is for another run: {key} is {state[key]!r} in the "
                                  f"state but {mine[key]!r} here")
         self.generator.set_state(state["generator"])
-        self.p, self.mask = state["p"], state["mask"].clone()
-        set_active(self.groups, self.mask)
+        self.p = state["p"]
+        self._apply(state["mask"].clone())
+
+
+class CoToCallback:
+    """CoTo in transformers' Trainer: `Trainer(..., callbacks=[CoToCallback(block_groups(model))])`.
+
+    At the start of training it builds the CoTo for the Trainer's number of optimizer steps
+    (`state.max_steps`); at the start of every optimizer step it draws the mask (on_step_begin runs
+    once per optimizer step, so all gradient-accumulation micro-batches share one draw); at the end
+    of training it takes CoTo off, so every adapter runs afterwards. Evaluation runs in eval mode:
+    every adapter on. Resuming from a checkpoint replays the draws made before it, so the masks
+    equal an uninterrupted run's. Duck-typed (coto.py imports no transformers): the Trainer calls
+    on_<event>(args, state, control, **kwargs) for every event; the events CoTo does not need are
+    no-ops."""
+
+    def __init__(self, groups: dict, p0: float = 0.0, stage1_ratio: float = 0.75, shape: str = "linear",
+                 seed: int = 0):
+        check_groups(groups)
+        coto_prob(0, 1, p0, stage1_ratio, shape)  # validates now rather than when training starts
+        self.groups, self.options = groups, dict(p0=p0, stage1_ratio=stage1_ratio, shape=shape, seed=seed)
+        self.coto = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.coto is not None:  # a previous train(), perhaps stopped by an exception
+            self.coto.remove()
+        self.coto = CoTo(self.groups, state.max_steps, **self.options)
+        for t in range(state.global_step):  # resumed from a checkpoint: replay the earlier draws
+            self.coto.step(t)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.coto.step(state.global_step)  # global_step = optimizer steps done so far
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.coto.remove()
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):  # every other Trainer event (on_log, on_evaluate, ...): nothing to do
+            return lambda *args, **kwargs: None
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")

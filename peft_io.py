@@ -40,7 +40,7 @@ def save_peft_adapter(model: nn.Module, folder, base_model_name_or_path: str | N
                              f"adapter_config.json describes one setting")
     if first.variant == "hira":
         raise ValueError("PEFT has no HiRA layer: export a 'lora' or 'dora' adapter, or merge HiRA "
-                         "into the weights (lora.unload_lora) and save the model instead")
+                         "into the weights (lora.merge_and_unload) and save the model instead")
     tensors = {}
     for name, layer in layers.items():
         for pname, key in FILE_KEYS.items():
