@@ -1,9 +1,10 @@
-"""What trained adapters can do afterwards: Shapley credit, mode connectivity, merging, pruning.
+"""What trained adapters can do afterwards: Shapley credit, mode connectivity, combining, pruning.
 
 CoTo (Zhuang et al., ICML 2025, arXiv 2506.05713) claims that its adapters share credit more evenly
-across blocks, interpolate between seeds without a barrier, merge better across tasks and survive
-pruning (method.md section 4). This file holds the measurements, as functions that take their
-inputs as arguments (any game; any model with `embed` / `blocks` / `forward_head`):
+across blocks, interpolate between seeds without a barrier, combine better across tasks and survive
+pruning (method.md section 4). This file holds the measurements as functions of a model and data
+(any game; any model with `embed` / `blocks` / `forward_head`); it knows nothing of where runs are
+saved (reproduce.py does, and runs these reports on saved runs):
 
     Shapley        shapley_exact(value_fn, n)                 all 2^n coalitions, n <= ~12
                    shapley_permutation(value_fn, n, num_samples, generator)  -> (phi, stderr)
@@ -11,51 +12,88 @@ inputs as arguments (any game; any model with `embed` / `blocks` / `forward_head
                    coalition_values(embed, blocks, forward_head, x, y)  every coalition of the
                    blocks' adapters, shared prefixes computed once: the table shapley_exact takes
     coalitions     with coalition(groups, members): ...       only those adapter groups on
-    adapters       with use_adapter(model, state): ...        a saved adapter (factors or delta W)
+    adapters       with use_adapter(model, state): ...        another adapter (factors or delta W)
                    delta_state(model, state)                  {"<layer>.delta_weight": W_eff - W}
     connectivity   interpolate(a, b, lam), interpolate_delta(model, a, b, lam), connectivity(...)
-    merging        combine(states, weights) (fusion, averaging, task arithmetic), ties_merge(deltas)
+    combining      combine(states, weights) (fusion, averaging, task arithmetic), combine_ties(deltas)
     pruning        block_subsets(n) + coalition (structured), keep_qkv(deltas, part),
                    prune_magnitude(deltas, sparsity) (unstructured)
-    reports        adapter_report, pair_report, merge_report: all of the above on held-out data
+    reports        adapter_report, pair_report, combine_report: all of the above on held-out data
 
-A value function maps a frozenset of player indices to a float. A coalition table is a float64
-tensor of 2^n values indexed by bitmask: table[m] = v({i : bit i of m is set}).
+("Merging" stays what lora.merge_lora does: folding an adapter into W. Adapters of several seeds or
+tasks are *combined*.) A value function maps a frozenset of player indices to a float. A coalition
+table is a float64 tensor of 2^n values indexed by bitmask: table[m] = v({i : bit i of m is set}).
+Data may live on any device: each batch is moved to the model's device, and every tensor a function
+builds follows the model.
 
     table, _ = coalition_values(model.embed, model.blocks, model.forward_head, x, y, "acc")
     phi = shapley_exact(table, len(model.blocks))     # credit of each block's adapters
-
-Run as a script on adapters that train_vit.py saved (Config at the end of the file):
-    python games.py --run-dir runs/vit            # writes runs/vit/games/games.json and PNG plots
 """
-import dataclasses
-import json
 import math
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+import operator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from coto import active_mask, block_groups
 from lora import LoRALinear, lora_layers
-from utils import atomic_write_text, format_eta, parse_config, pick_device, read_safetensors
+
+DELTA = "delta_weight"  # "<layer>.delta_weight": W_eff - W of one LoRA layer, (out, in)
+FACTORS = ("lora_A", "lora_B", "lora_magnitude")  # lora.py's parameter names
+
+
+def _integer(name: str, value, minimum: int, fix: str = "") -> int:
+    """value as an int >= minimum, or a ValueError naming the argument (True, 2.5, "3" are refused)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{fix}") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be an integer >= {minimum}{fix}")
+    return value
+
+
+def _finite(name: str, value) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be a finite number")
+    return value
+
 
 # ---------------------------------------------------------------------------------------------
 # Shapley values of any cooperative game
 
 
 def _as_value_fn(value_fn, n: int):
-    """A callable frozenset -> float from a callable or a (2^n,) coalition table."""
+    """A callable frozenset -> float from a callable or a (2^n,) coalition table; every value is
+    checked to be finite (a NaN would spread into every Shapley value without a word)."""
     if callable(value_fn):
-        return value_fn
-    table = torch.as_tensor(value_fn, dtype=torch.float64)
+        def v(S: frozenset) -> float:
+            value = float(value_fn(S))
+            if not math.isfinite(value):
+                raise ValueError(f"value_fn returned {value} for coalition {sorted(S)}: "
+                                 f"a coalition's value must be a finite number")
+            return value
+        return v
+    table = _table(value_fn, n)
+    return lambda S: float(table[sum(1 << i for i in S)])
+
+
+def _table(values, n: int) -> torch.Tensor:
+    table = torch.as_tensor(values, dtype=torch.float64).cpu()
     if table.shape != (2 ** n,):
         raise ValueError(f"a coalition table for n={n} players has shape ({2 ** n},), "
                          f"got {tuple(table.shape)}")
-    return lambda S: float(table[sum(1 << i for i in S)])
+    bad = torch.nonzero(~torch.isfinite(table)).flatten()
+    if len(bad):
+        raise ValueError(f"the coalition table has non-finite values at bitmasks {bad[:5].tolist()}: "
+                         f"every coalition's value must be a finite number")
+    return table
 
 
 def _memoized(value_fn):
@@ -64,7 +102,7 @@ def _memoized(value_fn):
 
     def v(S: frozenset) -> float:
         if S not in cache:
-            cache[S] = float(value_fn(S))
+            cache[S] = value_fn(S)
         return cache[S]
     return v
 
@@ -75,15 +113,16 @@ def shapley_exact(value_fn, n: int) -> torch.Tensor:
         phi_i = sum over S not containing i of |S|! (n - |S| - 1)! / n! * (v(S + i) - v(S))
 
     `value_fn` is a callable frozenset -> float or a (2^n,) table (see coalition_values)."""
-    if not 1 <= n <= 20:
-        raise ValueError(f"exact Shapley needs 2^n coalition values; n={n} must be in 1..20 "
+    n = _integer("n", n, 1, " (the number of players)")
+    if n > 20:
+        raise ValueError(f"exact Shapley needs 2^n coalition values; n={n} must be at most 20 "
                          f"(use shapley_permutation or shapley_multilinear for more players)")
     if callable(value_fn):
-        table = torch.tensor([float(value_fn(frozenset(i for i in range(n) if m >> i & 1)))
-                              for m in range(2 ** n)], dtype=torch.float64)
+        v = _as_value_fn(value_fn, n)
+        table = torch.tensor([v(frozenset(i for i in range(n) if m >> i & 1)) for m in range(2 ** n)],
+                             dtype=torch.float64)
     else:
-        table = torch.as_tensor(value_fn, dtype=torch.float64)
-        _as_value_fn(table, n)  # validates the shape
+        table = _table(value_fn, n)
     masks = torch.arange(2 ** n)
     size = sum((masks >> i) & 1 for i in range(n))  # |S| of every coalition, (2^n,)
     # weight of a coalition of size s without i: s! (n-s-1)! / n! = 1 / (n * C(n-1, s))
@@ -96,13 +135,17 @@ def shapley_exact(value_fn, n: int) -> torch.Tensor:
     return phi
 
 
+def _sampling(n, num_samples) -> tuple:
+    return (_integer("n", n, 1, " (the number of players)"),
+            _integer("num_samples", num_samples, 2, ": a standard error needs at least 2 samples"))
+
+
 def shapley_permutation(value_fn, n: int, num_samples: int, generator=None):
     """Monte Carlo Shapley: the average marginal contribution of each player over `num_samples`
     random orderings (Castro et al., 2009). Returns (phi, stderr), both (n,) float64; stderr is
     the sample standard deviation over orderings / sqrt(num_samples). Cost: at most
     num_samples * (n + 1) evaluations (coalitions are memoized)."""
-    if num_samples < 2:
-        raise ValueError(f"num_samples={num_samples}: need at least 2 orderings for a standard error")
+    n, num_samples = _sampling(n, num_samples)
     v = _memoized(_as_value_fn(value_fn, n))
     contrib = torch.zeros(num_samples, n, dtype=torch.float64)  # (samples, players)
     for s in range(num_samples):
@@ -124,8 +167,7 @@ def shapley_multilinear(value_fn, n: int, num_samples: int, generator=None, anti
     is averaged in (unbiased, usually lower variance). Returns (phi, stderr), (n,) float64; stderr
     is the standard deviation over samples / sqrt(num_samples). Cost: at most
     num_samples * (n + 1) evaluations, twice that with antithetic (memoized)."""
-    if num_samples < 2:
-        raise ValueError(f"num_samples={num_samples}: need at least 2 samples for a standard error")
+    n, num_samples = _sampling(n, num_samples)
     v = _memoized(_as_value_fn(value_fn, n))
 
     def marginals(S: frozenset) -> torch.Tensor:  # v(S + i) - v(S - i) for every i, (n,)
@@ -147,15 +189,19 @@ def shapley_multilinear(value_fn, n: int, num_samples: int, generator=None, anti
 
 
 def coalition(groups: dict, members):
-    """Context manager: only the adapter groups in `members` (indices or names of `groups`, e.g.
-    coto.block_groups(model)) are on; every layer's previous `active` flag comes back after.
+    """Context manager: only the adapter groups in `members` (a collection of indices or names of
+    `groups`, e.g. coto.block_groups(model)) are on; every layer's previous `active` flag comes back
+    after. An explicit switch: it acts in eval mode too.
 
         with coalition(block_groups(model), {0, 2}):
-            acc = evaluate(model)
+            acc = score(model, x, y)
     """
     names = list(groups)
+    if isinstance(members, (str, int)):
+        raise ValueError(f"members={members!r}: pass a collection of group indices or names, "
+                         f"e.g. [{members!r}] (or [] for no adapter at all)")
     members = set(members)
-    unknown = [m for m in members if m not in names and not (isinstance(m, int) and 0 <= m < len(names))]
+    unknown = [m for m in members if m not in names and not (type(m) is int and 0 <= m < len(names))]
     if unknown:
         raise ValueError(f"coalition members {unknown} are neither indices 0..{len(names) - 1} nor "
                          f"group names ({', '.join(names)})")
@@ -176,6 +222,19 @@ def _block_players(blocks, groups) -> list:
     return per_block
 
 
+def _check_eval(modules: nn.Module, x, y, value: str, batch_size) -> int:
+    """The checks score and coalition_values share; returns batch_size as an int."""
+    if value not in ("acc", "neg_loss"):
+        raise ValueError(f"value={value!r}: choose 'acc' (accuracy) or 'neg_loss' (minus cross-entropy)")
+    if any(m.training for m in modules.modules()):
+        raise ValueError("the model is in training mode (dropout and CoTo's training mask would make "
+                         "the values random): call model.eval() first")
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"x has {len(x)} examples and y {len(y)}: give one label (or label sequence) "
+                         f"per example, at least one")
+    return _integer("batch_size", batch_size, 1)
+
+
 def _metric_sum(logits: torch.Tensor, y: torch.Tensor, value: str) -> float:
     """Summed correct predictions ("acc") or summed minus cross-entropy ("neg_loss"); logits
     (B, C) or (B, T, C), y (B,) or (B, T)."""
@@ -185,10 +244,17 @@ def _metric_sum(logits: torch.Tensor, y: torch.Tensor, value: str) -> float:
     return -F.cross_entropy(logits, y, reduction="sum").item()
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def score(model, x: torch.Tensor, y: torch.Tensor, value: str = "acc", batch_size: int = 1000) -> float:
-    """Accuracy or minus the mean cross-entropy of model(x) against y, in batches."""
-    total = sum(_metric_sum(model(x[i:i + batch_size]), y[i:i + batch_size], value)
+    """Accuracy or minus the mean cross-entropy of model(x) against y (model in eval mode), in
+    batches moved to the model's device."""
+    batch_size = _check_eval(model, x, y, value, batch_size)
+    device = _device(model)
+    total = sum(_metric_sum(model(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device), value)
                 for i in range(0, len(x), batch_size))
     return total / y.numel()
 
@@ -197,12 +263,13 @@ def score(model, x: torch.Tensor, y: torch.Tensor, value: str = "acc", batch_siz
 def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tensor, value: str = "acc",
                      groups: dict | None = None, batch_size: int = 1024):
     """The value of every coalition of adapter groups, for a layered model
-    `logits = forward_head(blocks[L-1](... blocks[0](embed(x))))`.
+    `logits = forward_head(blocks[L-1](... blocks[0](embed(x))))` in eval mode.
 
-    Players are `groups` ({name: [LoRALinear]}, in order; default one player per block holding
-    that block's adapters; per-module players: `block_groups(model, group_of=lambda n: n)`), each
-    inside one block. value: "acc" (accuracy) or "neg_loss" (minus the mean cross-entropy), over
-    all of x (B, ...) / y (B,) or (B, T) with logits (B, C) or (B, T, C).
+    Players are `groups` ({name: [LoRALinear]}, in order, each inside one block; default
+    coto.block_groups(blocks): one player per block holding that block's adapters; per-module
+    players: `block_groups(model, group_of=lambda n: n)`). value: "acc" (accuracy) or "neg_loss"
+    (minus the mean cross-entropy), over all of x (B, ...) / y (B,) or (B, T) with logits (B, C)
+    or (B, T, C); batches are moved to the blocks' device.
 
     Prefix sharing: coalitions that agree on the players of blocks 0..l share the activations after
     block l, so a depth-first walk computes each distinct prefix once. Per batch that is
@@ -212,20 +279,17 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
 
     Returns (values, block_evals): values is (2^n,) float64 indexed by bitmask (bit i = player i),
     ready for shapley_exact(values, n); block_evals counts block calls over all batches."""
-    if value not in ("acc", "neg_loss"):
-        raise ValueError(f"value={value!r}: choose 'acc' (accuracy) or 'neg_loss' (minus cross-entropy)")
-    if any(m.training for m in blocks.modules()):
-        raise ValueError("blocks are in training mode (dropout would make coalition values random): "
-                         "call model.eval() first")
-    if groups is None:
-        groups = {str(b): [m for m in block.modules() if isinstance(m, LoRALinear)]
-                  for b, block in enumerate(blocks)}
-        groups = {name: layers for name, layers in groups.items() if layers}
+    batch_size = _check_eval(blocks, x, y, value, batch_size)
+    if any(layer.merged for layer in lora_layers(blocks).values()):
+        raise ValueError("the model's adapters are merged into W, so switching them off does nothing: "
+                         "call lora.unmerge_lora(model) first")
+    groups = block_groups(blocks) if groups is None else groups
     n = len(groups)
     if not 1 <= n <= 20:
         raise ValueError(f"{n} players: coalition_values enumerates 2^n coalitions, n must be in 1..20")
     per_block = _block_players(blocks, groups)
     layers = list(groups.values())
+    device = _device(blocks)
     total = torch.zeros(2 ** n, dtype=torch.float64)  # summed correct counts or losses, per coalition
     count, block_evals = 0, 0
 
@@ -247,7 +311,7 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
 
     with coalition(groups, range(n)):  # restores every layer's flag afterwards
         for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             walk(0, embed(xb), 0, yb)
             count += yb.numel()
     return total / count, block_evals
@@ -257,61 +321,117 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
 # Adapters as state dicts: factors ("blocks.0.attn.qkv.lora_A", from lora.lora_state_dict) or
 # delta W ("blocks.0.attn.qkv.delta_weight"), plus any other parameter such as the task's head.
 
-DELTA = "delta_weight"
+
+@contextmanager
+def _values(p: nn.Parameter, t: torch.Tensor):
+    """p holds t's values (same shape) for a while, then its own again; p stays the same object."""
+    old = p.detach().clone()
+    with torch.no_grad():
+        p.copy_(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            p.copy_(old)
+
+
+@contextmanager
+def _weight_plus_delta(layer: LoRALinear, delta: torch.Tensor):
+    """The layer computes exactly (W + delta) x + b for a while: W holds W + delta and the adapter
+    is bypassed (active = False); both come back after."""
+    W, on = layer.base.weight, layer.active
+    with _values(W, W + delta.to(W)):
+        layer.active = False
+        try:
+            yield
+        finally:
+            layer.active = on
+
+
+@contextmanager
+def _module(model: nn.Module, name: str, new: nn.Module):
+    """model.<name> is `new` for a while, then the original module again."""
+    parent, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    try:
+        yield
+    finally:
+        setattr(parent, child, old)
+
+
+def _other_head(module, weight, bias) -> nn.Linear | None:
+    """An nn.Linear built from weight (out', in) and bias (out',) when they give the plain
+    nn.Linear `module` another number of outputs (another task's head), else None."""
+    if (type(module) is not nn.Linear or weight is None or weight.shape == module.weight.shape
+            or weight.shape[1:] != module.weight.shape[1:] or (bias is None) != (module.bias is None)
+            or (bias is not None and bias.shape != weight.shape[:1])):
+        return None
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    head.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})})
+    return head.to(module.weight).requires_grad_(module.weight.requires_grad).train(module.training)
 
 
 @contextmanager
 def use_adapter(model, state: dict):
-    """Temporarily load `state` into `model`; everything it touched comes back afterwards.
+    """Evaluate `model` with another adapter for a while; everything it touched comes back after.
 
-    Parameter keys (lora_A, lora_B, lora_magnitude, head.weight, ...) replace the parameter's
-    tensor (a head may have another number of classes). A "<layer>.delta_weight" key (out, in)
-    makes that LoRALinear compute exactly W + delta: its frozen base weight is swapped for
-    W + delta and the adapter is bypassed (active = False). That is how averaged, TIES-merged and
-    pruned delta-W adapters are evaluated for any variant (DoRA and HiRA included) without
-    re-factorising them into a rank-r A and B. Switching adapters on inside (coalition, CoTo)
-    would add the factors on top: do not."""
-    params = dict(model.named_parameters())
-    layers = lora_layers(model)
-    saved = []  # (parameter, old tensor) and (layer, old active flag)
-    try:
-        for key, t in state.items():
-            name, _, leaf = key.rpartition(".")
-            if leaf == DELTA and name in layers:
-                layer = layers[name]
-                if layer.merged or t.shape != layer.base.weight.shape:
-                    raise ValueError(f"{key}: cannot apply a delta of shape {tuple(t.shape)} to layer "
-                                     f"{name} (weight {tuple(layer.base.weight.shape)}, merged="
-                                     f"{layer.merged}); unmerge the model or check the state's origin")
-                saved.append((layer, layer.active))
-                layer.active = False
-                key, t = f"{name}.base.weight", layer.base.weight + t.to(layer.base.weight)
-            elif name in layers and layers[name].merged:
-                raise ValueError(f"{key}: layer {name} is merged; call lora.unmerge_lora(model) first")
-            if key not in params:
-                raise ValueError(f"{key} is not a parameter of this model (nor a LoRA layer's "
-                                 f"{DELTA}); was the state saved from another model or targets?")
-            p = params[key]
-            saved.append((p, p.data))
-            p.data = t.detach().to(device=p.device, dtype=p.dtype)
+    Keys of `state`, each applied explicitly:
+    - a parameter's name ("blocks.0.attn.qkv.lora_A", "head.weight", ...): its values are copied
+      into that parameter, which must have the same shape;
+    - "<layer>.delta_weight" (out, in), for a LoRA layer: W holds W + delta and the layer's adapter
+      is bypassed, so the layer computes exactly W + delta. That is how averaged, TIES-combined and
+      pruned delta-W adapters are evaluated for any variant (DoRA and HiRA too), without
+      re-factorising them into a rank-r A and B;
+    - "<head>.weight" and "<head>.bias" for a plain nn.Linear (not a LoRA layer's base) with another
+      number of outputs (another task's head): an nn.Linear built from them takes its place.
+    Bad keys and shapes are a ValueError before anything changes."""
+    layers, params, modules = lora_layers(model), dict(model.named_parameters()), dict(model.named_modules())
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the model's adapters are merged into W: call lora.unmerge_lora(model) first")
+    heads, plan = {}, []  # plan: one context manager factory per change
+    for key, t in state.items():
+        name, _, leaf = key.rpartition(".")
+        if name in heads:  # the other half of a replaced head
+            continue
+        head = None
+        if name in modules and name.rpartition(".")[0] not in layers:
+            head = _other_head(modules[name], state.get(f"{name}.weight"), state.get(f"{name}.bias"))
+        if leaf == DELTA and name in layers:
+            if t.shape != layers[name].base.weight.shape:
+                raise ValueError(f"{key}: a delta of shape {tuple(t.shape)} for a weight of shape "
+                                 f"{tuple(layers[name].base.weight.shape)}: computed on another model?")
+            plan.append(lambda layer=layers[name], t=t: _weight_plus_delta(layer, t))
+        elif head is not None:
+            heads[name] = head
+            plan.append(lambda name=name, head=head: _module(model, name, head))
+        elif key not in params:
+            raise ValueError(f"{key} is not a parameter of this model (nor a LoRA layer's {DELTA}): "
+                             f"was the state saved from another model or with other targets?")
+        elif t.shape != params[key].shape:
+            raise ValueError(f"{key}: shape {tuple(t.shape)} in the state, {tuple(params[key].shape)} "
+                             f"in the model (another r, model size or number of classes?)")
+        else:
+            plan.append(lambda p=params[key], t=t: _values(p, t.to(p)))
+    with ExitStack() as stack:
+        for enter in plan:
+            stack.enter_context(enter())
         yield model
-    finally:
-        for obj, old in reversed(saved):
-            if isinstance(obj, LoRALinear):
-                obj.active = old
-            else:
-                obj.data = old
 
 
 @torch.no_grad()
 def delta_state(model, state: dict | None = None) -> dict:
     """{"<layer>.delta_weight": W_eff - W (out, in)} for every LoRA layer, of the model's current
-    adapter or of `state` (loaded temporarily); entries of `state` that are not adapter keys (a
-    head) are passed through unchanged, so the result can be given to use_adapter as it is."""
-    with use_adapter(model, state or {}):
-        deltas = {f"{name}.{DELTA}": layer.delta_weight().detach().clone()
-                  for name, layer in lora_layers(model).items()}
-    return {**deltas, **split_state(model, state or {})[1]}
+    adapter or of `state` (loaded with use_adapter for the while); `state`'s own delta_weight
+    entries and its entries that are not adapter keys (a head) are passed through unchanged, so the
+    result can be given to use_adapter as it is."""
+    state = state or {}
+    layers = lora_layers(model)
+    factors, other = split_state(model, state)
+    with use_adapter(model, {k: v for k, v in factors.items() if not k.endswith(DELTA)}):
+        deltas = {f"{name}.{DELTA}": layer.delta_weight().detach().clone() for name, layer in layers.items()}
+    return {**deltas, **{k: v for k, v in factors.items() if k.endswith(DELTA)}, **other}
 
 
 def split_state(model, state: dict):
@@ -323,26 +443,34 @@ def split_state(model, state: dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# Mode connectivity and merging
+# Mode connectivity and combining adapters
 
 
 def combine(states: list, weights) -> dict:
-    """sum_k weights[k] * states[k], key by key. Factor averaging ("fusion", the paper's merge):
-    factor states with weights 1/K; delta-W averaging: delta states with 1/K; task arithmetic:
-    delta states with a weight lambda each; interpolation: [a, b] with [1 - lam, lam]."""
+    """sum_k weights[k] * states[k], key by key, on the device of states[0]. Factor averaging
+    ("fusion", the paper's multi-task combination): factor states with weights 1/K; delta-W
+    averaging: delta states with 1/K; task arithmetic: delta states with a weight lambda each;
+    interpolation: [a, b] with [1 - lam, lam]."""
     if len(states) != len(weights) or not states:
         raise ValueError(f"{len(states)} states and {len(weights)} weights: give one weight per state")
+    weights = [_finite(f"weights[{k}]", w) for k, w in enumerate(weights)]
     keys = set(states[0])
     for k, s in enumerate(states[1:], 1):
         if set(s) != keys:
             raise ValueError(f"state {k} has other keys than state 0 (e.g. "
-                             f"{sorted(set(s) ^ keys)[:3]}): merge states of the same model and targets")
-    return {key: sum(w * s[key] for w, s in zip(weights, states)) for key in states[0]}
+                             f"{sorted(set(s) ^ keys)[:3]}): combine states of the same model and targets")
+        bad = [key for key in keys if s[key].shape != states[0][key].shape]
+        if bad:
+            raise ValueError(f"state {k} and state 0 differ in the shape of {bad[:3]} "
+                             f"(e.g. {tuple(s[bad[0]].shape)} vs {tuple(states[0][bad[0]].shape)}): "
+                             f"another r or model size; heads of different tasks are not combined")
+    return {key: sum(w * s[key].to(states[0][key].device) for w, s in zip(weights, states)) for key in states[0]}
 
 
 def interpolate(a: dict, b: dict, lam: float) -> dict:
     """theta(lam) = (1 - lam) a + lam b on every tensor: on the A and B factors for factor states
     (the paper's "linear fusion"), or on delta W for delta states (see interpolate_delta)."""
+    lam = _finite("lam", lam)
     return combine([a, b], [1.0 - lam, lam])
 
 
@@ -352,13 +480,25 @@ def interpolate_delta(model, a: dict, b: dict, lam: float) -> dict:
     return interpolate(delta_state(model, a), delta_state(model, b), lam)
 
 
+def _lambdas(lambdas) -> list:
+    lambdas = [float(l) for l in lambdas]
+    if (len(lambdas) < 3 or lambdas[0] != 0.0 or lambdas[-1] != 1.0 or 0.5 not in lambdas
+            or any(b <= a for a, b in zip(lambdas, lambdas[1:]))):
+        raise ValueError(f"lambdas {lambdas} must increase from 0 to 1 and contain 0.5, "
+                         f"e.g. (0, 0.25, 0.5, 0.75, 1)")
+    return lambdas
+
+
 def barrier(lambdas, values) -> tuple:
     """(barrier, midpoint) of an interpolation curve: the largest drop of values[k] below the
     straight line between the two endpoints (0 when the curve never dips below it), and the value
-    at lambda = 0.5. lambdas must start at 0, end at 1 and contain 0.5."""
-    lambdas, values = [float(l) for l in lambdas], [float(v) for v in values]
-    if lambdas[0] != 0.0 or lambdas[-1] != 1.0 or 0.5 not in lambdas:
-        raise ValueError(f"lambdas {lambdas} must start at 0, end at 1 and contain 0.5")
+    at lambda = 0.5. lambdas must increase from 0 to 1 and contain 0.5."""
+    lambdas, values = _lambdas(lambdas), [float(v) for v in values]
+    if len(values) != len(lambdas):
+        raise ValueError(f"{len(lambdas)} lambdas but {len(values)} values: give one value per lambda")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"values {values} must be finite: a NaN would hide any barrier "
+                         f"(check the evaluation that produced them)")
     line = [(1 - l) * values[0] + l * values[-1] for l in lambdas]
     return max(0.0, max(ln - v for ln, v in zip(line, values))), values[lambdas.index(0.5)]
 
@@ -370,6 +510,7 @@ def connectivity(model, evaluate, a: dict, b: dict, lambdas=(0.0, 0.25, 0.5, 0.7
     Returns {"lambdas", "values", "barrier", "midpoint", "space"}."""
     if space not in ("factors", "delta"):
         raise ValueError(f"space={space!r}: choose 'factors' (A and B) or 'delta' (delta W)")
+    lambdas = _lambdas(lambdas)  # checked before the first evaluation
     if space == "delta":
         a, b = delta_state(model, a), delta_state(model, b)
     values = []
@@ -377,7 +518,7 @@ def connectivity(model, evaluate, a: dict, b: dict, lambdas=(0.0, 0.25, 0.5, 0.7
         with use_adapter(model, interpolate(a, b, lam)):
             values.append(float(evaluate(model)))
     gap, mid = barrier(lambdas, values)
-    return {"lambdas": list(lambdas), "values": values, "barrier": gap, "midpoint": mid, "space": space}
+    return {"lambdas": lambdas, "values": values, "barrier": gap, "midpoint": mid, "space": space}
 
 
 def _smallest(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -387,7 +528,15 @@ def _smallest(t: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(t)
 
 
-def ties_merge(deltas: list, density: float = 0.2, lam: float = 1.0) -> dict:
+def _no_factors(deltas: dict, what: str) -> None:
+    """Magnitudes of A and B mean nothing alone: these functions take delta W."""
+    factors = [k for k in deltas if k.rpartition(".")[2] in FACTORS]
+    if factors:
+        raise ValueError(f"{what} works on delta W, but the state holds factors ({factors[0]}, ...): "
+                         f"pass delta_state(model, state) instead")
+
+
+def combine_ties(deltas: list, density: float = 0.2, lam: float = 1.0) -> dict:
     """TIES-merging (Yadav et al., NeurIPS 2023) of task vectors, here each task's delta W, tensor
     by tensor: (1) trim: keep the round(density * numel) largest magnitudes of each task's tensor;
     (2) elect: the sign of the sum of the trimmed tensors, per entry; (3) disjoint mean: average,
@@ -395,16 +544,19 @@ def ties_merge(deltas: list, density: float = 0.2, lam: float = 1.0) -> dict:
     then scale by lam."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]: the fraction of entries each task keeps")
-    combine(deltas, [1.0] * len(deltas))  # validates that the keys agree
-    merged = {}
+    lam = _finite("lam", lam)
+    for d in deltas:
+        _no_factors(d, "combine_ties")
+    combine(deltas, [1.0] * len(deltas))  # validates that the keys and shapes agree
+    out = {}
     for key in deltas[0]:
         t = torch.stack([d[key] for d in deltas])  # (tasks, ...)
         n = t[0].numel()
         trimmed = torch.stack([x.masked_fill(_smallest(x, n - round(density * n)), 0.0) for x in t])
         sign = trimmed.sum(0).sign()
         agree = (trimmed.sign() == sign) & (trimmed != 0)
-        merged[key] = lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
-    return merged
+        out[key] = lam * (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,10 +566,11 @@ def ties_merge(deltas: list, density: float = 0.2, lam: float = 1.0) -> dict:
 def block_subsets(n: int) -> dict:
     """The structured pruning patterns over n blocks, as the blocks that KEEP their adapters:
     every other block (drop blocks 1, 3, 5, ...), or only the low, middle or high third.
-    Evaluate one with `with coalition(groups, keep): evaluate(model)` (exact for any variant)."""
-    thirds = [range(i * n // 3, (i + 1) * n // 3) for i in range(3)]
-    return {"every_other": list(range(0, n, 2)), "low": list(thirds[0]),
-            "middle": list(thirds[1]), "high": list(thirds[2])}
+    Evaluate one with `with coalition(groups, keep): evaluate(model)` (exact for any variant).
+    With fewer than 3 blocks, the thirds that hold no block are left out (they are no pruning)."""
+    n = _integer("n", n, 1, " (the number of blocks)")
+    thirds = {name: list(range(i * n // 3, (i + 1) * n // 3)) for i, name in enumerate(("low", "middle", "high"))}
+    return {"every_other": list(range(0, n, 2)), **{name: keep for name, keep in thirds.items() if keep}}
 
 
 def keep_qkv(deltas: dict, part: str, fused: str = "qkv") -> dict:
@@ -425,11 +578,14 @@ def keep_qkv(deltas: dict, part: str, fused: str = "qkv") -> dict:
     of out/3) and zero every other adapter's delta, so only that projection is adapted."""
     if part not in ("q", "k", "v"):
         raise ValueError(f"part={part!r}: choose 'q', 'k' or 'v'")
+    _no_factors(deltas, "keep_qkv")
     out, hits = {}, 0
     for key, d in deltas.items():
         layer = key.rpartition(".")[0]
         keep = torch.zeros_like(d)
         if key.endswith(DELTA) and layer.rpartition(".")[2] == fused:
+            if d.shape[0] % 3:
+                raise ValueError(f"{key} has {d.shape[0]} rows, not a multiple of 3: not a fused [q; k; v] layer")
             rows = d.shape[0] // 3
             i = "qkv".index(part)
             keep[i * rows:(i + 1) * rows] = d[i * rows:(i + 1) * rows]
@@ -446,6 +602,10 @@ def prune_magnitude(deltas: dict, sparsity: float) -> dict:
     delta W (ties broken by position); other entries (a head) are kept."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1]")
+    _no_factors(deltas, "prune_magnitude")
+    if not any(k.endswith(DELTA) for k in deltas):
+        raise ValueError(f"no '<layer>.{DELTA}' key in the state ({', '.join(list(deltas)[:3])}...): "
+                         f"nothing to prune; pass delta_state(model, state)")
     return {k: d.masked_fill(_smallest(d, round(sparsity * d.numel())), 0.0) if k.endswith(DELTA) else d
             for k, d in deltas.items()}
 
@@ -457,24 +617,31 @@ def prune_magnitude(deltas: dict, sparsity: float) -> dict:
 
 @torch.no_grad()
 def adapter_report(model, x, y, value: str = "acc", sparsities=(0.3, 0.5, 0.7), batch_size: int = 1000) -> dict:
-    """Shapley values of the blocks' adapters (exact, prefix-shared), structured pruning (block
-    subsets: read off the same coalition table), q/k/v-only and unstructured delta-W pruning of the
-    adapter the model holds (in eval mode). The "share" of a block is
-    phi_i / sum(phi) = phi_i / (v(all) - v(none))."""
+    """Shapley values of the blocks' adapters (exact, prefix-shared; players: coto.block_groups),
+    structured pruning (block subsets: read off the same coalition table), q/k/v-only and
+    unstructured delta-W pruning of the adapter the model holds (in eval mode).
+
+    The "share" of a block is phi_i / sum(phi) = phi_i / (v(all) - v(none)): its part of what the
+    adapters gain together. Shares sum to 1; a negative share is a block whose adapters hurt on
+    average over coalitions (the other blocks then hold more than all of the gain). When the
+    adapters gain nothing (v(all) <= v(none)) there is no gain to share and "share" is None."""
+    groups = block_groups(model)
     table, evals = coalition_values(model.embed, model.blocks, model.forward_head, x, y, value,
-                                    batch_size=batch_size)
+                                    groups=groups, batch_size=batch_size)
     n = len(model.blocks)
-    if len(table) != 2 ** n:
-        raise ValueError("adapter_report needs adapters in every block (one player per block)")
+    if len(groups) != n:
+        raise ValueError(f"adapter_report needs adapters in every block (one player per block); "
+                         f"the adapted blocks are {', '.join(groups)}")
     phi = shapley_exact(table, n)
-    share = phi / phi.sum()
+    gain = (table[-1] - table[0]).item()
+    share = (phi / gain).tolist() if gain > 0 else None
+    subsets = block_subsets(n)
     deltas = delta_state(model)
     report = {
-        "full": table[-1].item(), "none": table[0].item(), "shapley": phi.tolist(),
-        "share": share.tolist(), "top_third_share": share[block_subsets(n)["high"]].sum().item(),
+        "full": table[-1].item(), "none": table[0].item(), "shapley": phi.tolist(), "share": share,
+        "top_third_share": sum(share[i] for i in subsets["high"]) if share and "high" in subsets else None,
         "block_evals": evals, "naive_block_evals": n * 2 ** n * math.ceil(len(x) / batch_size),
-        "structured": {name: table[sum(1 << b for b in keep)].item()
-                       for name, keep in block_subsets(n).items()},
+        "structured": {name: table[sum(1 << b for b in keep)].item() for name, keep in subsets.items()},
         "unstructured": {},
     }
     for sparsity in sparsities:
@@ -498,20 +665,20 @@ def pair_report(model, a: dict, b: dict, x, y, value: str = "acc",
 
 
 @torch.no_grad()
-def merge_report(model, states: dict, eval_sets: dict, value: str = "acc", density: float = 0.2,
-                 batch_size: int = 1000) -> dict:
-    """Merge the adapters of several tasks ({task: factor state with its head}) and evaluate every
+def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", density: float = 0.2,
+                   batch_size: int = 1000) -> dict:
+    """Combine the adapters of several tasks ({task: factor state with its head}) and evaluate every
     task with its own head ({task: (x, y)}): "single" (each task's own adapter), "fusion" (factor
     average), "delta_avg" (delta-W average) and "ties" (TIES on delta W, this density)."""
     tasks = list(states)
     parts = {t: split_state(model, states[t]) for t in tasks}  # (adapter, head)
     deltas = [split_state(model, delta_state(model, states[t]))[0] for t in tasks]
-    merged = {"single": None,
-              "fusion": combine([parts[t][0] for t in tasks], [1 / len(tasks)] * len(tasks)),
-              "delta_avg": combine(deltas, [1 / len(tasks)] * len(tasks)),
-              "ties": ties_merge(deltas, density)}
+    combined = {"single": None,
+                "fusion": combine([parts[t][0] for t in tasks], [1 / len(tasks)] * len(tasks)),
+                "delta_avg": combine(deltas, [1 / len(tasks)] * len(tasks)),
+                "ties": combine_ties(deltas, density)}
     report = {}
-    for name, adapter in merged.items():
+    for name, adapter in combined.items():
         report[name] = {}
         for t in tasks:
             with use_adapter(model, {**(adapter or parts[t][0]), **parts[t][1]}):
@@ -519,10 +686,12 @@ def merge_report(model, states: dict, eval_sets: dict, value: str = "acc", densi
     return report
 
 
-def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy") -> list:
+def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = "") -> list:
     """PNG plots of {method: {"adapters": [adapter_report], "pairs": [pair_report],
-    "merges": [merge_report]}} (methods side by side, means over the lists): shapley.png,
-    interpolation.png, merging.png, pruning.png in out_dir. Returns the paths written."""
+    "combinations": [combine_report]}} (methods side by side): shapley.png, interpolation.png,
+    combining.png, pruning.png in out_dir. Bars and points are means over the reports (runs) with
+    their standard deviation; `about` (regime, tasks, seeds) goes under each title; the dashed line
+    is the model without adapters. Returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -530,149 +699,82 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy") -> list:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in reports if any(reports[m].values())]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     written = []
 
-    def bars(ax, labels, values):  # values: {method: [one number per label]}
-        width = 0.8 / len(values)
-        for k, (m, vs) in enumerate(values.items()):
-            ax.bar([i + k * width for i in range(len(labels))], vs, width, label=m)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right")
-        ax.legend()
+    def spread(xs):  # (mean, standard deviation) over runs
+        m = sum(xs) / len(xs)
+        return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
-    def save(fig, name):
+    def bars(ax, labels, runs, floor=None):  # runs: {method: [[one value per run] per label]}
+        width = 0.8 / len(runs)
+        lows, highs = [], []
+        for k, (m, per_label) in enumerate(runs.items()):
+            means, errs = zip(*(spread(xs) for xs in per_label))
+            ax.bar([i + k * width for i in range(len(labels))], means, width, yerr=errs, capsize=2,
+                   label=f"{m} ({len(per_label[0])} runs)")
+            lows += [v - e for v, e in zip(means, errs)]
+            highs += [v + e for v, e in zip(means, errs)]
+        if floor is not None:
+            ax.axhline(floor, color="grey", ls="--", lw=1, label="no adapters (mean)")
+            lows.append(floor)
+        pad = 0.1 * (max(highs) - min(lows)) or 0.01
+        if min(lows) > 0:  # zoomed in, so gaps of a few points show; the label says so
+            ax.set_ylim(min(lows) - pad, max(highs) + pad)
+            ax.set_ylabel(ax.get_ylabel() + " (axis not from 0)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+
+    def save(fig, name, title):
+        fig.suptitle(f"{title}\n{about}" if about else title, fontsize="medium")
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
         plt.close(fig)
         written.append(out_dir / name)
 
     adapters = {m: reports[m]["adapters"] for m in methods if reports[m].get("adapters")}
+    shares = {m: [r["share"] for r in rs if r["share"] is not None] for m, rs in adapters.items()}
+    shares = {m: s for m, s in shares.items() if s}  # adapters that gain nothing have no shares
+    if shares:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        n = len(next(iter(shares.values()))[0])
+        ax.set_ylabel("share of v(all) - v(none)")
+        bars(ax, [f"block {i}" for i in range(n)], {m: [[s[i] for s in ss] for i in range(n)]
+                                                   for m, ss in shares.items()})
+        save(fig, "shapley.png", "credit per block (exact Shapley; below 0: the block's adapters hurt)")
     if adapters:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        n = len(next(iter(adapters.values()))[0]["share"])
-        bars(ax, [f"block {i}" for i in range(n)], {m: [mean([r["share"][i] for r in rs]) for i in range(n)]
-                                                   for m, rs in adapters.items()})
-        ax.set_ylabel("Shapley share"), ax.set_title("credit per block (exact Shapley)")
-        save(fig, "shapley.png")
-        names = ["full", *next(iter(adapters.values()))[0]["structured"],
-                 *(f"only {p}" for p in next(iter(adapters.values()))[0].get("qkv", {})),
-                 *(f"{float(s):.0%} sparse" for s in next(iter(adapters.values()))[0]["unstructured"])]
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        bars(ax, names, {m: [mean([r["full"] for r in rs]),
-                             *(mean([r["structured"][k] for r in rs]) for k in rs[0]["structured"]),
-                             *(mean([r["qkv"][k] for r in rs]) for k in rs[0].get("qkv", {})),
-                             *(mean([r["unstructured"][k] for r in rs]) for k in rs[0]["unstructured"])]
-                         for m, rs in adapters.items()})
-        ax.set_ylabel(ylabel), ax.set_title("pruning the adapters")
-        save(fig, "pruning.png")
+        first = next(iter(adapters.values()))[0]
+        parts = [("full", lambda r: r["full"]),
+                 *((k, lambda r, k=k: r["structured"][k]) for k in first["structured"]),
+                 *((f"only {k}", lambda r, k=k: r["qkv"][k]) for k in first.get("qkv", {})),
+                 *((f"{float(k):.0%} sparse", lambda r, k=k: r["unstructured"][k]) for k in first["unstructured"])]
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        ax.set_ylabel(ylabel)
+        bars(ax, [name for name, _ in parts], {m: [[get(r) for r in rs] for _, get in parts]
+                                               for m, rs in adapters.items()},
+             floor=spread([r["none"] for rs in adapters.values() for r in rs])[0])
+        save(fig, "pruning.png", "pruning the adapters (structured: blocks kept; unstructured: delta W)")
     pairs = {m: reports[m]["pairs"] for m in methods if reports[m].get("pairs")}
     if pairs:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
         for ax, space in zip(axes, ("factors", "delta")):
             for m, rs in pairs.items():
                 lam = rs[0][space]["lambdas"]
-                ax.plot(lam, [mean([r[space]["values"][i] for r in rs]) for i in range(len(lam))], "o-", label=m)
-            ax.set_xlabel("lambda"), ax.set_title(f"interpolating {space}"), ax.legend()
-        axes[0].set_ylabel(ylabel)
-        save(fig, "interpolation.png")
-    merges = {m: reports[m]["merges"] for m in methods if reports[m].get("merges")}
-    if merges:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        kinds = list(next(iter(merges.values()))[0])
-        bars(ax, kinds, {m: [mean([mean(list(r[k].values())) for r in rs]) for k in kinds]
-                         for m, rs in merges.items()})
-        ax.set_ylabel(f"{ylabel}, mean over tasks"), ax.set_title("merging the tasks' adapters")
-        save(fig, "merging.png")
+                means, errs = zip(*(spread([r[space]["values"][i] for r in rs]) for i in range(len(lam))))
+                ax.errorbar(lam, means, yerr=errs, fmt="o-", capsize=2, label=f"{m} ({len(rs)} seed pairs)")
+            ax.set_xlabel("lambda (0: one seed, 1: the other)")
+            ax.set_title(f"interpolating {space}", fontsize="medium")
+        axes[0].set_ylabel(ylabel), axes[1].legend(loc="lower right", fontsize="small")
+        save(fig, "interpolation.png", "interpolating two seeds' adapters")
+    combos = {m: reports[m]["combinations"] for m in methods if reports[m].get("combinations")}
+    if combos:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        kinds = list(next(iter(combos.values()))[0])
+        ax.set_ylabel(f"{ylabel}, mean over tasks")
+        bars(ax, kinds, {m: [[sum(r[k].values()) / len(r[k]) for r in rs] for k in kinds] for m, rs in combos.items()})
+        save(fig, "combining.png", "combining the tasks' adapters (each task with its own head)")
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# Script: the reports on adapters that train_vit.py saved
-
-
-@dataclass
-class Config:
-    run_dir: str = "runs/vit"  # searched for <group>/<task>/<method>/seed<k>/adapters.safetensors
-    methods: str = "lora,coto"  # method folders to compare side by side
-    value: str = "acc"  # acc (accuracy) | neg_loss (minus the cross-entropy)
-    n_eval: int = 1000  # held-out test images per task
-    players: str = "block"  # block: exact Shapley per block | module: also per module (sampled, multilinear)
-    num_samples: int = 16  # multilinear samples for per-module players (each costs 2 (n + 1) evaluations)
-    out: str = ""  # where games.json and the plots go ("" = run_dir/games)
-
-
-def main(cfg: Config) -> dict:
-    import train_vit  # the ViT's data and saved-run layout; the functions above need none of it
-
-    if cfg.value not in ("acc", "neg_loss") or cfg.players not in ("block", "module"):
-        raise ValueError(f"value={cfg.value!r} must be acc or neg_loss; players={cfg.players!r} block or module")
-    root = Path(cfg.run_dir)
-    methods = cfg.methods.split(",")
-    found = [p for p in sorted(root.rglob("seed*/adapters.safetensors")) if p.parent.parent.name in methods]
-    if not found:
-        raise FileNotFoundError(f"no {'/'.join(methods)} adapters under {root}/<backbone>/<task>/<method>/seed<k>/: "
-                                f"run `python train_vit.py --out-dir {root}` first (or pass --run-dir)")
-    if len({p.parents[3] for p in found}) > 1:
-        raise ValueError(f"adapters of several backbones under {root} ({sorted({p.parents[3].name for p in found})}): "
-                         f"point --run-dir at a folder with one (train_vit.py --out-dir)")
-    runs = {}  # (method, task, seed) -> (train_vit.Config, path)
-    for p in found:
-        vcfg = train_vit.Config(**json.loads((p.parent / "result.json").read_text())["config"])
-        runs[p.parent.parent.name, p.parents[2].name, int(p.parent.name[4:])] = (vcfg, p)
-    first = next(iter(runs.values()))[0]
-    data = train_vit.load_data(first)
-    backbone = train_vit.pretrain(first, data)  # the cached backbone of those runs
-    task_names = sorted({t for _, t, _ in runs})
-    tasks = train_vit.make_tasks(data, task_names, train_vit.parse_classes(first.source_classes), first.patch_size,
-                                 first.n_train, first.n_test, first.n_per_class, seed=0)
-    device = pick_device(first.device)
-    evals = {t: (train_vit.to_float(tasks[t].x_test[:cfg.n_eval]).to(device), tasks[t].y_test[:cfg.n_eval].to(device))
-             for t in task_names}
-
-    def model(m, t, s):  # the saved run, rebuilt (eval mode)
-        return train_vit.load_adapters(runs[m, t, s][0], tasks[t], backbone, runs[m, t, s][1])
-    results, t0 = {}, time.time()
-    for m in methods:
-        keys = sorted(k for k in runs if k[0] == m)
-        res = results[m] = {"adapters": [], "pairs": [], "merges": [], "modules": []}
-        for _, t, s in keys:
-            net = model(m, t, s)
-            rep = adapter_report(net, *evals[t], cfg.value)
-            res["adapters"].append({"task": t, "seed": s, **rep})
-            print(f"{m} {t} seed {s} | {cfg.value} {rep['full']:.4f} | top-third share {rep['top_third_share']:.2f} | "
-                  f"every other {rep['structured']['every_other']:.4f} | {format_eta(time.time() - t0)}", flush=True)
-            if cfg.players == "module":
-                groups = block_groups(net, group_of=lambda name: name)
-
-                def value_fn(S, net=net, groups=groups, ev=evals[t]):
-                    with coalition(groups, S):
-                        return score(net, *ev, cfg.value)
-                phi, se = shapley_multilinear(value_fn, len(groups), cfg.num_samples,
-                                              generator=torch.Generator().manual_seed(s))
-                res["modules"].append({"task": t, "seed": s, "names": list(groups), "shapley": phi.tolist(),
-                                       "stderr": se.tolist()})
-        seeds = sorted({s for _, _, s in keys})
-        for t in sorted({t for _, t, _ in keys}):
-            for a, b in zip(seeds, seeds[1:]):
-                if (m, t, a) in runs and (m, t, b) in runs:
-                    states = [read_safetensors(runs[m, t, s][1]) for s in (a, b)]
-                    res["pairs"].append({"task": t, "seeds": [a, b],
-                                         **pair_report(model(m, t, a), *states, *evals[t], cfg.value)})
-        for s in seeds:
-            ts = [t for t in task_names if (m, t, s) in runs]
-            if len(ts) > 1:
-                states = {t: read_safetensors(runs[m, t, s][1]) for t in ts}
-                res["merges"].append({"seed": s, **merge_report(model(m, ts[0], s), states,
-                                                                 {t: evals[t] for t in ts}, cfg.value)})
-    out = Path(cfg.out) if cfg.out else root / "games"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "games.json", json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=1))
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("task", "seed", "seeds")} for r in rs]  # noqa: E731
-    paths = plot_reports({m: {k: strip(v) for k, v in r.items() if k != "modules"} for m, r in results.items()}, out,
-                         "accuracy" if cfg.value == "acc" else "minus cross-entropy")
-    print(f"wrote {out / 'games.json'} and {', '.join(p.name for p in paths)} ({format_eta(time.time() - t0)})")
-    return results
-
-
 if __name__ == "__main__":
-    main(parse_config(Config, description="Shapley, connectivity, merging and pruning of saved adapters"))
+    raise SystemExit("games.py is a library; to analyse the runs train_vit.py saved: "
+                     "python reproduce.py --analyse <its --out-dir>")

@@ -1,8 +1,10 @@
 """The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, several seeds, every
 analysis of games.py, and a markdown table with the paper's numbers (method.md section 5) beside.
 
-    python reproduce.py --quick   # ~9 min on a shared 2-core CPU: 2 tasks, 3 seeds, 20-step runs
+    python reproduce.py --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
+                                  # 20-step runs are too short for the verdicts to mean anything
     python reproduce.py           # about an hour and a quarter there; rerun the same command to resume
+    python reproduce.py --analyse runs/vit   # only games.py's reports on runs train_vit.py saved
 
 Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
 linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
@@ -13,12 +15,19 @@ intervals over seeds; LoRA and CoTo share a seed's initialisation and data order
 uses the paired difference CoTo - LoRA.
 
 Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<study>/<task>/
-<setting>/seed<k>/ holds train_vit.py's adapters.safetensors and result.json, so
-`python games.py --run-dir runs/repro/runs/full` works on them; analysis/ holds the games.py
-reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
+<setting>/seed<k>/ holds train_vit.py's adapters.safetensors and result.json; analysis/ holds the
+games.py reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
 numbers), out_dir/table.md (the README table) and the games.py plots of the "full" regime.
+
+This is the file that knows where runs are saved: --analyse finds every run folder (a result.json
+beside an adapters.safetensors) under a train_vit.py --out-dir, reads the run's task, method, seed
+and configuration from its result.json, and writes games.json and the plots to <that folder>/games/.
 """
+import collections
+import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import statistics
@@ -26,16 +35,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import games
 import train_vit
-from coto import SHAPES
-from utils import atomic_write_text, format_eta, parse_config, pick_device, read_safetensors
+from coto import block_groups
+from utils import atomic_write_text, format_eta, parse_config, read_safetensors
 
 
 @dataclass
 class Config:
     out_dir: str = "runs/repro"  # runs, analyses and the table; rerunning resumes from here
-    quick: bool = False  # a few minutes: 2 tasks, short runs, small held-out set, fewer extras
+    quick: bool = False  # a smoke test (minutes): 2 tasks, 20-step runs, small held-out sets; verdicts mean nothing
     seeds: int = 3  # seeds per setting (>= 3 for an interval; 5 where time allows)
     tasks: str = "new5,rot90,invert,shuffle"  # train_vit.py tasks of the "full" and "fewshot" regimes
     side_tasks: int = 1  # the first this many tasks: LR sweep, variants, ablations ("probe": at least 2)
@@ -51,6 +62,12 @@ class Config:
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
     data_dir: str = ""  # Fashion-MNIST folder ("" = train_vit.py's search path)
     device: str = "auto"
+    # instead of the table: games.py's reports on the runs another train_vit.py command saved
+    analyse: str = ""  # a train_vit.py --out-dir: only the reports on its saved runs, into <it>/games/ (cached)
+    methods: str = "lora,coto"  # --analyse: the methods compared side by side (result.json's "method")
+    value: str = "acc"  # --analyse: acc (accuracy) | neg_loss (minus the cross-entropy)
+    players: str = "block"  # --analyse: block (exact Shapley per block) | module (also per module, sampled)
+    num_samples: int = 16  # --analyse, players=module: multilinear samples (each 2 (n + 1) evaluations)
 
 
 def quick_config(cfg: Config) -> Config:
@@ -97,11 +114,6 @@ def studies(cfg: Config) -> list:
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}: choose from "
                          f"{', '.join(name for name, *_ in out)}")
-    for _, settings, _, _ in out:
-        for setting, overrides in list(settings.items()):
-            if overrides.get("shape", "linear") not in SHAPES:  # an older coto.py: say so, run the rest
-                print(f"skipping {setting!r}: coto.py has no {overrides['shape']!r} schedule shape")
-                del settings[setting]
     return [s for s in out if s[0] in chosen]
 
 
@@ -125,7 +137,8 @@ def write_json(path: Path, obj) -> None:
 
 class Plan:
     """Jobs (label, kind, weight, cache path, fn) run in order, skipping cached ones, with one
-    progress line each: the ETA uses the seconds per unit of weight measured for each kind."""
+    progress line each: the ETA uses the seconds per unit of weight measured for each kind. What a
+    job prints (training logs) is kept back, and shown only if the job fails."""
 
     def __init__(self):
         self.jobs = []
@@ -138,8 +151,14 @@ class Plan:
         print(f"{len(self.jobs)} jobs, {len(self.jobs) - len(todo)} cached, {len(todo)} to run", flush=True)
         rate, t0 = {}, time.time()  # kind -> [seconds, weight]
         for i, (label, kind, weight, path, fn) in enumerate(todo, 1):
-            t = time.time()
-            write_json(path, fn())
+            t, log = time.time(), io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):
+                    result = fn()
+            except BaseException:
+                print(log.getvalue(), end="", flush=True)
+                raise
+            write_json(path, result)
             s = rate.setdefault(kind, [0.0, 0.0])
             s[0], s[1] = s[0] + time.time() - t, s[1] + weight
             overall = sum(v[0] for v in rate.values()) / sum(v[1] for v in rate.values())
@@ -153,11 +172,11 @@ class Plan:
 
 
 class Context:
-    """Data, backbone, tasks and probe heads, built once and shared by every job."""
+    """Data, backbone, tasks and probe heads, built once from one run's train_vit.Config and shared
+    by every job (the runs share them)."""
 
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        base = vit_config(cfg, {}, 0)
+    def __init__(self, base: train_vit.Config, task_names: list, n_eval: int):
+        self.task_names, self.n_eval = task_names, n_eval
         self.data = train_vit.load_data(base)
         self.backbone = train_vit.pretrain(base, self.data)
         self.source = train_vit.parse_classes(base.source_classes)
@@ -168,7 +187,7 @@ class Context:
         draw per seed for few-shot (as few-shot benchmarks do); LoRA and CoTo of a seed share it."""
         key = (vcfg.n_train, vcfg.n_test, vcfg.n_per_class, vcfg.seed if vcfg.n_per_class else 0)
         if key not in self._tasks:
-            self._tasks[key] = train_vit.make_tasks(self.data, self.cfg.tasks.split(","), self.source,
+            self._tasks[key] = train_vit.make_tasks(self.data, self.task_names, self.source,
                                                     vcfg.patch_size, vcfg.n_train, vcfg.n_test,
                                                     vcfg.n_per_class, seed=key[-1])
         return self._tasks[key]
@@ -182,9 +201,9 @@ class Context:
         return self._probe[key]
 
     def eval_set(self, task: train_vit.Task) -> tuple:
-        n = self.cfg.n_eval
-        device = pick_device(self.cfg.device)
-        return train_vit.to_float(task.x_test[:n]).to(device), task.y_test[:n].to(device)
+        """The held-out set of the analyses: the first n_eval test images (games.py moves each
+        batch to the model's device)."""
+        return train_vit.to_float(task.x_test[:self.n_eval]), task.y_test[:self.n_eval]
 
     def model(self, vcfg: train_vit.Config, task: train_vit.Task, folder: Path):
         return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.safetensors")
@@ -236,37 +255,65 @@ def plan(cfg: Config, ctx: Context) -> tuple:
                     p.add(f"interpolate {study}/{setting}/{name}/seeds {seed},{other}", "pair", cfg.n_eval,
                           out, pair_job(ctx, vcfg, tasks[name], folder(name, seed), folder(name, other)))
                     index.append(("pair", study, setting, name, seed, out))
-                out = root / "analysis" / study / setting / f"merge-seed{seed}.json"
-                p.add(f"merge {study}/{setting}/seed{seed}", "merge", cfg.n_eval * len(task_names), out,
-                      merge_job(ctx, vcfg, {n: tasks[n] for n in task_names}, {n: folder(n, seed) for n in task_names}))
-                index.append(("merge", study, setting, "all", seed, out))
+                out = root / "analysis" / study / setting / f"combine-seed{seed}.json"
+                p.add(f"combine {study}/{setting}/seed{seed}", "combination", cfg.n_eval * len(task_names), out,
+                      combine_job(ctx, vcfg, {n: tasks[n] for n in task_names},
+                                  {n: folder(n, seed) for n in task_names}))
+                index.append(("combination", study, setting, "all", seed, out))
     return p, index
 
 
-def adapter_job(ctx, vcfg, task, folder):
-    return lambda: games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task))
+def adapter_job(ctx, vcfg, task, folder, value="acc"):
+    return lambda: games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
 
 
-def pair_job(ctx, vcfg, task, folder_a, folder_b):
+def pair_job(ctx, vcfg, task, folder_a, folder_b, value="acc"):
     def fn():
         a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
-        return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task))
+        return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
     return fn
 
 
-def merge_job(ctx, vcfg, tasks: dict, folders: dict):
+def combine_job(ctx, vcfg, tasks: dict, folders: dict, value="acc"):
     def fn():
         states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
         first = next(iter(tasks))
         model = ctx.model(vcfg, tasks[first], folders[first])
-        return games.merge_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()})
+        return games.combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
     return fn
 
 
 # ---------------------------------------------------------------------------------------------
 # Statistics and the table
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+def t_within(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with an integer number of degrees of freedom, exactly
+    (Abramowitz & Stegun 26.7.3 and 26.7.4: finite sums in theta = atan(t / sqrt(df)))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:  # sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+    if df == 1:
+        return 2 * theta / math.pi
+    term = total = math.cos(theta)  # (2/pi)(theta + sin(theta)(c + 2/3 c^3 + ... up to c^(df-2)))
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return 2 / math.pi * (theta + math.sin(theta) * total)
+
+
+def t_quantile(df: int, coverage: float = 0.95) -> float:
+    """The t with P(|T| < t) = coverage (0.95: the 97.5 % quantile, 12.706 at df 1, 1.960 as df
+    grows), by bisection on t_within."""
+    lo, hi = 0.0, 1e4
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < coverage else (lo, mid)
+    return (lo + hi) / 2
 
 
 def interval(xs: list) -> tuple:
@@ -276,7 +323,7 @@ def interval(xs: list) -> tuple:
     if n < 2:
         return m, float("nan")
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return m, t_quantile(n - 1) * sd / math.sqrt(n)
 
 
 def verdict(diff: tuple, expect: int) -> str:
@@ -348,7 +395,7 @@ def regime_rows(res: dict, study: str) -> list:
                        "lower with CoTo"))
     for m, paper in (("single", "(each task's own adapter)"), ("fusion", "+11.4 (LLaMA-2, 9 tasks); +4 to +6 (GLUE)"),
                      ("delta_avg", ""), ("ties", "")):
-        out.append(row(f"3. multi-task merge, {m}", *pair("merge", lambda r: statistics.fmean(r[m].values())),
+        out.append(row(f"3. multi-task merge, {m}", *pair("combination", lambda r: statistics.fmean(r[m].values())),
                        +1, paper))
     for name, paper in (("every_other", "63.30 → 71.11 (DTD)"), ("low", ""), ("middle", ""), ("high", "")):
         out.append(row(f"4. structured pruning, keep {name.replace('_', ' ')}",
@@ -433,6 +480,11 @@ def fmt(x: tuple | None, kind: str) -> str:
     return f"{m:.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
 
 
+SHARES = ("A block's Shapley share is its Shapley value over v(all) − v(none), summed over tasks and seeds: "
+          "the shares add up to 100 %; a negative share is a block whose adapters lower the accuracy on "
+          "average over coalitions (the other blocks then hold more than 100 %).")
+
+
 def markdown(table: list, profile: dict, cfg: Config) -> str:
     flags = (" --quick" if cfg.quick else "") + (f" --studies {cfg.studies}" if cfg.studies != Config.studies else "")
     lines = [f"Generated by `python reproduce.py{flags}`: mean ± 95 % t interval over "
@@ -440,12 +492,16 @@ def markdown(table: list, profile: dict, cfg: Config) -> str:
              f"optimizer steps; accuracies and shares in %. Tasks: {cfg.tasks} (side studies: the first "
              f"{cfg.side_tasks}); {cfg.steps} steps at lr {cfg.lr} (few-shot: {cfg.fewshot_steps} at "
              f"{cfg.fewshot_lr}); analyses on {cfg.n_eval} held-out test images per task.", ""]
+    if cfg.quick:
+        lines += [f"**{QUICK}.**", ""]
     for title, a, b, rs in table:
         lines += [f"#### {title}", "", f"| claim | A: {a} | B: {b} | B − A | n | paper (A → B) | verdict here |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | {fmt(r['diff'], r['fmt'])} "
                   f"| {r['n']} | {r['paper']} | {r['verdict']} |" for r in rs]
         lines.append("")
+    if profile:
+        lines += [SHARES, ""]
     for study, prof in profile.items():
         n = len(prof["lora"])
         lines += [f"#### Shapley share per block, {REGIMES[study]} (block 0 is the lowest)", "",
@@ -471,16 +527,24 @@ def shapley_profiles(res: dict) -> dict:
     return out
 
 
+QUICK = ("--quick is a smoke test of the whole pipeline: its runs are too short and its held-out sets too "
+         "small for its verdicts to mean anything")
+
+
 def main(cfg: Config) -> dict:
+    if cfg.analyse:
+        return analyse(cfg)
     if cfg.quick:
         cfg = quick_config(cfg)
+        print(QUICK, flush=True)
     if cfg.seeds < 2:
         raise ValueError(f"seeds={cfg.seeds}: intervals and seed interpolation need at least 2 (3 or more advised)")
     t0 = time.time()
     root = Path(cfg.out_dir)
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
-    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out_dir", "seeds", "studies", "device")}
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("out_dir", "seeds", "studies", "device", *ANALYSE_FIELDS)}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
     mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
     if saved is not None and saved != mine:
@@ -489,9 +553,10 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"{root} holds results of another configuration (differs in {changed}): "
                          f"pass another --out-dir, or delete {root} to start over")
     write_json(root / "config.json", mine)
-    ctx = Context(cfg)
+    ctx = Context(vit_config(cfg, {}, 0), cfg.tasks.split(","), cfg.n_eval)
     p, index = plan(cfg, ctx)
     p.run()
+    print(f"tabulating {sum(path.is_file() for *_, path in index)} results and drawing the plots", flush=True)
     res = collect(index)
     table, profile = sections(res, cfg), shapley_profiles(res)
     text = markdown(table, profile, cfg)
@@ -501,11 +566,138 @@ def main(cfg: Config) -> dict:
     reports = lambda kind, m: [r for runs in res.get(kind, {}).get("full", {}).get(m, {}).values()  # noqa: E731
                                for r in runs.values()]
     games.plot_reports({m: {"adapters": reports("adapter", m), "pairs": reports("pair", m),
-                            "merges": reports("merge", m)} for m in ("lora", "coto")}, root)
+                            "combinations": reports("combination", m)} for m in ("lora", "coto")}, root,
+                       about=f"{REGIMES['full']}; tasks {cfg.tasks}; {cfg.seeds} seeds; {cfg.steps} steps")
     print(text)
+    if cfg.quick:
+        print(QUICK)
     print(f"wrote {root / 'results.json'}, {root / 'table.md'} and plots in {root} ({format_eta(time.time() - t0)})")
     return {"table": table, "profile": profile, "markdown": text}
 
 
+# ---------------------------------------------------------------------------------------------
+# --analyse: games.py's reports on the runs another train_vit.py command saved
+
+ANALYSE_FIELDS = ("analyse", "methods", "value", "players", "num_samples")
+
+
+def saved_runs(root: Path, methods: list) -> dict:
+    """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root: a folder
+    with adapters.safetensors and result.json, whose task, method, seed and configuration are read
+    from result.json (never from the folder names)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"--analyse {root}: no such folder (give a train_vit.py --out-dir)")
+    runs = {}
+    for path in sorted(root.rglob("result.json")):
+        if not (path.parent / "adapters.safetensors").is_file():
+            continue
+        res = json.loads(path.read_text())
+        try:
+            vcfg = train_vit.Config(**res["config"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path} has no usable train_vit.py configuration ({e}): was it written by "
+                             f"another version of train_vit.py? Train it again, or move it out of {root}") from None
+        if res["method"] not in methods:
+            continue
+        key = (res["method"], res["task"], vcfg.seed)
+        if key in runs:
+            raise ValueError(f"two runs of {'/'.join(map(str, key))}: {runs[key][1]} and {path.parent}; point "
+                             f"--analyse at a folder that holds one set of runs (one train_vit.py --out-dir)")
+        runs[key] = (vcfg, path.parent)
+    if not runs:
+        raise FileNotFoundError(f"no finished {'/'.join(methods)} runs (result.json beside adapters.safetensors) "
+                                f"under {root}: run `python train_vit.py --out-dir {root}` first")
+    backbones = {train_vit.pretrain_key(c) if not c.init else c.init for c, _ in runs.values()}
+    if len(backbones) > 1:
+        raise ValueError(f"the runs under {root} fine-tuned {len(backbones)} different backbones: point "
+                         f"--analyse at the --out-dir of one train_vit.py configuration")
+    return runs
+
+
+def analyse(cfg: Config) -> dict:
+    """Shapley (per block, and per module with --players module), seed interpolation, multi-task
+    combination and pruning of saved runs; each report is cached as JSON under <analyse>/games/."""
+    if cfg.value not in ("acc", "neg_loss") or cfg.players not in ("block", "module"):
+        raise ValueError(f"value={cfg.value!r} must be acc or neg_loss; players={cfg.players!r} block or module")
+    root, methods = Path(cfg.analyse), cfg.methods.split(",")
+    runs = saved_runs(root, methods)
+    first = next(iter(runs.values()))[0]
+    task_names = sorted({t for _, t, _ in runs})
+    ctx = Context(first, task_names, cfg.n_eval)
+    tasks = ctx.tasks(dataclasses.replace(first, seed=0))  # the subsets train_vit.py's main() uses
+    settings = {k: getattr(cfg, k) for k in ("value", "n_eval", "players", "num_samples")}
+    out = root / "games"
+    cache = out / ("cache-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8])
+    p, index = Plan(), []
+
+    def add(kind: str, label: str, path: Path, fn) -> None:  # one cached report
+        p.add(label, kind, 1.0, cache / path, fn)
+        index.append((kind, path.parts[0], cache / path))
+    for m in methods:
+        keys = sorted(k for k in runs if k[0] == m)
+        for _, t, s in keys:
+            vcfg, folder = runs[m, t, s]
+            add("adapters", f"shapley and pruning {m}/{t}/seed{s}", Path(m, t, f"seed{s}.json"),
+                adapter_job(ctx, vcfg, tasks[t], folder, cfg.value))
+            if cfg.players == "module":
+                add("modules", f"per-module shapley {m}/{t}/seed{s}", Path(m, t, f"modules-seed{s}.json"),
+                    module_job(ctx, vcfg, tasks[t], folder, cfg))
+        for t in sorted({t for _, t, _ in keys}):
+            seeds = sorted(s for _, u, s in keys if u == t)
+            for a, b in zip(seeds, seeds[1:]):
+                add("pairs", f"interpolation {m}/{t}/seeds {a},{b}", Path(m, t, f"pair{a}-{b}.json"),
+                    pair_job(ctx, runs[m, t, a][0], tasks[t], runs[m, t, a][1], runs[m, t, b][1], cfg.value))
+        for s in sorted({s for _, _, s in keys}):
+            ts = [t for t in task_names if (m, t, s) in runs]
+            if len(ts) > 1:
+                add("combinations", f"combination {m}/seed{s}", Path(m, f"combine-seed{s}.json"),
+                    combine_job(ctx, runs[m, ts[0], s][0], {t: tasks[t] for t in ts},
+                                {t: runs[m, t, s][1] for t in ts}, cfg.value))
+    count = collections.Counter((m, t) for m, t, _ in runs)  # seeds per method and task
+    single = [f"{m}/{t}" for (m, t), k in sorted(count.items()) if k == 1]
+    if single:
+        print(f"no interpolation for {', '.join(single)}: it needs two seeds of a task (train_vit.py --seeds 2)")
+    if len(task_names) == 1:
+        print(f"no multi-task combination: it needs runs of two tasks, the runs are all {task_names[0]}")
+    p.run()
+    results = {m: {kind: [] for kind in ("adapters", "pairs", "combinations", "modules")} for m in methods}
+    for kind, m, path in index:
+        results[m][kind].append(json.loads(path.read_text()))
+    atomic_write_text(out / "games.json", json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=1))
+    paths = games.plot_reports({m: {k: v for k, v in r.items() if k != "modules"} for m, r in results.items()}, out,
+                               "accuracy" if cfg.value == "acc" else "minus cross-entropy",
+                               about=f"{root}: tasks {', '.join(task_names)}; {len(runs)} runs")
+    for m, r in results.items():  # means over the runs
+        mean = lambda rs, get: statistics.fmean(get(x) for x in rs)  # noqa: E731
+        if r["adapters"]:
+            line = (f"{m}: {len(r['adapters'])} runs | {cfg.value} {mean(r['adapters'], lambda a: a['full']):.4f} | "
+                    f"every other block {mean(r['adapters'], lambda a: a['structured']['every_other']):.4f}")
+            if r["pairs"]:
+                line += f" | interpolation midpoint {mean(r['pairs'], lambda q: q['factors']['midpoint']):.4f}"
+            print(line)
+    print(f"wrote {out / 'games.json'} and {', '.join(p.name for p in paths)}")
+    return results
+
+
+def module_job(ctx, vcfg, task, folder, cfg: Config):
+    """Shapley values with one player per adapted module: sampled (multilinear), 2^n is too many."""
+    def fn():
+        model = ctx.model(vcfg, task, folder)
+        groups, (x, y) = block_groups(model, group_of=lambda name: name), ctx.eval_set(task)
+
+        def value_fn(S):
+            with games.coalition(groups, S):
+                return games.score(model, x, y, cfg.value)
+        phi, se = games.shapley_multilinear(value_fn, len(groups), cfg.num_samples,
+                                            generator=torch.Generator().manual_seed(vcfg.seed))
+        return {"names": list(groups), "shapley": phi.tolist(), "stderr": se.tolist()}
+    return fn
+
+
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n")[0]))
+    try:
+        main(parse_config(Config, description=__doc__.split("\n\n")[0]))
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: run the same command again to continue (finished jobs are cached)")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data or files: what to do
+        raise SystemExit(f"reproduce.py: error: {e}")

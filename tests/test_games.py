@@ -2,19 +2,21 @@
 brute-force permutation averages, naive per-coalition forward passes on a real (tiny) ViT, the
 explicit cross-term formula of delta-W interpolation, and TIES worked out by hand."""
 import itertools
-import json
 import math
 
 import pytest
 import torch
 
 from coto import block_groups
-from games import (adapter_report, barrier, block_subsets, coalition, coalition_values, combine,
-                   connectivity, delta_state, interpolate, interpolate_delta, keep_qkv, merge_report,
-                   prune_magnitude, shapley_exact, shapley_multilinear, shapley_permutation, ties_merge,
+from games import (DELTA, adapter_report, barrier, block_subsets, coalition, coalition_values, combine,
+                   combine_report, combine_ties, connectivity, delta_state, interpolate, interpolate_delta,
+                   keep_qkv, prune_magnitude, score, shapley_exact, shapley_multilinear, shapley_permutation,
                    use_adapter)
-from lora import inject_lora, lora_layers, lora_state_dict
+from lora import inject_lora, lora_layers, lora_state_dict, merge_lora
 from vit import VisionTransformer
+
+
+TOL = {"cpu": 1e-5, "cuda": 2e-3}  # the same model on another device (cuDNN may use TF32 convolutions)
 
 
 def random_game(n, seed):
@@ -129,29 +131,30 @@ def naive_values(model, groups, x, y):
 
 
 @pytest.mark.parametrize("per_module", [False, True])
-def test_prefix_sharing_equals_naive_with_fewer_block_evaluations(per_module):
+def test_prefix_sharing_equals_naive_with_fewer_block_evaluations(per_module, device):
     if per_module:  # one player per LoRA layer: 2 blocks x 2 modules
         model = tiny_vit(depth=2, targets=("qkv", "fc2"))
         groups = block_groups(model, group_of=lambda name: name)
     else:  # one player per block
         model = tiny_vit(depth=4)
         groups = block_groups(model)
-    x, y = data()
+    x, y = data()  # stays on the CPU: coalition_values moves each batch to the model
     n, L, batches = len(groups), len(model.blocks), 3
-    acc, neg_loss, naive_evals = naive_values(model, groups, x, y)
+    acc, neg_loss, naive_evals = naive_values(model, groups, x, y)  # the reference, on the CPU
     assert naive_evals == L * 2 ** n
+    model.to(device)
     for value, ref in (("acc", acc), ("neg_loss", neg_loss)):
         got, evals = coalition_values(model.embed, model.blocks, model.forward_head, x, y, value,
                                       groups=groups, batch_size=16)  # 40 examples: 3 batches
-        assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+        assert torch.allclose(got, ref, atol=TOL[device.type], rtol=0)
         # per batch: 2^(players in blocks 0..l) evaluations of block l
         assert evals == batches * ((2 ** 2 + 2 ** 4) if per_module else (2 ** (L + 1) - 2))
         assert evals < batches * naive_evals
     assert len(set(neg_loss.tolist())) == 2 ** n  # the adapters matter: every coalition differs
     assert all(layer.active for layer in lora_layers(model).values())  # flags restored
-    if not per_module:  # default players: one per block, the whole set in one batch
+    if not per_module:  # default players: coto.block_groups of the blocks, the whole set in one batch
         default, evals = coalition_values(model.embed, model.blocks, model.forward_head, x, y, "neg_loss")
-        assert torch.allclose(default, neg_loss, atol=1e-6, rtol=0) and evals == 2 ** (L + 1) - 2
+        assert torch.allclose(default, neg_loss, atol=TOL[device.type], rtol=0) and evals == 2 ** (L + 1) - 2
 
 
 def test_coalition_restores_flags_and_rejects_bad_input():
@@ -171,22 +174,29 @@ def test_coalition_restores_flags_and_rejects_bad_input():
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "hira"])
-def test_delta_state_reproduces_the_adapter(variant):
+def test_delta_state_reproduces_the_adapter(variant, device):
     model = tiny_vit(variant)
     x, _ = data()
     with torch.no_grad():
+        cpu_ref = model(x)  # the reference, on the CPU
+        model.to(device)
+        x = x.to(device)
         ref = model(x)
+        assert torch.allclose(ref.cpu(), cpu_ref, atol=TOL[device.type])
         deltas = delta_state(model)
+        assert all(d.device.type == device.type for d in deltas.values())
         assert all(layer.active for layer in lora_layers(model).values())
         for layer in lora_layers(model).values():
             layer.active = False
         base = model(x)
         for layer in lora_layers(model).values():
             layer.active = True
-        with use_adapter(model, deltas):  # W + delta, adapters bypassed
+        with use_adapter(model, {k: d.cpu() for k, d in deltas.items()}):  # W + delta, adapters bypassed
             got = model(x)
-        assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(base, ref, atol=1e-3)
+        assert torch.allclose(got, ref, atol=TOL[device.type]) and not torch.allclose(base, ref, atol=1e-2)
         assert torch.equal(model(x), ref)  # everything restored
+        key = f"blocks.0.attn.qkv.{DELTA}"
+        assert torch.equal(delta_state(model, deltas)[key], deltas[key])  # delta entries pass through
 
 
 def two_adapters(variant="lora"):
@@ -200,11 +210,13 @@ def acc_fn(x, y):
     return lambda m: (m(x).argmax(-1) == y).double().mean().item()
 
 
-def test_interpolation_endpoints_and_delta_cross_terms():
+def test_interpolation_endpoints_and_delta_cross_terms(device):
     model, a, b = two_adapters()
-    x, y = data()
+    model.to(device)
+    b = {k: t.to(device) for k, t in b.items()}  # a stays on the CPU: each follows the model
+    x, y = (t.to(device) for t in data())
     assert all(torch.equal(interpolate(a, b, 0.0)[k], a[k]) for k in a)
-    assert all(torch.equal(interpolate(a, b, 1.0)[k], b[k]) for k in a)
+    assert all(torch.equal(interpolate(a, b, 1.0)[k], b[k].cpu()) for k in a)  # on a's device
     evaluate = acc_fn(x, y)
     with torch.no_grad():
         with use_adapter(model, a):
@@ -217,11 +229,13 @@ def test_interpolation_endpoints_and_delta_cross_terms():
     # delta-W interpolation = factor interpolation + s * lam (1 - lam) (B_a - B_b)(A_a - A_b)
     lam, name = 0.3, "blocks.1.mlp.fc1"
     s = lora_layers(model)[name].scaling
-    Aa, Ab, Ba, Bb = a[f"{name}.lora_A"], b[f"{name}.lora_A"], a[f"{name}.lora_B"], b[f"{name}.lora_B"]
+    Aa, Ab, Ba, Bb = (t[f"{name}.{k}"].cpu().double() for t, k in ((a, "lora_A"), (b, "lora_A"),
+                                                                   (a, "lora_B"), (b, "lora_B")))
     d = interpolate_delta(model, a, b, lam)[f"{name}.delta_weight"]
     f = delta_state(model, interpolate(a, b, lam))[f"{name}.delta_weight"]
-    assert torch.allclose(d - f, s * lam * (1 - lam) * (Ba - Bb) @ (Aa - Ab), atol=1e-5)
-    assert torch.equal(interpolate_delta(model, a, b, lam)["head.weight"], interpolate(a, b, lam)["head.weight"])
+    assert d.device.type == device.type  # delta W lives with the model
+    assert torch.allclose((d - f).cpu().double(), s * lam * (1 - lam) * (Ba - Bb) @ (Aa - Ab), atol=1e-5)
+    assert torch.equal(interpolate_delta(model, a, b, lam)["head.weight"].cpu(), interpolate(a, b, lam)["head.weight"])
 
 
 def test_barrier_by_hand():
@@ -231,11 +245,11 @@ def test_barrier_by_hand():
         barrier([0, 1], [1, 1])
 
 
-def test_merging_an_adapter_with_itself_returns_it():
+def test_combining_an_adapter_with_itself_returns_it():
     model, a, _ = two_adapters("dora")
     d = delta_state(model, a)
     assert all(torch.allclose(combine([a, a, a], [1 / 3] * 3)[k], a[k]) for k in a)
-    ties = ties_merge([d, d], density=1.0)
+    ties = combine_ties([d, d], density=1.0)
     assert all(torch.allclose(ties[k], d[k]) for k in d)
 
 
@@ -248,13 +262,13 @@ def test_ties_matches_hand_computation():
     # elected sign of the sums [1, -1, -6; 2, 0, 0] -> [+, -, -; +, 0, 0]
     # disjoint means: 3 | -3 | -6 ; 2 | 0 (no agreeing value) | 0
     want = torch.tensor([[3.0, -3.0, -6.0], [2.0, 0.0, 0.0]])
-    assert torch.equal(ties_merge([t1, t2, t3], density=0.5)["w"], want)
-    assert torch.equal(ties_merge([t1, t2, t3], density=0.5, lam=0.5)["w"], want / 2)
+    assert torch.equal(combine_ties([t1, t2, t3], density=0.5)["w"], want)
+    assert torch.equal(combine_ties([t1, t2, t3], density=0.5, lam=0.5)["w"], want / 2)
 
 
-def test_pruning_sparsity_and_named_blocks_only():
+def test_pruning_sparsity_and_named_blocks_only(device):
     model, a, _ = two_adapters()
-    d = delta_state(model, a)
+    d = {k: t.to(device) for k, t in delta_state(model, a).items()}
     for sparsity in (0.3, 0.5, 0.7):
         p = prune_magnitude(d, sparsity)
         for k, t in d.items():
@@ -265,11 +279,15 @@ def test_pruning_sparsity_and_named_blocks_only():
         assert torch.equal(p["head.weight"], d["head.weight"])
     q = keep_qkv(d, "k")
     W = d["blocks.0.attn.qkv.delta_weight"]
+    assert q["blocks.0.attn.qkv.delta_weight"].device == W.device
     assert torch.equal(q["blocks.0.attn.qkv.delta_weight"][16:32], W[16:32])
     assert q["blocks.0.attn.qkv.delta_weight"][[*range(16), *range(32, 48)]].abs().sum() == 0
     assert q["blocks.0.mlp.fc1.delta_weight"].abs().sum() == 0
     # structured: keep blocks 0 and 2 of 3 == zeroing block 1's delta W, nothing else
     assert block_subsets(6) == {"every_other": [0, 2, 4], "low": [0, 1], "middle": [2, 3], "high": [4, 5]}
+    assert block_subsets(2) == {"every_other": [0], "middle": [0], "high": [1]}  # no empty "low" third
+    with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):
+        block_subsets(0)
     keep = block_subsets(3)["every_other"]
     x, _ = data()
     dropped = {k: torch.zeros_like(t) if k.startswith("blocks.1.") else t for k, t in d.items()}
@@ -283,79 +301,152 @@ def test_pruning_sparsity_and_named_blocks_only():
     assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, full, atol=1e-3)
 
 
-def test_reports_agree_with_direct_evaluation():
+def test_reports_agree_with_direct_evaluation(device):
     model, a, b = two_adapters()
     x, y = data()
+    direct = {}  # the reference: plain forward passes on the CPU
+    with use_adapter(model, a), torch.no_grad():
+        with coalition(block_groups(model), [0, 2]):
+            direct["every_other"] = -torch.nn.functional.cross_entropy(model(x), y).item()
+        with use_adapter(model, prune_magnitude(delta_state(model), 0.5)):
+            direct["0.5"] = -torch.nn.functional.cross_entropy(model(x), y).item()
+        y_full = model(x).argmax(-1)  # labels the adapted model gets right: the adapters gain
+    model.to(device)  # the data stays on the CPU
     with use_adapter(model, a):
         rep = adapter_report(model, x, y, "neg_loss", batch_size=16)
-        direct = {}
-        with torch.no_grad():
-            with coalition(block_groups(model), [0, 2]):
-                direct["every_other"] = -torch.nn.functional.cross_entropy(model(x), y).item()
-            with use_adapter(model, prune_magnitude(delta_state(model), 0.5)):
-                direct["0.5"] = -torch.nn.functional.cross_entropy(model(x), y).item()
-    assert rep["structured"]["every_other"] == pytest.approx(direct["every_other"], abs=1e-5)
-    assert rep["unstructured"]["0.5"] == pytest.approx(direct["0.5"], abs=1e-5)
-    assert sum(rep["share"]) == pytest.approx(1.0) and rep["block_evals"] < rep["naive_block_evals"]
-    # merging a task's adapter with a copy of itself changes nothing; heads stay per task
+        gained = adapter_report(model, x, y_full, "acc")
+    assert rep["structured"]["every_other"] == pytest.approx(direct["every_other"], abs=TOL[device.type])
+    assert rep["unstructured"]["0.5"] == pytest.approx(direct["0.5"], abs=TOL[device.type])
+    assert rep["block_evals"] < rep["naive_block_evals"]
+    # random adapters hurt here: no gain to share, so no shares (phi / sum(phi) would flip signs)
+    assert rep["full"] < rep["none"] and rep["share"] is None and rep["top_third_share"] is None
+    gain = gained["full"] - gained["none"]
+    assert gained["full"] == 1.0 and gain > 0
+    assert gained["share"] == pytest.approx([phi / gain for phi in gained["shapley"]])
+    assert sum(gained["share"]) == pytest.approx(1)
+    # combining a task's adapter with a copy of itself changes nothing; heads stay per task
     sets = {"t1": (x, y), "t2": (x, (y + 1) % 3)}
-    merged = merge_report(model, {"t1": a, "t2": {**a, "head.weight": b["head.weight"]}}, sets, "acc")
+    combined = combine_report(model, {"t1": a, "t2": {**a, "head.weight": b["head.weight"]}}, sets, "acc")
     for name in ("fusion", "delta_avg"):
-        assert merged[name] == pytest.approx(merged["single"], abs=1e-12)
+        assert combined[name] == pytest.approx(combined["single"], abs=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------
-# reproduce.py: statistics, verdicts and resuming, on hand-made inputs
-
-
-def test_reproduce_interval_and_verdict_by_hand():
-    from reproduce import interval, verdict
-    m, h = interval([0.80, 0.84, 0.82])  # sd 0.02, t(0.975, 2) = 4.303
-    assert m == pytest.approx(0.82) and h == pytest.approx(4.303 * 0.02 / math.sqrt(3))
-    assert math.isnan(interval([0.5])[1])
-    assert verdict((0.03, 0.01), +1) == "holds" and verdict((-0.03, 0.01), +1) == "reversed"
-    assert verdict((0.01, 0.02), -1) == "not significant (reversed)"
-    assert verdict((-0.01, 0.02), -1) == "not significant (same direction)"
-    assert verdict((0.05, 0.01), 0) == "differs"
-
-
-def test_reproduce_plan_resumes_where_it_stopped(tmp_path, capsys):
-    from reproduce import Plan
-    calls = []
-
-    def job(i, fail=False):
-        def fn():
-            if fail:
-                raise KeyboardInterrupt  # the user stops the run here
-            calls.append(i)
-            return {"i": i}
-        return fn
-
-    def plan(fail_at):
-        p = Plan()
-        for i in range(5):
-            p.add(f"job {i}", "train" if i % 2 else "adapter", 1.0, tmp_path / f"{i}.json", job(i, i == fail_at))
-        return p
-
-    with pytest.raises(KeyboardInterrupt):
-        plan(fail_at=3).run()
-    assert calls == [0, 1, 2] and not (tmp_path / "3.json").exists()
-    plan(fail_at=None).run()
-    assert calls == [0, 1, 2, 3, 4]  # only the missing jobs ran
-    assert [json.loads((tmp_path / f"{i}.json").read_text())["i"] for i in range(5)] == list(range(5))
-    assert "5 jobs, 3 cached, 2 to run" in capsys.readouterr().out
-
-
-def test_use_adapter_takes_another_tasks_head_and_gives_it_back():
+def test_use_adapter_takes_another_tasks_head_and_gives_it_back(device):
     model, a, _ = two_adapters()
-    x, _ = data()
-    head = {"head.weight": torch.randn(5, 16), "head.bias": torch.randn(5)}
+    model.to(device)
+    x = data()[0].to(device)
+    head = {"head.weight": torch.randn(5, 16), "head.bias": torch.randn(5)}  # on the CPU
+    own_head = model.head
     with torch.no_grad():
         before = model(x)
         with use_adapter(model, {**a, **head}):
+            assert model.head is not own_head and not model.head.training
             feats = model.norm(torch.nn.Sequential(*model.blocks)(model.embed(x)))[:, 0]  # (B, D)
-            assert torch.allclose(model(x), feats @ head["head.weight"].T + head["head.bias"], atol=1e-5)
-        assert torch.equal(model(x), before) and model.head.weight.shape == (3, 16)
+            ref = feats.cpu().double() @ head["head.weight"].T.double() + head["head.bias"].double()
+            assert torch.allclose(model(x).cpu().double(), ref, atol=TOL[device.type])
+        assert torch.equal(model(x), before) and model.head is own_head
     with pytest.raises(ValueError, match="not a parameter"):
         with use_adapter(model, {"blocks.0.attn.qkv.lora_C": torch.zeros(1)}):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, never a silent wrong answer
+
+
+@pytest.mark.parametrize("estimator", [shapley_permutation, shapley_multilinear])
+def test_estimators_refuse_bad_counts(estimator):
+    table = random_game(3, 0)
+    for n in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"n={n!r} must be an integer >= 1"):
+            estimator(fn(table), n, 8)
+    for num_samples in (0, 1, -5, 2.5, "8", True):
+        with pytest.raises(ValueError, match="num_samples=.* must be an integer >= 2"):
+            estimator(table, 3, num_samples)
+    with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):
+        shapley_exact(fn(table), 0)
+
+
+def test_non_finite_game_values_are_refused():
+    table = random_game(3, 0)
+    table[5] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values at bitmasks \[5\]"):
+        shapley_exact(table, 3)
+    with pytest.raises(ValueError, match=r"value_fn returned nan for coalition \[0, 2\]"):
+        shapley_permutation(fn(table), 3, 20, generator=torch.Generator().manual_seed(0))
+
+
+def test_barrier_refuses_nan_and_mismatched_curves():
+    with pytest.raises(ValueError, match="must be finite"):
+        barrier([0, 0.5, 1], [0.8, float("nan"), 0.6])  # max() would skip the NaN: barrier 0
+    with pytest.raises(ValueError, match="3 lambdas but 2 values"):
+        barrier([0, 0.5, 1], [0.8, 0.6])
+    with pytest.raises(ValueError, match="must increase from 0 to 1"):
+        barrier([0, 0.75, 0.5, 1], [1, 1, 1, 1])
+    model, a, b = two_adapters()
+    calls = []
+    with pytest.raises(ValueError, match="contain 0.5"):  # before any evaluation
+        connectivity(model, lambda m: calls.append(1) or 0.0, a, b, lambdas=(0, 0.3, 1))
+    assert calls == []
+
+
+def test_pruning_and_ties_refuse_factor_states():
+    model, a, b = two_adapters()
+    for f in (lambda s: prune_magnitude(s, 0.5), lambda s: keep_qkv(s, "q"), lambda s: combine_ties([s, s])):
+        with pytest.raises(ValueError, match=r"holds factors \(blocks.0.attn.qkv.lora_A, ...\): pass delta_state"):
+            f(a)  # it used to prune nothing, silently
+    with pytest.raises(ValueError, match="nothing to prune"):
+        prune_magnitude({"head.weight": a["head.weight"]}, 0.5)
+    with pytest.raises(ValueError, match="47 rows, not a multiple of 3"):
+        keep_qkv({f"blocks.0.attn.qkv.{DELTA}": torch.ones(47, 16)}, "q")
+    with pytest.raises(ValueError, match="differ in the shape of"):
+        combine([a, {**a, "head.weight": torch.zeros(5, 16)}], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"weights\[1\]=nan must be a finite number"):
+        combine([a, b], [0.5, float("nan")])
+
+
+def test_evaluation_refuses_bad_data_and_modes():
+    model = tiny_vit()
+    x, y = data()
+    groups = block_groups(model)
+    def run(xs, ys, **kw):
+        return coalition_values(model.embed, model.blocks, model.forward_head, xs, ys, **kw)
+
+    for f in (lambda xs, ys, **kw: score(model, xs, ys, **kw), run):
+        with pytest.raises(ValueError, match="x has 40 examples and y 1"):
+            f(x, y[:1])  # y would broadcast: an "accuracy" above 1
+        with pytest.raises(ValueError, match="x has 0 examples and y 0"):
+            f(x[:0], y[:0])  # 0 / 0
+        for batch_size in (0, -16, 2.5):
+            with pytest.raises(ValueError, match="batch_size="):
+                f(x, y, batch_size=batch_size)  # a negative one used to give 0 without a word
+    with pytest.raises(ValueError, match="pass a collection"):
+        coalition(groups, "blocks.0")
+    with pytest.raises(ValueError, match="pass a collection"):
+        coalition(groups, 1)
+    model.train()
+    with pytest.raises(ValueError, match="model.eval"):
+        score(model, x, y)
+    model.eval()
+    unmerged = score(model, x, y, "neg_loss")
+    merge_lora(model)
+    assert score(model, x, y, "neg_loss") == pytest.approx(unmerged, abs=1e-5)  # evaluating is fine
+    for f in (lambda: run(x, y), lambda: delta_state(model)):
+        with pytest.raises(ValueError, match="unmerge_lora"):
+            f()  # switching merged adapters off would do nothing: every coalition the same
+
+
+def test_use_adapter_checks_every_key_before_changing_anything():
+    model, a, _ = two_adapters()
+    x, _ = data()
+    with torch.no_grad():
+        before = model(x)
+    bad = {**a, "blocks.2.mlp.fc2.lora_A": torch.zeros(3, 32)}  # rank 3 where the model has 2
+    with pytest.raises(ValueError, match=r"blocks.2.mlp.fc2.lora_A: shape \(3, 32\) in the state, \(2, 32\)"):
+        with use_adapter(model, bad):
+            pass
+    with pytest.raises(ValueError, match="computed on another model"):
+        with use_adapter(model, {f"blocks.0.attn.qkv.{DELTA}": torch.zeros(48, 8)}):
+            pass
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

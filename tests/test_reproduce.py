@@ -1,0 +1,139 @@
+"""reproduce.py: the t quantile against numerical integration of the t density, verdicts and the
+job plan on hand-made inputs, and tiny end-to-end runs (the table, then --analyse on its saved runs,
+checked against the table's own cached reports)."""
+import dataclasses
+import json
+import math
+import shutil
+
+import pytest
+
+import reproduce
+from reproduce import Config, Plan, interval, t_quantile, t_within, verdict
+
+
+def t_within_by_integration(t, df, steps=20000):
+    """P(|T| < t) = 2 * integral from 0 to t of the t density (Simpson's rule, float64)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = t / steps
+    return 2 * h / 3 * sum((1 if k in (0, steps) else 4 if k % 2 else 2) * f(k * h) for k in range(steps + 1))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 9, 10, 11, 20, 31, 100])
+def test_t_quantile_for_every_degree_of_freedom(df):
+    for t in (0.5, 1.7, 3.0):
+        assert t_within(t, df) == pytest.approx(t_within_by_integration(t, df), abs=1e-9)
+    q = t_quantile(df)
+    assert t_within_by_integration(q, df) == pytest.approx(0.95, abs=1e-9)
+    # printed t tables (3 decimals); 10 and more degrees of freedom no longer fall back to 1.96
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 7: 2.365, 9: 2.262, 10: 2.228, 11: 2.201, 20: 2.086,
+             31: 2.040, 100: 1.984}
+    assert round(q, 3) == table[df]
+
+
+def test_interval_and_verdict_by_hand():
+    m, h = interval([0.80, 0.84, 0.82])  # sd 0.02
+    assert m == pytest.approx(0.82) and h == pytest.approx(t_quantile(2) * 0.02 / math.sqrt(3))
+    xs = [0.5 + 0.01 * k for k in range(12)]  # 11 degrees of freedom: t = 2.201, not 1.96
+    sd = math.sqrt(sum((x - sum(xs) / 12) ** 2 for x in xs) / 11)
+    assert interval(xs)[1] == pytest.approx(2.200985 * sd / math.sqrt(12), rel=1e-6)
+    assert math.isnan(interval([0.5])[1])
+    assert verdict((0.03, 0.01), +1) == "holds" and verdict((-0.03, 0.01), +1) == "reversed"
+    assert verdict((0.01, 0.02), -1) == "not significant (reversed)"
+    assert verdict((-0.01, 0.02), -1) == "not significant (same direction)"
+    assert verdict((0.05, 0.01), 0) == "differs"
+
+
+def test_plan_resumes_where_it_stopped_and_keeps_job_output_back(tmp_path, capsys):
+    calls = []
+
+    def job(i, fail=False):
+        def fn():
+            print(f"training log of job {i}")
+            if fail:
+                raise KeyboardInterrupt  # the user stops the run here
+            calls.append(i)
+            return {"i": i}
+        return fn
+
+    def plan(fail_at):
+        p = Plan()
+        for i in range(5):
+            p.add(f"job {i}", "train" if i % 2 else "adapter", 1.0, tmp_path / f"{i}.json", job(i, i == fail_at))
+        return p
+
+    with pytest.raises(KeyboardInterrupt):
+        plan(fail_at=3).run()
+    out = capsys.readouterr().out
+    assert calls == [0, 1, 2] and not (tmp_path / "3.json").exists()
+    assert "[3/5] job 2" in out and "training log of job 2" not in out  # a job's output is kept back...
+    assert "training log of job 3" in out  # ...unless it fails
+    plan(fail_at=None).run()
+    assert calls == [0, 1, 2, 3, 4]  # only the missing jobs ran
+    assert [json.loads((tmp_path / f"{i}.json").read_text())["i"] for i in range(5)] == list(range(5))
+    assert "5 jobs, 3 cached, 2 to run" in capsys.readouterr().out
+
+
+TINY_VIT = json.dumps({"dataset": "synthetic", "depth": 3, "embed_dim": 16, "num_heads": 2, "n_train": 48,
+                       "batch_size": 16, "warmup": 0, "ckpt_every": 0})
+
+
+def tiny(tmp_path, **kw):
+    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full", steps=6,
+                  lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    """One tiny table (2 tasks, 2 seeds, the "full" study), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("reproduce")
+    return tmp_path, reproduce.main(tiny(tmp_path))
+
+
+def test_tiny_table_end_to_end(table_run, tmp_path, capsys):
+    path, res = table_run
+    root = path / "repro"
+    written = {p.name for p in root.iterdir()}
+    assert {"results.json", "table.md", "pruning.png", "interpolation.png", "combining.png"} <= written
+    rows = {r["claim"]: r for _, _, _, rs in res["table"] for r in rs}
+    acc = [json.loads((root / "runs/full" / t / "lora" / f"seed{s}" / "summary.json").read_text())["acc"]
+           for s in range(2) for t in ("new5", "rot90")]
+    assert rows["1. accuracy, mean over tasks"]["a"][0] == pytest.approx(sum(acc) / 4)
+    reproduce.main(tiny(path))  # again: everything cached, nothing printed by training
+    out = capsys.readouterr().out
+    assert "0 to run" in out and "trainable params" not in out and "tabulating" in out
+    with pytest.raises(ValueError, match="another configuration"):
+        reproduce.main(dataclasses.replace(tiny(path), steps=4))
+
+
+def test_analyse_reads_each_runs_config_from_its_result_json(table_run, tmp_path, capsys):
+    path, _ = table_run
+    runs = path / "repro" / "runs" / "full"
+    results = reproduce.main(Config(analyse=str(runs), n_eval=20, device="cpu"))
+    cached = json.loads((path / "repro/analysis/full/lora/new5/seed0.json").read_text())  # the table's own
+    assert results["lora"]["adapters"][0] == cached and len(results["lora"]["adapters"]) == 4  # lora/new5/seed0
+    assert len(set(json.dumps(r["shapley"]) for r in results["lora"]["adapters"])) == 4  # four different runs
+    assert len(results["coto"]["pairs"]) == 2 and len(results["coto"]["combinations"]) == 2
+    assert (runs / "games" / "games.json").is_file() and (runs / "games" / "pruning.png").is_file()
+    assert "0 to run" not in capsys.readouterr().out
+    reproduce.main(Config(analyse=str(runs), n_eval=20, device="cpu"))
+    assert "0 to run" in capsys.readouterr().out  # cached
+    modules = reproduce.main(Config(analyse=str(runs), n_eval=20, device="cpu", players="module", num_samples=2))
+    names = modules["coto"]["modules"][0]["names"]  # one player per adapted module: 3 blocks x 4 targets
+    assert len(names) == 12 and names[:2] == ["blocks.0.attn.qkv", "blocks.0.attn.proj"]
+    # folder names mean nothing: one run, moved to a folder named like no method, task or seed
+    shutil.copytree(runs / "new5" / "coto" / "seed1", tmp_path / "x" / "y")
+    results = reproduce.main(Config(analyse=str(tmp_path), n_eval=20, device="cpu"))
+    out = capsys.readouterr().out
+    assert len(results["coto"]["adapters"]) == 1 and not results["lora"]["adapters"]
+    assert "no interpolation for coto/new5: it needs two seeds of a task" in out
+    with pytest.raises(FileNotFoundError, match="no finished lora runs"):
+        reproduce.main(Config(analyse=str(tmp_path), methods="lora", device="cpu"))
+
+
+def test_quick_says_it_is_a_smoke_test(capsys):
+    cfg = reproduce.quick_config(Config(quick=True))
+    assert reproduce.QUICK in reproduce.markdown([], {}, cfg)
+    assert reproduce.QUICK not in reproduce.markdown([], {}, Config())
+    assert "smoke test" in reproduce.QUICK and "mean anything" in reproduce.QUICK
