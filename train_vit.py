@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from coto import CoTo, block_groups, coto_prob, set_active
-from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
+from coto import SHAPES, CoTo, block_groups, coto_prob
+from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
 from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config,
-                   pick_device, read_safetensors, save_checkpoint, write_safetensors)
+                   pick_device, read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl,
+                   write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -46,7 +47,7 @@ TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
 class Config:
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | synthetic (tiny generated set, for tests)
-    data_dir: str = ""  # folder with the data files; "" = $COTO_DATA_DIR, ./data, then the Debian path
+    data_dir: str = ""  # the data files' folder, the only one searched; "" = $COTO_DATA_DIR, else ./data, Debian path
     # model (vit.py, timm names); image size and channels come from the dataset
     patch_size: int = 7  # 28x28 -> 16 patches + class token = 17 tokens
     embed_dim: int = 96
@@ -58,6 +59,9 @@ class Config:
     source_classes: str = "0-4"  # training-split classes the backbone learns
     pretrain_steps: int = 500
     pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 128
+    pretrain_weight_decay: float = 0.01
+    pretrain_warmup: int = 10  # linear warmup steps, then cosine to 0
     pretrain_seed: int = 0  # the backbone's initialisation and data order (fine-tuning seeds do not change it)
     # downstream tasks, built from the same data (see make_tasks)
     tasks: str = "new5,rot90,invert,shuffle"  # comma-separated, from TASKS
@@ -98,6 +102,44 @@ class Config:
     plot: bool = False  # write loss curves (PNG) into out_dir
 
 
+# Fields that change how a run is carried out, logged or listed, not what it computes: a run
+# resumed with other values of these continues; any other difference is an error.
+NOT_IN_RESULT = ("data_dir", "device", "compile", "out_dir", "resume", "ckpt_every", "log_every", "eval_every",
+                 "plot", "tasks", "seeds", "compare")
+
+
+def run_config(cfg: Config) -> dict:
+    """What a fine-tuning run's result depends on (its task is its folder): the checkpoint and
+    result.json record it, and --resume continues or skips a run only when it is unchanged."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
+
+
+def check_config(cfg: Config) -> None:
+    """Every flag checked before any data is loaded: one ValueError (FileNotFoundError for a
+    missing data folder) naming the flag."""
+    if cfg.dataset not in ("fashion-mnist", "cifar10", "synthetic"):
+        raise ValueError(f"--dataset {cfg.dataset!r}: choose fashion-mnist, cifar10 or synthetic")
+    unknown = [t for t in cfg.tasks.split(",") if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {cfg.tasks!r}: unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    if cfg.variant not in ("lora", "dora", "hira"):
+        raise ValueError(f"--variant {cfg.variant!r}: choose lora, dora or hira")
+    if cfg.head not in ("learned", "probe", "probe_init"):
+        raise ValueError(f"--head {cfg.head!r}: choose learned, probe or probe_init")
+    if cfg.shape not in SHAPES:
+        raise ValueError(f"--shape {cfg.shape!r}: choose from {', '.join(SHAPES)}")
+    if cfg.progressive_dropout and not cfg.lora_dropout > 0:
+        raise ValueError("--progressive-dropout decays --lora-dropout to 0: set --lora-dropout > 0 (e.g. 0.5)")
+    if cfg.steps < 1 or cfg.pretrain_steps < 1 or cfg.seeds < 1:
+        raise ValueError(f"--steps {cfg.steps}, --pretrain-steps {cfg.pretrain_steps} and --seeds {cfg.seeds} "
+                         "must be at least 1")
+    try:
+        parse_classes(cfg.source_classes)
+    except ValueError:
+        raise ValueError(f"--source-classes {cfg.source_classes!r}: write classes as 0-4 or 0,2,5") from None
+    data_dirs(cfg.data_dir)  # a data folder the user named must exist
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: everything is preloaded as uint8 tensors (N, C, H, W); batches are cut by index.
 
@@ -107,9 +149,15 @@ DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def data_dirs(data_dir: str, extra: str = "") -> list:
-    """Where to look, in order: --data-dir, $COTO_DATA_DIR, ./data, then `extra` (a system path)."""
-    dirs = [data_dir, os.environ.get("COTO_DATA_DIR", ""), "data", extra]
-    return [Path(d) for d in dirs if d]
+    """Where to look: only the folder the user named (--data-dir, else $COTO_DATA_DIR), which must
+    exist; with none named, ./data, then `extra` (a system path)."""
+    named = data_dir or os.environ.get("COTO_DATA_DIR", "")
+    if named:
+        if not Path(named).is_dir():
+            source = "--data-dir" if data_dir else "$COTO_DATA_DIR"
+            raise FileNotFoundError(f"{source} {named}: no such folder; point it at the folder holding the data files")
+        return [Path(named)]
+    return [Path(d) for d in ("data", extra) if d]
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -132,13 +180,45 @@ def load_fashion_mnist(data_dir: str = "") -> dict:
         if all(paths):
             xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
             return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None],
-                    "y_test": yte.long(), "classes": 10}
+                    "y_test": yte.long(), "classes": 10, "folder": str(d)}
     raise FileNotFoundError(
         "Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
         f"{', '.join(tried)}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist  "
         f"(installs them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
         "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into ./data, or pass "
         "--data-dir FOLDER, or set COTO_DATA_DIR.")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Reads CIFAR-10's python batches and nothing else. A pickle may name any importable function
+    and have it called while loading; those files hold only a dict of bytes, ints and one numpy
+    uint8 array, rebuilt by numpy's _reconstruct (numpy.core in the files, numpy._core in numpy 2)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        import numpy as np
+        if name != "_reconstruct":
+            return getattr(np, name)
+        try:
+            from numpy._core.multiarray import _reconstruct  # numpy 2 (its numpy.core warns)
+        except ImportError:
+            from numpy.core.multiarray import _reconstruct
+        return _reconstruct
+
+
+def read_cifar_batch(path: Path) -> tuple:
+    """One CIFAR-10 batch file: images (N, 3, 32, 32) uint8 (rows are channel-major), labels (N,)."""
+    with open(path, "rb") as f:
+        try:
+            b = CifarUnpickler(f, encoding="bytes").load()  # the batches were pickled by Python 2
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path} is not a CIFAR-10 batch ({e}): not loading it; replace it with the "
+                             "file from cifar-10-python.tar.gz") from None
+    return torch.tensor(b[b"data"]).reshape(-1, 3, 32, 32), torch.tensor(b[b"labels"])
 
 
 def load_cifar10(data_dir: str = "") -> dict:
@@ -148,14 +228,10 @@ def load_cifar10(data_dir: str = "") -> dict:
         for folder in (d, d / "cifar-10-batches-py"):
             tried.append(str(folder))
             if (folder / "test_batch").is_file():
-                def read(name):
-                    with open(folder / name, "rb") as f:
-                        b = pickle.load(f, encoding="bytes")
-                    return torch.tensor(b[b"data"]).reshape(-1, 3, 32, 32), torch.tensor(b[b"labels"])
-                train = [read(f"data_batch_{i}") for i in range(1, 6)]
-                xte, yte = read("test_batch")
+                train = [read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+                xte, yte = read_cifar_batch(folder / "test_batch")
                 return {"x_train": torch.cat([x for x, _ in train]), "y_train": torch.cat([y for _, y in train]),
-                        "x_test": xte, "y_test": yte, "classes": 10}
+                        "x_test": xte, "y_test": yte, "classes": 10, "folder": str(folder)}
     raise FileNotFoundError(
         f"CIFAR-10 python batches not found (looked for test_batch in: {', '.join(tried)}).\n  Download "
         "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it into ./data "
@@ -178,7 +254,7 @@ def make_synthetic(n_train: int = 600, n_test: int = 300, seed: int = 0) -> dict
         return x, y
 
     (xtr, ytr), (xte, yte) = draw(n_train), draw(n_test)
-    return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte, "classes": 10}
+    return {"x_train": xtr, "y_train": ytr, "x_test": xte, "y_test": yte, "classes": 10, "folder": "(generated)"}
 
 
 def load_data(cfg: Config) -> dict:
@@ -348,25 +424,43 @@ def set_lora_dropout(model, rate: float) -> None:
         layer.lora_dropout.p = rate
 
 
-def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, out_dir=None,
-               coto=None, eval_fn=None, tag: str = "") -> dict:
+def check_finite(loss: float, grad_norm: float, step: int, lr: float, tag: str) -> None:
+    """Stop a diverging run at its first non-finite loss or gradient, before the step reaches the
+    weights: nothing after the last checkpoint is saved and no accuracy is reported. (A finite
+    loss can come with an inf gradient, and an adapter CoTo bypassed hides NaN weights from the loss.)"""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"{tag}: at step {step} the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}: "
+                                 f"training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
+                                 f"pretraining; this run's peak: {lr:g}); nothing after the last checkpoint was saved")
+
+
+def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float,
+               warmup: int, seed: int, out_dir=None, config: dict | None = None, coto=None, eval_fn=None,
+               tag: str = "train") -> dict:
     """Train the parameters of `model` that require grad on uint8 images x, labels y.
-    AdamW, warmup + cosine LR, global batch cfg.batch_size (split over DDP ranks), one CoTo draw
-    per step. eval_fn(model) -> (acc, loss) runs every cfg.eval_every steps with every adapter on.
-    With out_dir: checkpoints (cfg.ckpt_every), metrics.jsonl, and resume (cfg.resume).
+    AdamW, warmup + cosine LR, global batch `batch_size` (split over DDP ranks), one CoTo draw per
+    step. eval_fn(model) -> (acc, loss) runs every cfg.eval_every steps (in eval mode: every adapter
+    on). With out_dir: checkpoints (cfg.ckpt_every) tied to `config`, metrics.jsonl, and resume
+    (cfg.resume), after which the history, active fractions and train time are the whole run's.
     Returns {"history": [...], "train_time_s", "ms_per_step", "active_frac"}."""
     rank, world = rank_world()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} DDP ranks")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {world} DDP ranks")
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    batches = Batches(len(y), cfg.batch_size, seed)  # the same global batches on every rank
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches = Batches(len(y), batch_size, seed)  # the same global batches on every rank
     ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    start = 0
+    # run state a resumed run continues: log records, per-step active fractions, the losses and
+    # accuracies since the last log line, seconds spent in earlier segments
+    start, run = 0, {"history": [], "active": [], "losses": [], "accs": [], "train_time_s": 0.0}
     if cfg.resume and ckpt and ckpt.is_file():
-        start, data_state = load_checkpoint(ckpt, model, opt, coto)
+        start, data_state, run = load_checkpoint(ckpt, model, opt, coto, config=config)
         batches.load_state_dict(data_state)
+        if rank == 0:
+            print(f"resuming {tag} from step {start}", flush=True)
+    if out_dir and rank == 0:
+        truncate_jsonl(Path(out_dir) / "metrics.jsonl", start)  # drop what the checkpoint does not cover
     # DDP: gradients of bypassed adapters are absent on every rank alike (same CoTo mask), hence
     # find_unused_parameters; a plain LoRA or pretraining run uses every parameter.
     net = model
@@ -374,10 +468,12 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, ou
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
             find_unused_parameters=coto is not None)
-    history, t0, t_last, loss_acc, n_acc, active = [], time.time(), time.time(), [], [], []
+    history, active, losses, accs = run["history"], run["active"], run["losses"], run["accs"]
+    t0 = t_last = time.time()
+    timed = 0  # steps since t_last
     model.train()
     for step in range(start, steps):
-        lr_now = get_lr(step, steps, lr, cfg.warmup)
+        lr_now = get_lr(step, steps, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
         if coto is not None:
@@ -391,16 +487,21 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, ou
             logits = net(xb)
         loss = F.cross_entropy(logits.float(), yb)
         loss.backward()
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        health = torch.stack([loss.detach(), grad_norm])  # (2,): one sync (and one all_reduce) for both
+        if world > 1:  # a NaN or inf on any rank reaches every rank: all stop together
+            dist.all_reduce(health)
+        check_finite(health[0].item() / world, health[1].item() / world, step + 1, lr, tag)
         opt.step()
         opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
-        loss_acc.append(loss.item())
-        n_acc.append((logits.argmax(1) == yb).float().mean().item())
-        done = step + 1
+        losses.append(loss.item())
+        accs.append((logits.argmax(1) == yb).float().mean().item())
+        done, timed = step + 1, timed + 1
         if done % cfg.log_every == 0 or done == steps:
-            ms = 1000 * (time.time() - t_last) / len(loss_acc)
-            rec = {"tag": tag, "step": done, "loss": sum(loss_acc) / len(loss_acc),
-                   "acc": sum(n_acc) / len(n_acc), "lr": lr_now, "ms": ms}
-            line = f"{tag}step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}"
+            ms = 1000 * (time.time() - t_last) / timed
+            rec = {"tag": tag, "step": done, "loss": sum(losses) / len(losses),
+                   "acc": sum(accs) / len(accs), "lr": lr_now, "ms": ms}
+            line = f"{tag} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}"
             if coto is not None:
                 rec["p"] = coto.p
                 line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
@@ -410,22 +511,22 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, seed: int, ou
                 print(line, flush=True)
                 if out_dir:
                     append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
-            loss_acc, n_acc, t_last = [], [], time.time()
+            losses.clear(), accs.clear()
+            t_last, timed = time.time(), 0
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
-            with coto.all_active() if coto is not None else nullcontext():  # evaluation: every adapter on
-                acc, loss_e = eval_fn(model)
+            acc, loss_e = eval_fn(model)  # evaluate() switches to eval mode: every adapter runs
             if rank == 0:
-                print(f"{tag}step {done} | eval loss {loss_e:.3f} | eval acc {acc:.4f}", flush=True)
+                print(f"{tag} | step {done} | eval loss {loss_e:.3f} | eval acc {acc:.4f}", flush=True)
                 if out_dir:
                     append_jsonl(Path(out_dir) / "metrics.jsonl", {"tag": tag, "step": done, "eval_loss": loss_e, "eval_acc": acc})
-            t_last = time.time()  # evaluation time is not counted in the next interval's ms/step
+            t_last, timed = time.time(), 0  # evaluation time is not counted in the next interval's ms/step
         if ckpt and rank == 0 and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
-            save_checkpoint(ckpt, model, opt, done, batches.state_dict(), coto)
+            save_checkpoint(ckpt, model, opt, done, batches.state_dict(), coto, config=config,
+                            extra={**run, "train_time_s": run["train_time_s"] + time.time() - t0})
     if world > 1:
         dist.barrier()
-    elapsed = time.time() - t0
-    return {"history": history, "train_time_s": elapsed,
-            "ms_per_step": 1000 * elapsed / max(steps - start, 1),
+    train_time = run["train_time_s"] + time.time() - t0
+    return {"history": history, "train_time_s": train_time, "ms_per_step": 1000 * train_time / steps,
             "active_frac": sum(active) / len(active) if active else 1.0}
 
 
@@ -444,8 +545,8 @@ def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransfo
 
 
 PRETRAIN_FIELDS = ("dataset", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-                   "source_classes", "pretrain_steps", "pretrain_lr", "batch_size", "weight_decay",
-                   "warmup", "pretrain_seed")
+                   "source_classes", "pretrain_steps", "pretrain_lr", "pretrain_batch_size",
+                   "pretrain_weight_decay", "pretrain_warmup", "pretrain_seed")
 
 
 def pretrain_key(cfg: Config) -> str:
@@ -464,9 +565,13 @@ def pretrain(cfg: Config, data: dict) -> dict:
         return model.state_dict()
     folder = Path(cfg.out_dir) / f"pretrain-{pretrain_key(cfg)}"
     cached = folder / "backbone.safetensors"
-    if cached.is_file():
-        return read_safetensors(cached)
     rank, _ = rank_world()
+    if cached.is_file():
+        try:
+            return read_safetensors(cached)
+        except ValueError as e:  # e.g. a copy cut short: train it again rather than fail or use it
+            if rank == 0:
+                print(f"{e}\nthe cached backbone is damaged: pretraining it again", flush=True)
     torch.manual_seed(cfg.pretrain_seed)
     device = pick_device(cfg.device)
     model = build_model(cfg, data["x_train"], len(source)).to(device)
@@ -477,7 +582,8 @@ def pretrain(cfg: Config, data: dict) -> dict:
         print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on "
               f"classes {cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps")
     train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, steps=cfg.pretrain_steps,
-               lr=cfg.pretrain_lr, seed=cfg.pretrain_seed, tag="pretrain ")
+               lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay,
+               warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, tag="pretrain")
     acc, _ = evaluate(model, data["x_test"][mte], remap[data["y_test"][mte]])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if rank == 0:
@@ -537,21 +643,48 @@ def run_dir(cfg: Config, task: str) -> Path:
     return Path(cfg.out_dir) / key / task / method_name(cfg) / f"seed{cfg.seed}"
 
 
+def run_name(cfg: Config, task: str) -> str:
+    """"rot90 coto s0": how logs and messages name one fine-tuning run."""
+    return f"{task} {method_name(cfg)} s{cfg.seed}"
+
+
+def config_diff(saved: dict, now: dict) -> list:
+    """"field: value then, value now" for every field in which two configurations differ."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples read back as lists
+    return [f"{k}: {saved.get(k, '(absent)')!r} then, {now.get(k, '(absent)')!r} now"
+            for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
+
+
+def finished_run(folder: Path, config: dict, not_in_result=NOT_IN_RESULT):
+    """The saved result.json of the run in `folder` if it finished with `config` (None if it has not
+    finished); a run finished with another configuration is a ValueError listing the differences."""
+    path = Path(folder) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        saved = {k: v for k, v in result["config"].items() if k not in not_in_result}
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"{path} is damaged; delete it (or run without --resume) to train this run again") from None
+    diff = config_diff(saved, config)
+    if diff:
+        raise ValueError(f"{folder} holds a run finished with another configuration ({'; '.join(diff)}). Rerun with "
+                         "its flags, without --resume to overwrite it, or with another --out-dir")
+    return result
+
+
 def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out_dir=None) -> tuple:
     """LoRA (cfg.coto: with CoTo) on the frozen backbone plus a task head; returns (model, metrics).
     The head is fresh and trained (cfg.head == "learned"), the frozen `probe_head` ("probe"), or
     starts at `probe_head` and is trained ("probe_init": linear probing, then fine-tuning).
     With out_dir: checkpoint / resume, metrics.jsonl, and at the end adapters.safetensors
     (lora_state_dict plus head.weight / head.bias) and result.json."""
+    check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)  # adapters' initialisation; the same with and without CoTo
     model = build_model(cfg, task.x_train, task.num_classes)
     load_pretrained(model, backbone_state)  # the source head is dropped: reset_head below
     reset_head(model, task.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.progressive_dropout and not cfg.lora_dropout > 0:
-        raise ValueError("progressive_dropout decays lora_dropout to 0: set lora_dropout > 0 (e.g. 0.5)")
-    if cfg.head not in ("learned", "probe", "probe_init"):
-        raise ValueError(f"unknown head mode {cfg.head!r}: choose learned, probe or probe_init")
     if cfg.head != "learned":
         if probe_head is None:
             raise ValueError(f"head={cfg.head!r} needs probe_head (from linear_probe)")
@@ -566,18 +699,22 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
     rank, _ = rank_world()
-    tag = f"{task.name} {method_name(cfg)} s{cfg.seed} | "
-    out = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
-                     out_dir=out_dir, coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test), tag=tag)
-    if coto is not None:  # training is over: every adapter on from here (evaluation, saving, callers)
-        set_active(coto.groups, [True] * len(coto.names))
+    if out_dir and rank == 0 and not cfg.resume:
+        for f in ("ckpt.pt", "result.json"):
+            (Path(out_dir) / f).unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
+    out = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, out_dir=out_dir,
+                     config=run_config(cfg), coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test),
+                     tag=run_name(cfg, task.name))
+    model.eval()  # from here on every adapter runs (CoTo's mask acts in training mode only)
     acc, loss = evaluate(model, task.x_test, task.y_test)
     metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **out}
     if out_dir and rank == 0:
         state = {**lora_state_dict(model), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
-        write_safetensors(state, Path(out_dir) / "adapters.safetensors",
-                          metadata={"task": task.name, "method": method_name(cfg), "seed": cfg.seed})
-        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": dataclasses.asdict(cfg)}, indent=1))
+        write_safetensors(state, Path(out_dir) / "adapters.safetensors", metadata={
+            **lora_metadata(model), "task": task.name, "method": method_name(cfg), "seed": cfg.seed})
+        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}  # a resumed run's file is the same
+        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
     return model, metrics
 
 
@@ -588,7 +725,7 @@ def load_adapters(cfg: Config, task: Task, backbone_state: dict, path) -> Vision
     inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant=cfg.variant, rslora=cfg.rslora)
     state = read_safetensors(path)
     model.head.load_state_dict({"weight": state.pop("head.weight"), "bias": state.pop("head.bias")})
-    load_lora_state_dict(model, state)
+    load_lora_state_dict(model, state, metadata=read_safetensors_metadata(path))  # a HiRA file into a LoRA model: error
     return model.to(pick_device(cfg.device)).eval()
 
 
@@ -596,50 +733,67 @@ def load_adapters(cfg: Config, task: Task, backbone_state: dict, path) -> Vision
 
 
 def main(cfg: Config) -> dict:
-    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo. Returns the results."""
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo. Returns the results.
+    Under torchrun: one process group for the whole job, closed at the end."""
+    check_config(cfg)
+    ddp = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+    if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
         if torch.cuda.is_available() and cfg.device != "cpu":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        return run_all(cfg)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def run_all(cfg: Config) -> dict:
     rank, _ = rank_world()
+    say = print if rank == 0 else (lambda *a, **k: None)
     t0 = time.time()
+    names = cfg.tasks.split(",")
+    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
+    configs = [(name, dataclasses.replace(cfg, coto=coto_on, seed=seed))
+               for name in names for seed in range(cfg.seed, cfg.seed + cfg.seeds) for coto_on in settings]
+    runs = [(name, c, run_dir(c, name)) for name, c in configs]  # (task, config, folder)
+    # finished runs (--resume), checked against the flags now rather than after loading and pretraining
+    finished = {out: finished_run(out, run_config(c)) for _, c, out in runs} if cfg.resume else {}
+    say(f"output: {cfg.out_dir}", flush=True)
     data = load_data(cfg)
+    say(f"data: {cfg.dataset} from {data['folder']}", flush=True)
     source = parse_classes(cfg.source_classes)
     backbone = pretrain(cfg, data)
-    names = [t for t in cfg.tasks.split(",") if t]
     # the task subsets are fixed (seed 0): seeds vary initialisation, data order and CoTo draws only
     tasks = make_tasks(data, names, source, cfg.patch_size, cfg.n_train, cfg.n_test, cfg.n_per_class, seed=0)
     probe_model = build_model(cfg, data["x_train"], len(source))
-    settings = [cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto]
-    settings.sort()  # plain LoRA first
     results = {"probe": {}, "runs": []}
     for name, task in tasks.items():
         load_pretrained(probe_model, backbone)
         probe_head, probe_acc = linear_probe(probe_model, task)
         results["probe"][name] = probe_acc
-        if rank == 0:
-            print(f"{name}: frozen-backbone linear probe test accuracy {probe_acc:.4f}")
-        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-            for coto_on in settings:
-                c = dataclasses.replace(cfg, coto=coto_on, seed=seed)
-                out = run_dir(c, name)
-                if cfg.resume and (out / "result.json").is_file():
-                    results["runs"].append(json.loads((out / "result.json").read_text()))
-                    continue
-                if rank == 0 and not cfg.resume and out.exists():
-                    for f in ("ckpt.pt", "metrics.jsonl"):
-                        (out / f).unlink(missing_ok=True)  # a fresh run: no stale checkpoint or log
-                _, metrics = finetune(c, task, backbone, probe_head, out_dir=out)
-                results["runs"].append(metrics)
+        say(f"{name}: frozen-backbone linear probe test accuracy {probe_acc:.4f}")
+        for c, out in ((c, out) for task_name, c, out in runs if task_name == name):
+            if finished.get(out):
+                say(f"skipping {run_name(c, name)}: finished ({out})")
+                results["runs"].append(finished[out])
+                continue
+            if (out / "result.json").is_file():
+                say(f"overwriting {run_name(c, name)}, which had finished ({out}); --resume keeps finished runs")
+            _, metrics = finetune(c, task, backbone, probe_head, out_dir=out)
+            results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0
     if rank == 0:
         print_table(results, names)
         print(f"total {format_eta(results['wall_s'])}")
         summary = Path(cfg.out_dir) / "results.json"
-        summary.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+        written = [summary]
         if cfg.plot:
-            plot_curves(results, Path(cfg.out_dir) / "curves.png")
+            written.append(Path(cfg.out_dir) / "curves.png")
+            plot_curves(results, written[-1])
+        print(f"wrote {' and '.join(map(str, written))}; each run's adapters, log and result under "
+              f"{run_dir(cfg, names[0]).parents[2]}")
     return results
 
 
@@ -681,4 +835,9 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n")[0]))
+    try:
+        main(parse_config(Config, description=__doc__.split("\n")[0]))
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data, files: one line, no traceback
+        raise SystemExit(f"train_vit.py: error: {e}")

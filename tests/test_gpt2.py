@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import runpy
 import tarfile
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # test-only
 
 import bpe
 import train_gpt2
+import utils
 from gpt2 import GPT, load_hf, save_hf, state_from_hf
 from utils import write_safetensors
 
@@ -198,39 +200,113 @@ def tiny_config(tmp_path, sha, **kw) -> train_gpt2.Config:
     return train_gpt2.Config(**{**base, **kw})
 
 
-def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
-    sha = make_sdist(tmp_path / "s.tar.gz")
-    cfg = tiny_config(tmp_path, sha, steps=8, p0=0.0)
-    data = torch.randint(0, 256, (500,))
+def without_timings(folder) -> tuple:
+    """result.json and metrics.jsonl of a run, minus the fields that hold wall-clock times."""
+    result = json.loads((folder / "result.json").read_text())
+    for k in ("train_time_s", "ms_per_step"):
+        assert result.pop(k) > 0
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for r in result["history"] + records:
+        r.pop("ms")
+    return result, records
+
+
+def tiny_finetune_setup(tmp_path):
+    data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(0))
     base = tmp_path / "base"
     torch.manual_seed(0)
     save_hf(GPT(vocab_size=256, n_positions=16, n_embd=16, n_layer=2, n_head=2), base)
-    val = train_gpt2.val_windows(data, 16, 4)
-    tok = train_gpt2.ByteTokenizer()
-    _, full = train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok)
+    return data, base, train_gpt2.val_windows(data, 16, 4), train_gpt2.ByteTokenizer()
 
+
+def crash_at_batch(monkeypatch, n: int) -> None:
+    """get_batch raises KeyboardInterrupt on its n-th call, as if the run were killed there."""
     calls, real = [0], train_gpt2.get_batch
 
-    def crash_after_6(*a, **k):  # the checkpoint of step 4 is on disk when the 7th batch fails
+    def get_batch(*a, **k):
         calls[0] += 1
-        if calls[0] == 7:
+        if calls[0] == n:
             raise KeyboardInterrupt
         return real(*a, **k)
+    monkeypatch.setattr(train_gpt2, "get_batch", get_batch)
 
+
+def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+    """Cut after step 6 (logs every 2 steps, checkpoints every 4): the resumed run's sample, loss,
+    result.json and metrics.jsonl (timings aside) equal an uninterrupted run's."""
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, steps=8, p0=0.0, log_every=2)
+    data, base, val, tok = tiny_finetune_setup(tmp_path)
+    _, full = train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=tmp_path / "full")
     out = tmp_path / "run"
-    monkeypatch.setattr(train_gpt2, "get_batch", crash_after_6)
+    crash_at_batch(monkeypatch, 7)  # the checkpoint of step 4 is on disk when the 7th batch fails
     with pytest.raises(KeyboardInterrupt):
         train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=out)
-    monkeypatch.setattr(train_gpt2, "get_batch", real)
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6]
+    monkeypatch.undo()
     _, resumed = train_gpt2.finetune(dataclasses.replace(cfg, resume=True), "milton", base, data, val,
                                      torch.ones(256), tok, out_dir=out)
     assert resumed["val_loss"] == full["val_loss"] and resumed["sample"] == full["sample"]
+    assert without_timings(out) == without_timings(tmp_path / "full")
+    assert [r["step"] for r in resumed["history"]] == [2, 4, 6, 8] and 0 < resumed["active_frac"] < 1
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in (tmp_path / "full").iterdir())
 
 
-def test_main_end_to_end_tiny(tmp_path):
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
     sha = make_sdist(tmp_path / "s.tar.gz")
-    cfg = tiny_config(tmp_path, sha, domains="milton,prose", seeds=2, games=True)
+    cfg = tiny_config(tmp_path, sha, steps=8)
+    data, base, val, tok = tiny_finetune_setup(tmp_path)
+    crash_at_batch(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=tmp_path / "run")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"ckpt\.pt .*another configuration .*alpha: 4\.0 .*64\.0 now; r: 2 .*8 now"):
+        train_gpt2.finetune(dataclasses.replace(cfg, resume=True, r=8, alpha=64.0), "milton", base, data, val,
+                            torch.ones(256), tok, out_dir=tmp_path / "run")
+
+
+def test_a_diverging_run_stops_before_saving_anything(tmp_path):
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, lr=1e4, steps=30, log_every=1, ckpt_every=1, device="cpu")
+    data, base, val, tok = tiny_finetune_setup(tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"milton coto s0: at step 2 the loss is .* training diverged\. "
+                                                 r"Rerun with a lower learning rate"):
+        train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=out)
+    assert not (out / "result.json").exists() and not (out / "adapter_model.safetensors").exists()
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 1 and all(torch.isfinite(t).all() for t in ck["trainable"].values())
+
+
+def test_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path):
+    cfg = train_gpt2.Config(out_dir=str(tmp_path))
+    same = dataclasses.replace(cfg, seed=1, seeds=3, batch_size=64, weight_decay=0.1, warmup=5, lr=1.0, r=2, steps=9)
+    assert train_gpt2.base_folder(same) == train_gpt2.base_folder(cfg)  # --seed 1 does not pretrain again
+    for change in ({"pretrain_seed": 1}, {"pretrain_warmup": 1}, {"pretrain_weight_decay": 0.0}, {"n_layer": 2}):
+        assert train_gpt2.base_folder(dataclasses.replace(cfg, **change)) != train_gpt2.base_folder(cfg), change
+
+
+def test_bad_flags_are_one_line_before_any_text_is_read(tmp_path, monkeypatch):
+    for flags, message in ((dict(domains="milton,miltn"), "--domains 'milton,miltn': unknown domain 'miltn'"),
+                           (dict(variant="lorra"), "--variant 'lorra': choose lora, dora or hira")):
+        monkeypatch.setattr(utils, "parse_config", lambda *a, **k: train_gpt2.Config(data="nowhere", **flags))
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(train_gpt2.__file__, run_name="__main__")
+        assert str(e.value.code).startswith("train_gpt2.py: error: " + message) and "\n" not in str(e.value.code)
+    monkeypatch.setattr(utils, "parse_config", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line saying how to continue, no traceback
+        runpy.run_path(train_gpt2.__file__, run_name="__main__")
+    assert e.value.code == "\ninterrupted: run the same command with --resume to continue from the last checkpoints"
+
+
+def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, domains="milton,prose", seeds=2, games=True, device=str(device))
     res = train_gpt2.main(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [f"output: {cfg.out_dir}", f"data: {cfg.data}"]
+    assert lines[-1].endswith(f"wrote {cfg.out_dir}/results.json; base model and adapters (PEFT format) in "
+                              f"{train_gpt2.base_folder(cfg)}")
     runs = res["runs"]
     assert [(r["domain"], r["method"], r["seed"]) for r in runs][:4] == [
         ("milton", "lora", 0), ("milton", "coto", 0), ("milton", "lora", 1), ("milton", "coto", 1)]
@@ -251,11 +327,26 @@ def test_main_end_to_end_tiny(tmp_path):
     folder = train_gpt2.run_dir(root, dataclasses.replace(cfg, coto=True), "milton")
     conf = json.loads((folder / "adapter_config.json").read_text())
     assert conf["target_modules"] and conf["base_model_name_or_path"].endswith(train_gpt2.base_folder(cfg).name)
+    tags = {json.loads(r)["tag"] for r in (folder / "metrics.jsonl").read_text().splitlines()}
+    assert tags == {"milton coto s0"}  # no trailing separator
     again = train_gpt2.main(dataclasses.replace(cfg, resume=True, games=False))
     assert [r["val_loss"] for r in again["runs"]] == [r["val_loss"] for r in runs]  # cached runs reloaded
+    assert "skipping milton coto s1: finished" in capsys.readouterr().out
+    with monkeypatch.context() as m, pytest.raises(
+            ValueError, match=r"holds a run finished with another configuration \(lr: 0.01 then, 0.1 now\)"):
+        m.setattr(train_gpt2, "read_sdist", lambda *a: pytest.fail("read the text before checking the flags"))
+        train_gpt2.main(dataclasses.replace(cfg, resume=True, games=False, lr=0.1))
+    # a damaged cached base model is trained again, never used
+    cached = train_gpt2.base_folder(cfg) / "model.safetensors"
+    before = cached.read_bytes()
+    cached.write_bytes(before[:len(before) // 2])
+    train_gpt2.main(dataclasses.replace(cfg, domains="milton", seeds=1, compare=False, games=False))
+    assert "the cached base model is damaged: pretraining it again" in capsys.readouterr().out
+    assert len(cached.read_bytes()) == len(before)
+    load_hf(cached.parent)  # whole again
 
 
-def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_files):
+def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_files, device):
     """--init: an HF GPT-2 folder (weights + vocab.json + merges.txt); no pretraining, BPE tokens,
     bits per byte counted over the bytes the target tokens stand for. HiRA adapters (no PEFT
     equivalent) are saved in this project's format and the analyses reload them."""
@@ -266,7 +357,7 @@ def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_fil
     for f in ("vocab.json", "merges.txt"):
         (folder / f).write_bytes((tokenizer_files / f).read_bytes())
     cfg = tiny_config(tmp_path, sha, init=str(folder), block_size=20, variant="hira", compare=False,
-                      games=True, steps=4)
+                      games=True, steps=4, device=str(device))
     res = train_gpt2.main(cfg)
     (run,) = res["runs"]
     assert run["method"] == "hira-coto" and math.isfinite(run["val_loss"])
