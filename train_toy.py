@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from coto import CoTo, active_mask, block_groups, coto_prob
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
-from utils import parse_config, pick_device
+from utils import TrainLog, check_finite, get_lr, method_name, pick_device, run_script
 
 
 @dataclass
@@ -45,9 +45,10 @@ class Config:
     alpha: float = 16.0
     p0: float = 0.0            # CoTo's starting probability (paper figure: 0; authors' snippet: 0.1)
     stage1_ratio: float = 0.75
-    seeds: tuple = (0, 1)      # two seeds: their adapters are averaged at lambda = 0.5
-    data_seed: int = 1234
-    log_every: int = 100
+    seed: int = 0              # first fine-tuning seed: lora_A's initialisation, data order, CoTo draws
+    seeds: int = 2             # seeds seed .. seed + seeds - 1; the first two's adapters are averaged at lambda = 0.5
+    pretrain_seed: int = 1234  # the generated data, the backbone's initialisation and its data order
+    log_every: int = 100       # steps between log lines (0 = only the last step)
     device: str = "auto"       # auto | cpu | cuda | mps
     out_dir: str = "runs/toy"
     plot: bool = True
@@ -82,7 +83,7 @@ class ToyNet(nn.Module):
 def make_tasks(cfg: Config) -> dict:
     """Source and downstream (x, y) splits. Labels come from a random 2-layer teacher; the
     downstream task feeds the teacher rotated points, x -> x @ R, R = exp(skew-symmetric)."""
-    g = torch.Generator().manual_seed(cfg.data_seed)
+    g = torch.Generator().manual_seed(cfg.pretrain_seed)
     T1 = torch.randn(cfg.d_in, 4 * cfg.d_in, generator=g) / math.sqrt(cfg.d_in)
     T2 = torch.randn(4 * cfg.d_in, cfg.n_classes, generator=g) / math.sqrt(4 * cfg.d_in)
     S = torch.randn(cfg.d_in, cfg.d_in, generator=g) / math.sqrt(cfg.d_in)
@@ -109,47 +110,40 @@ def accuracy(model: nn.Module, x, y) -> float:
     return acc
 
 
-def train(model, params, data, steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
+def train(model, params, data, total_steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
     """AdamW with a cosine LR; CoTo (if given) draws its mask before every optimizer step.
     Stops at the first non-finite loss or gradient. Returns per-step records {loss, p, active}."""
     (x, y), (x_test, y_test) = data
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)  # data order: identical with and without CoTo, on any device
-    history, t0 = [], time.perf_counter()
+    log, history = TrainLog(name, total_steps, log_every), []
     model.train()
-    for step in range(steps):
-        lr_t = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+    for step in range(total_steps):
+        lr_now = get_lr(step, total_steps, lr, warmup=0)
         for group in opt.param_groups:
-            group["lr"] = lr_t
+            group["lr"] = lr_now
         if coto is not None:
-            coto.step(step)
+            coto.step(step)  # CoTo: one draw per optimizer step, each block's adapters on with prob p(step)
         idx = torch.randint(len(x), (batch_size,), generator=g).to(x.device)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         loss.backward()
-        loss_value = loss.item()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # before the step reaches the weights
-            raise FloatingPointError(f"{name}: at step {step} the loss is {loss_value:.4g} and the gradient norm "
-                                     f"{grad_norm:.4g}: training diverged; rerun with a lower learning rate "
-                                     f"(--lr, or --pretrain-lr for pretraining; this run's: {lr:g})")
+        check_finite(loss, params, step + 1, lr, name)  # before the step reaches the weights
         opt.step()
         opt.zero_grad(set_to_none=True)  # None, not zero: bypassed adapters are not moved by AdamW
-        p, active = (coto.p, coto.mask.float().mean().item()) if coto else (1.0, 1.0)
-        history.append({"loss": loss_value, "p": p, "active": active})
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            acc = accuracy(model, x_test, y_test)  # eval mode: every adapter runs
-            ms = 1000 * (time.perf_counter() - t0) / (step + 1)
-            coto_fields = f"p {p:.2f} | active {active:.2f} | " if coto else ""
-            print(f"{name:>12} step {step:4d} | loss {loss_value:.3f} | acc {acc:.3f} | {coto_fields}{ms:.1f} ms")
+        history.append({"loss": loss.item(), "p": coto.p if coto else 1.0,
+                        "active": coto.mask.float().mean().item() if coto else 1.0})
+        log.step(step + 1, lr_now, coto, loss=history[-1]["loss"])
+        if log_every and (step + 1) % log_every == 0:
+            log.eval(step + 1, test_acc=accuracy(model, x_test, y_test))  # eval mode: every adapter runs
     return history
 
 
 def pretrain(cfg: Config, tasks: dict) -> dict:
-    torch.manual_seed(cfg.data_seed)
+    torch.manual_seed(cfg.pretrain_seed)
     model = ToyNet(cfg).to(tasks["source"][0][0].device)
     train(model, model.parameters(), tasks["source"], cfg.pretrain_steps, cfg.pretrain_lr,
-          cfg.batch_size, seed=cfg.data_seed, log_every=cfg.log_every * 4, name="pretrain")
+          cfg.batch_size, seed=cfg.pretrain_seed, log_every=cfg.log_every * 4, name="pretrain")
     return model.state_dict()
 
 
@@ -165,30 +159,29 @@ def finetune(cfg: Config, backbone: dict, tasks: dict, seed: int, use_coto: bool
     model.to(tasks["target"][0][0].device)
     coto = CoTo(block_groups(model), cfg.steps, cfg.p0, cfg.stage1_ratio, seed=seed) if use_coto else None
     params = [p for p in model.parameters() if p.requires_grad]
-    name = f"{'coto' if use_coto else 'lora'} s{seed}"
+    name = f"{method_name('lora', use_coto)} s{seed}"
     history = train(model, params, tasks["target"], cfg.steps, cfg.lr, cfg.batch_size, seed, coto,
                     cfg.log_every, name)
     return model.eval(), history  # eval mode: every adapter runs from here
 
 
 def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
-    """Accuracy per seed, of the lambda = 0.5 factor-wise average, and with every other block's
-    adapters removed."""
+    """Accuracy per seed, of the first two seeds' adapters averaged factor-wise at lambda = 0.5, and
+    with every other block's adapters removed."""
     x, y = tasks["target"][1]
     accs = [accuracy(m, x, y) for m in models]
     states = [lora_state_dict(m) for m in models]
     avg = {k: 0.5 * (states[0][k] + states[1][k]) for k in states[0]}
-    merged = models[0]
-    load_lora_state_dict(merged, avg)
-    merged_acc = accuracy(merged, x, y)
-    load_lora_state_dict(merged, states[0])
+    load_lora_state_dict(models[0], avg)
+    averaged_acc = accuracy(models[0], x, y)
+    load_lora_state_dict(models[0], states[0])
     groups = block_groups(models[0])
     keep_even = [i % 2 == 0 for i in range(len(groups))]
     pruned = []
     for m in models:
         with active_mask(block_groups(m), keep_even):
             pruned.append(accuracy(m, x, y))
-    return {"acc": sum(accs) / len(accs), "accs": accs, "interp_0.5": merged_acc,
+    return {"acc": sum(accs) / len(accs), "accs": accs, "interp_0.5": averaged_acc,
             "prune_every_other": sum(pruned) / len(pruned)}
 
 
@@ -225,11 +218,11 @@ def plot(cfg: Config, histories: dict, path: Path) -> None:
 
 
 def main(cfg: Config) -> dict:
-    if len(cfg.seeds) != 2:
-        raise ValueError(f"seeds={cfg.seeds}: give exactly two seeds (their adapters are averaged)")
+    if cfg.seeds < 2:
+        raise ValueError(f"--seeds {cfg.seeds}: give at least 2 (the first two seeds' adapters are averaged)")
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
-    print(f"output: {cfg.out_dir} | data: generated (seed {cfg.data_seed}) | device: {device}")
+    print(f"output: {cfg.out_dir} | data: generated (seed {cfg.pretrain_seed}) | device: {device}")
     tasks = {k: tuple((x.to(device), y.to(device)) for x, y in splits) for k, splits in make_tasks(cfg).items()}
     backbone = pretrain(cfg, tasks)
     base = ToyNet(cfg).to(device)
@@ -238,7 +231,8 @@ def main(cfg: Config) -> dict:
                "base_target_acc": accuracy(base, *tasks["target"][1])}
     histories = {}
     for method in ("lora", "coto"):
-        runs = [finetune(cfg, backbone, tasks, seed, method == "coto") for seed in cfg.seeds]
+        seeds = range(cfg.seed, cfg.seed + cfg.seeds)
+        runs = [finetune(cfg, backbone, tasks, seed, method == "coto") for seed in seeds]
         histories[method] = runs[0][1]
         results[method] = evaluate_method(cfg, [m for m, _ in runs], tasks)
     results["seconds"] = time.perf_counter() - t0
@@ -246,7 +240,7 @@ def main(cfg: Config) -> dict:
     print(f"\nbackbone: source acc {results['source_acc']:.3f}, "
           f"downstream acc without adapters {results['base_target_acc']:.3f}")
     print(f"{'downstream test accuracy':<40}{'LoRA':>8}{'CoTo':>8}")
-    for key, label in (("acc", "fine-tuned (mean of 2 seeds)"),
+    for key, label in (("acc", f"fine-tuned (mean of {cfg.seeds} seeds)"),
                        ("interp_0.5", "2 seeds averaged, lambda = 0.5"),
                        ("prune_every_other", "adapters of every other block removed")):
         print(f"{label:<40}{results['lora'][key]:>8.3f}{results['coto'][key]:>8.3f}")
@@ -259,9 +253,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config, description=__doc__.split("\n")[0]))
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: the toy demo keeps no checkpoints; run it again (about a minute)")
-    except (ValueError, FloatingPointError) as e:  # bad flags or a diverging run: what to do, no traceback
-        raise SystemExit(f"train_toy.py: error: {e}")
+    run_script(main, Config, __doc__, __file__, "the toy demo keeps no checkpoints; run it again (about a minute)")

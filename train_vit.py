@@ -19,7 +19,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import math
 import os
 import pickle
 import struct
@@ -35,9 +34,10 @@ import torch.nn.functional as F
 from coto import SHAPES, CoTo, block_groups, coto_prob
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
-from utils import (append_jsonl, atomic_write_text, format_eta, load_checkpoint, parse_config,
-                   pick_device, read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl,
-                   write_safetensors)
+from utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
+                   get_lr, method_name, pick_device, print_speed, rank_world, read_safetensors,
+                   read_safetensors_metadata, resume, run_script, save_checkpoint, save_result, seed_runs,
+                   seed_table, skip_finished, write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -69,7 +69,7 @@ class Config:
     n_test: int = 5000  # test examples per task (0 = the whole test split)
     n_per_class: int = 0  # few-shot: this many training examples per class (0 = use n_train)
     # LoRA
-    targets: str = "qkv,proj,fc1,fc2"  # nn.Linear name suffixes that get adapters
+    targets: str = "qkv,proj,fc1,fc2"  # comma-separated nn.Linear name suffixes that get adapters
     r: int = 4
     alpha: float = 8.0
     rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
@@ -96,21 +96,19 @@ class Config:
     compile: bool = False  # torch.compile each block (2 graphs per block: adapters on / off)
     out_dir: str = "runs/vit"
     resume: bool = False  # continue from each run's checkpoint (and skip finished runs)
-    ckpt_every: int = 50  # steps between checkpoints (0 = only at the end)
+    ckpt_every: int = 50  # steps between checkpoints (0 = none); a finished run keeps none: result.json marks it
     log_every: int = 25
     eval_every: int = 0  # steps between test-set evaluations during fine-tuning (0 = only at the end)
     plot: bool = False  # write loss curves (PNG) into out_dir
 
 
-# Fields that change how a run is carried out, logged or listed, not what it computes: a run
-# resumed with other values of these continues; any other difference is an error.
+# how a run is carried out, logged or listed, not what it computes: --resume allows other values
 NOT_IN_RESULT = ("data_dir", "device", "compile", "out_dir", "resume", "ckpt_every", "log_every", "eval_every",
                  "plot", "tasks", "seeds", "compare")
 
 
 def run_config(cfg: Config) -> dict:
-    """What a fine-tuning run's result depends on (its task is its folder): the checkpoint and
-    result.json record it, and --resume continues or skips a run only when it is unchanged."""
+    """What a fine-tuning run's result depends on (its task is its folder), recorded with it."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
 
 
@@ -374,27 +372,16 @@ class Batches:
         idx, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
         return idx
 
-    def state_dict(self) -> dict:
+    def get_state(self) -> dict:  # torch.Generator's names: resume() restores either
         return {"generator": self.generator.get_state(), "queue": self.queue.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def set_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.queue = state["queue"].clone()
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
-
-
-def get_lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup for `warmup` steps, then cosine decay to 0 (a pure function of the step)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
-
-
-def rank_world() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def autocast(device: torch.device):
@@ -404,7 +391,8 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple:
-    """(accuracy, mean cross-entropy) of `model` on uint8 images x (N, C, H, W), labels y (N,)."""
+    """(accuracy, mean cross-entropy) of `model` on uint8 images x (N, C, H, W), labels y (N), in
+    eval mode (every adapter runs, whatever CoTo drew last)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -412,7 +400,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
     for i in range(0, len(y), batch_size):
         xb, yb = to_float(x[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
         with autocast(device):
-            logits = model(xb).float()
+            logits = model(xb).float()  # (B, num_classes)
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
     model.train(was_training)
@@ -424,25 +412,14 @@ def set_lora_dropout(model, rate: float) -> None:
         layer.lora_dropout.p = rate
 
 
-def check_finite(loss: float, grad_norm: float, step: int, lr: float, tag: str) -> None:
-    """Stop a diverging run at its first non-finite loss or gradient, before the step reaches the
-    weights: nothing after the last checkpoint is saved and no accuracy is reported. (A finite
-    loss can come with an inf gradient, and an adapter CoTo bypassed hides NaN weights from the loss.)"""
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise FloatingPointError(f"{tag}: at step {step} the loss is {loss:.4g} and the gradient norm {grad_norm:.4g}: "
-                                 f"training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
-                                 f"pretraining; this run's peak: {lr:g}); nothing after the last checkpoint was saved")
-
-
-def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float,
+def train_loop(model, x, y, cfg: Config, *, total_steps: int, lr: float, batch_size: int, weight_decay: float,
                warmup: int, seed: int, out_dir=None, config: dict | None = None, coto=None, eval_fn=None,
-               tag: str = "train") -> dict:
-    """Train the parameters of `model` that require grad on uint8 images x, labels y.
-    AdamW, warmup + cosine LR, global batch `batch_size` (split over DDP ranks), one CoTo draw per
-    step. eval_fn(model) -> (acc, loss) runs every cfg.eval_every steps (in eval mode: every adapter
-    on). With out_dir: checkpoints (cfg.ckpt_every) tied to `config`, metrics.jsonl, and resume
-    (cfg.resume), after which the history, active fractions and train time are the whole run's.
-    Returns {"history": [...], "train_time_s", "ms_per_step", "active_frac"}."""
+               name: str = "train") -> dict:
+    """Train the parameters of `model` that require grad on uint8 images x, labels y: AdamW, warmup
+    + cosine LR, global batch `batch_size` (split over DDP ranks), one CoTo draw per step.
+    eval_fn(model) -> (acc, loss) runs every cfg.eval_every steps. With out_dir: metrics.jsonl,
+    checkpoints every cfg.ckpt_every steps tied to `config`, and resume (cfg.resume).
+    Returns TrainLog.summary(): {"history", "train_time_s", "warmup_s", "ms_per_step", "active_frac"}."""
     rank, world = rank_world()
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the {world} DDP ranks")
@@ -450,84 +427,39 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = Batches(len(y), batch_size, seed)  # the same global batches on every rank
-    ckpt = Path(out_dir) / "ckpt.pt" if out_dir else None
-    # run state a resumed run continues: log records, per-step active fractions, the losses and
-    # accuracies since the last log line, seconds spent in earlier segments
-    start, run = 0, {"history": [], "active": [], "losses": [], "accs": [], "train_time_s": 0.0}
-    if cfg.resume and ckpt and ckpt.is_file():
-        start, data_state, run = load_checkpoint(ckpt, model, opt, coto, config=config)
-        batches.load_state_dict(data_state)
-        if rank == 0:
-            print(f"resuming {tag} from step {start}", flush=True)
-    if out_dir and rank == 0:
-        truncate_jsonl(Path(out_dir) / "metrics.jsonl", start)  # drop what the checkpoint does not cover
-    # DDP: gradients of bypassed adapters are absent on every rank alike (same CoTo mask), hence
-    # find_unused_parameters; a plain LoRA or pretraining run uses every parameter.
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
-            find_unused_parameters=coto is not None)
-    history, active, losses, accs = run["history"], run["active"], run["losses"], run["accs"]
-    t0 = t_last = time.time()
-    timed = 0  # steps since t_last
+    log = TrainLog(name, total_steps, cfg.log_every, out_dir and Path(out_dir) / "metrics.jsonl", quiet=rank != 0)
+    start = resume(out_dir, cfg.resume, model, opt, coto, batches, config, log)
+    net = ddp_wrap(model, coto)
     model.train()
-    for step in range(start, steps):
-        lr_now = get_lr(step, steps, lr, warmup)
+    for step in range(start, total_steps):
+        lr_now = get_lr(step, total_steps, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
         if coto is not None:
-            coto.step(step)  # one draw per optimizer step: each block's adapters on with prob p(step)
-            active.append(coto.mask.float().mean().item())
-        if cfg.progressive_dropout:
-            set_lora_dropout(model, cfg.lora_dropout * (1 - coto_prob(step, steps, 0.0, cfg.stage1_ratio)))
-        idx = batches.next()[rank::world]
+            coto.step(step)  # CoTo: one draw per optimizer step, each block's adapters on with prob p(step)
+        if cfg.progressive_dropout:  # a baseline: dropout decaying to 0 on CoTo's stage-1 schedule
+            set_lora_dropout(model, cfg.lora_dropout * (1 - coto_prob(step, total_steps, 0.0, cfg.stage1_ratio)))
+        idx = batches.next()[rank::world]  # this rank's share of the global batch
         xb, yb = to_float(x[idx]).to(device), y[idx].to(device)
         with autocast(device):
-            logits = net(xb)
+            logits = net(xb)  # (B, num_classes)
         loss = F.cross_entropy(logits.float(), yb)
         loss.backward()
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        health = torch.stack([loss.detach(), grad_norm])  # (2,): one sync (and one all_reduce) for both
-        if world > 1:  # a NaN or inf on any rank reaches every rank: all stop together
-            dist.all_reduce(health)
-        check_finite(health[0].item() / world, health[1].item() / world, step + 1, lr, tag)
+        check_finite(loss, params, step + 1, lr, name)  # before the step reaches the weights
         opt.step()
         opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
-        losses.append(loss.item())
-        accs.append((logits.argmax(1) == yb).float().mean().item())
-        done, timed = step + 1, timed + 1
-        if done % cfg.log_every == 0 or done == steps:
-            ms = 1000 * (time.time() - t_last) / timed
-            rec = {"tag": tag, "step": done, "loss": sum(losses) / len(losses),
-                   "acc": sum(accs) / len(accs), "lr": lr_now, "ms": ms}
-            line = f"{tag} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}"
-            if coto is not None:
-                rec["p"] = coto.p
-                line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
-            line += f" | {ms:.0f} ms | eta {format_eta(ms / 1000 * (steps - done))}"
-            history.append(rec)
-            if rank == 0:
-                print(line, flush=True)
-                if out_dir:
-                    append_jsonl(Path(out_dir) / "metrics.jsonl", rec)
-            losses.clear(), accs.clear()
-            t_last, timed = time.time(), 0
+        done = step + 1
+        log.step(done, lr_now, coto, loss=loss.item(), acc=(logits.argmax(1) == yb).float().mean().item())
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
-            acc, loss_e = eval_fn(model)  # evaluate() switches to eval mode: every adapter runs
-            if rank == 0:
-                print(f"{tag} | step {done} | eval loss {loss_e:.3f} | eval acc {acc:.4f}", flush=True)
-                if out_dir:
-                    append_jsonl(Path(out_dir) / "metrics.jsonl", {"tag": tag, "step": done, "eval_loss": loss_e, "eval_acc": acc})
-            t_last, timed = time.time(), 0  # evaluation time is not counted in the next interval's ms/step
-        if ckpt and rank == 0 and (done == steps or (cfg.ckpt_every and done % cfg.ckpt_every == 0)):
-            save_checkpoint(ckpt, model, opt, done, batches.state_dict(), coto, config=config,
-                            extra={**run, "train_time_s": run["train_time_s"] + time.time() - t0})
+            eval_acc, eval_loss = eval_fn(model)  # in eval mode: every adapter runs
+            log.eval(done, eval_loss=eval_loss, eval_acc=eval_acc)
+        if out_dir and rank == 0 and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < total_steps:
+            save_checkpoint(Path(out_dir) / "ckpt.pt", model, opt, done, batches.get_state(), coto, config=config,
+                            extra=log.state)
+            log.restart_clock()
     if world > 1:
         dist.barrier()
-    train_time = run["train_time_s"] + time.time() - t0
-    return {"history": history, "train_time_s": train_time, "ms_per_step": 1000 * train_time / steps,
-            "active_frac": sum(active) / len(active) if active else 1.0}
+    return log.summary()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,9 +513,9 @@ def pretrain(cfg: Config, data: dict) -> dict:
     if rank == 0:
         print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on "
               f"classes {cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps")
-    train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, steps=cfg.pretrain_steps,
+    train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, total_steps=cfg.pretrain_steps,
                lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay,
-               warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, tag="pretrain")
+               warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, name="pretrain")
     acc, _ = evaluate(model, data["x_test"][mte], remap[data["y_test"][mte]])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if rank == 0:
@@ -631,46 +563,15 @@ def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-
     return {"weight": w, "bias": b}, acc
 
 
-def method_name(cfg: Config) -> str:
-    """"lora" / "coto" for plain LoRA; "dora", "dora-coto", ... for the variants."""
-    base = "" if cfg.variant == "lora" else cfg.variant
-    return "-".join(filter(None, [base, "coto" if cfg.coto else ("" if base else "lora")]))
-
-
 def run_dir(cfg: Config, task: str) -> Path:
     """out_dir/<backbone hash>/<task>/<method>/seed<seed>: one fine-tuning run's files."""
     key = pretrain_key(cfg) if not cfg.init else "init-" + hashlib.sha1(cfg.init.encode()).hexdigest()[:8]
-    return Path(cfg.out_dir) / key / task / method_name(cfg) / f"seed{cfg.seed}"
+    return Path(cfg.out_dir) / key / task / method_name(cfg.variant, cfg.coto) / f"seed{cfg.seed}"
 
 
 def run_name(cfg: Config, task: str) -> str:
     """"rot90 coto s0": how logs and messages name one fine-tuning run."""
-    return f"{task} {method_name(cfg)} s{cfg.seed}"
-
-
-def config_diff(saved: dict, now: dict) -> list:
-    """"field: value then, value now" for every field in which two configurations differ."""
-    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples read back as lists
-    return [f"{k}: {saved.get(k, '(absent)')!r} then, {now.get(k, '(absent)')!r} now"
-            for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
-
-
-def finished_run(folder: Path, config: dict, not_in_result=NOT_IN_RESULT):
-    """The saved result.json of the run in `folder` if it finished with `config` (None if it has not
-    finished); a run finished with another configuration is a ValueError listing the differences."""
-    path = Path(folder) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-        saved = {k: v for k, v in result["config"].items() if k not in not_in_result}
-    except (ValueError, KeyError, AttributeError):
-        raise ValueError(f"{path} is damaged; delete it (or run without --resume) to train this run again") from None
-    diff = config_diff(saved, config)
-    if diff:
-        raise ValueError(f"{folder} holds a run finished with another configuration ({'; '.join(diff)}). Rerun with "
-                         "its flags, without --resume to overwrite it, or with another --out-dir")
-    return result
+    return f"{task} {method_name(cfg.variant, cfg.coto)} s{cfg.seed}"
 
 
 def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out_dir=None) -> tuple:
@@ -698,24 +599,19 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
             blk.compile()
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
-    rank, _ = rank_world()
-    if out_dir and rank == 0 and not cfg.resume:
-        for f in ("ckpt.pt", "result.json"):
-            (Path(out_dir) / f).unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
-    out = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, out_dir=out_dir,
-                     config=run_config(cfg), coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test),
-                     tag=run_name(cfg, task.name))
-    model.eval()  # from here on every adapter runs (CoTo's mask acts in training mode only)
-    acc, loss = evaluate(model, task.x_test, task.y_test)
-    metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **out}
-    if out_dir and rank == 0:
+    out = train_loop(model, task.x_train, task.y_train, cfg, total_steps=cfg.steps, lr=cfg.lr,
+                     batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed,
+                     out_dir=out_dir, config=run_config(cfg), coto=coto,
+                     eval_fn=lambda m: evaluate(m, task.x_test, task.y_test), name=run_name(cfg, task.name))
+    acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
+    method = method_name(cfg.variant, cfg.coto)
+    metrics = {"task": task.name, "method": method, "seed": cfg.seed, "acc": acc, "loss": loss, **out}
+    if out_dir and rank_world()[0] == 0:
         state = {**lora_state_dict(model), **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
         write_safetensors(state, Path(out_dir) / "adapters.safetensors", metadata={
-            **lora_metadata(model), "task": task.name, "method": method_name(cfg), "seed": cfg.seed})
-        config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}  # a resumed run's file is the same
-        atomic_write_text(Path(out_dir) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
-    return model, metrics
+            **lora_metadata(model), "task": task.name, "method": method, "seed": cfg.seed})
+        save_result(out_dir, metrics, dataclasses.asdict(cfg))
+    return model.eval(), metrics
 
 
 def load_adapters(cfg: Config, task: Task, backbone_state: dict, path) -> VisionTransformer:
@@ -736,16 +632,8 @@ def main(cfg: Config) -> dict:
     """Pretrain (or load), then for every task: linear probe, LoRA, CoTo. Returns the results.
     Under torchrun: one process group for the whole job, closed at the end."""
     check_config(cfg)
-    ddp = "WORLD_SIZE" in os.environ and not dist.is_initialized()
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        if torch.cuda.is_available() and cfg.device != "cpu":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    try:
+    with distributed(cfg.device):
         return run_all(cfg)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
 
 
 def run_all(cfg: Config) -> dict:
@@ -753,12 +641,9 @@ def run_all(cfg: Config) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     t0 = time.time()
     names = cfg.tasks.split(",")
-    settings = sorted([cfg.coto, not cfg.coto] if cfg.compare else [cfg.coto])  # plain LoRA first
-    configs = [(name, dataclasses.replace(cfg, coto=coto_on, seed=seed))
-               for name in names for seed in range(cfg.seed, cfg.seed + cfg.seeds) for coto_on in settings]
-    runs = [(name, c, run_dir(c, name)) for name, c in configs]  # (task, config, folder)
+    runs = [(name, c, run_dir(c, name)) for name, c in seed_runs(cfg, names)]  # (task, config, folder)
     # finished runs (--resume), checked against the flags now rather than after loading and pretraining
-    finished = {out: finished_run(out, run_config(c)) for _, c, out in runs} if cfg.resume else {}
+    finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in runs} if cfg.resume else {}
     say(f"output: {cfg.out_dir}", flush=True)
     data = load_data(cfg)
     say(f"data: {cfg.dataset} from {data['folder']}", flush=True)
@@ -774,14 +659,10 @@ def run_all(cfg: Config) -> dict:
         results["probe"][name] = probe_acc
         say(f"{name}: frozen-backbone linear probe test accuracy {probe_acc:.4f}")
         for c, out in ((c, out) for task_name, c, out in runs if task_name == name):
-            if finished.get(out):
-                say(f"skipping {run_name(c, name)}: finished ({out})")
+            if skip_finished(finished.get(out), out, run_name(c, name), say):
                 results["runs"].append(finished[out])
-                continue
-            if (out / "result.json").is_file():
-                say(f"overwriting {run_name(c, name)}, which had finished ({out}); --resume keeps finished runs")
-            _, metrics = finetune(c, task, backbone, probe_head, out_dir=out)
-            results["runs"].append(metrics)
+            else:
+                results["runs"].append(finetune(c, task, backbone, probe_head, out_dir=out)[1])
     results["wall_s"] = time.time() - t0
     if rank == 0:
         print_table(results, names)
@@ -798,23 +679,9 @@ def run_all(cfg: Config) -> dict:
 
 
 def print_table(results: dict, names: list) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
-    print("\ntest accuracy (mean over seeds)")
-    print(f"{'task':<10}{'probe':>8}" + "".join(f"{m:>12}" for m in methods))
-    for name in names + ["mean"]:
-        row = f"{name:<10}"
-        if name == "mean":
-            row += f"{sum(results['probe'].values()) / len(names):>8.4f}"
-        else:
-            row += f"{results['probe'][name]:>8.4f}"
-        for m in methods:
-            accs = [r["acc"] for r in results["runs"] if r["method"] == m and (name == "mean" or r["task"] == name)]
-            row += f"{sum(accs) / len(accs):>12.4f}"
-        print(row)
-    for m in methods:
-        runs = [r for r in results["runs"] if r["method"] == m]
-        print(f"{m}: {sum(r['ms_per_step'] for r in runs) / len(runs):.0f} ms/step, "
-              f"adapters active {100 * sum(r['active_frac'] for r in runs) / len(runs):.1f}% of block-steps")
+    print(seed_table("\ntest accuracy in %", results["runs"], "task", {n: 100 * results["probe"][n] for n in names},
+                     "linear probe", lambda r: 100 * r["acc"]))
+    print_speed(results["runs"])
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -835,9 +702,4 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config, description=__doc__.split("\n")[0]))
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data, files: one line, no traceback
-        raise SystemExit(f"train_vit.py: error: {e}")
+    run_script(main, Config, __doc__, __file__)

@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: the command line, device choice, atomic checkpoints, weight files.
+"""Small helpers shared by the scripts: the command line, device choice, atomic checkpoints, weight files,
+and the training machinery of the three trainers (LR schedule, logging, resume, DDP, divergence check).
 
 safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
@@ -12,14 +13,18 @@ import io
 import json
 import math
 import os
+import statistics
 import struct
 import tempfile
 import textwrap
+import time
 import tokenize
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -58,6 +63,18 @@ def parse_config(cls, argv=None, description: str = ""):
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+
+
+def run_script(main, cls, doc: str, file: str,
+               interrupted: str = "run the same command with --resume to continue from the last checkpoints") -> None:
+    """What `python script.py --flags` does: main(parse_config(cls)). Ctrl-C, bad flags, missing or
+    damaged files and a diverging run end in one line that says what to do, not a traceback."""
+    try:
+        main(parse_config(cls, description=doc.split("\n")[0]))
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted: {interrupted}")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        raise SystemExit(f"{Path(file).name}: error: {e}")
 
 
 def _field_comments(cls) -> dict:
@@ -156,6 +173,13 @@ def _jsonable(config: dict) -> dict:
     return json.loads(json.dumps(config))
 
 
+def config_diff(saved: dict, now: dict, then: str = "then") -> list:
+    """"field: value then, value now" for every field in which two configurations differ."""
+    saved, now = _jsonable(saved), _jsonable(now)
+    return [f"{k}: {saved.get(k, '(absent)')!r} {then}, {now.get(k, '(absent)')!r} now"
+            for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
+
+
 def load_checkpoint(path, model, opt, coto=None, *, config: dict):
     """Restore what save_checkpoint wrote into model, opt and coto; returns (step, data_state, extra).
     A damaged file, or one written by a run with another configuration, is a ValueError that says
@@ -164,10 +188,7 @@ def load_checkpoint(path, model, opt, coto=None, *, config: dict):
     ck = _torch_load(path, fix)
     if not isinstance(ck, dict) or set(ck) != _CHECKPOINT_KEYS or not isinstance(ck["config"], dict):
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint; {fix}")
-    saved, now = ck["config"], _jsonable(config)
-    diff = [f"{k}: {saved.get(k, '(absent)')!r} in the checkpoint, {now.get(k, '(absent)')!r} now"
-            for k in sorted(saved.keys() | now.keys())
-            if k not in saved or k not in now or saved[k] != now[k]]
+    diff = config_diff(ck["config"], config, then="in the checkpoint")
     if diff:
         raise ValueError(f"checkpoint {path} was written by a run with another configuration ("
                          + "; ".join(diff) + f"). Rerun with the same flags to continue it, or {fix}")
@@ -353,14 +374,242 @@ def load_weights(path) -> dict:
     raise ValueError(f"cannot read {path}: expected a .safetensors, .pt, .pth or .bin file")
 
 
-def append_jsonl(path, record: dict) -> None:
-    """Append one JSON line (metrics logs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training machinery shared by train_vit.py, train_gpt2.py and train_toy.py
+
+
+def get_lr(step: int, total_steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to 0 (a pure function of the step)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
+
+
+def method_name(variant: str, coto: bool) -> str:
+    """How results and folders name a run's method: "lora", "coto", "dora", "dora-coto", "hira", ..."""
+    if variant == "lora":
+        return "coto" if coto else "lora"
+    return f"{variant}-coto" if coto else variant
+
+
+def check_finite(loss: torch.Tensor, params, step: int, lr: float, name: str) -> None:
+    """Stop a diverging run at its first non-finite loss or gradient (a finite loss can come with an
+    inf gradient), before opt.step(); under DDP every rank sees any rank's NaN, and all stop."""
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    health = torch.stack([loss.detach().float(), grad_norm.float()])  # (2,): one sync (one all_reduce) for both
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(health)
+    loss_value, norm = (v / world for v in health.tolist())
+    if not (math.isfinite(loss_value) and math.isfinite(norm)):
+        raise FloatingPointError(f"{name}: at step {step} the loss is {loss_value:.4g} and the gradient norm "
+                                 f"{norm:.4g}: training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
+                                 f"pretraining; this run's peak: {lr:g}); nothing after the last checkpoint was saved")
+
+
+def rank_world() -> tuple:
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@contextmanager
+def distributed(device: str):
+    """Under torchrun: one process group for the whole job (nccl on CUDA, gloo on CPU), closed at the end."""
+    ddp = "WORLD_SIZE" in os.environ and not dist.is_initialized()
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        yield
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def ddp_wrap(model: torch.nn.Module, coto=None) -> torch.nn.Module:
+    """DDP-wrapped with several ranks. All ranks draw the same CoTo mask, so a bypassed adapter has
+    no gradient on any of them: find_unused_parameters."""
+    if rank_world()[1] == 1:
+        return model
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+        find_unused_parameters=coto is not None)
+
+
+class TrainLog:
+    """What a training loop reports: every `log_every` steps (and at the last; 0: only there) one line
+        rot90 coto s0 | step 25 | loss 0.412 | acc 0.871 | p 0.43 | active 3/6 | 12 ms | eta 0:00:05
+    and its record in `path` (metrics.jsonl); CoTo's active fraction and the time of every step.
+    `state` goes into the checkpoint, so a resumed run reports the whole run."""
+
+    def __init__(self, name: str, total_steps: int, log_every: int, path=None, quiet: bool = False):
+        self.name, self.total_steps, self.log_every, self.quiet = name, total_steps, log_every, quiet
+        self.path = Path(path) if path else None
+        self.state = {"history": [], "active": [], "seconds": [], "sums": {}, "n": 0}
+        self.restart_clock()
+
+    def restart_clock(self) -> None:  # evaluation and checkpoint time is not a step's
+        self.t = time.perf_counter()
+
+    def write(self, rec: dict, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+    def step(self, step: int, lr: float, coto=None, **metrics: float) -> None:
+        """Record optimizer step `step` (counted from 1) and its metrics (loss=..., acc=...)."""
+        now = time.perf_counter()
+        s, seconds, self.t = self.state, now - self.t, now
+        s["seconds"].append(seconds)
+        if coto is not None:
+            s["active"].append(coto.mask.float().mean().item())
+        for k, v in {**metrics, "ms": 1000 * seconds}.items():  # summed until the next log line
+            s["sums"][k] = s["sums"].get(k, 0.0) + v
+        s["n"] += 1
+        if step == self.total_steps or (self.log_every and step % self.log_every == 0):
+            mean = {k: v / s["n"] for k, v in s["sums"].items()}
+            rec = {"tag": self.name, "step": step, **mean, "lr": lr}
+            line = f"{self.name} | step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in mean.items() if k != "ms")
+            if coto is not None:
+                rec["p"] = coto.p
+                line += f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}"
+            line += f" | {mean['ms']:.0f} ms | eta {format_eta(mean['ms'] / 1000 * (self.total_steps - step))}"
+            s["history"].append(rec)
+            self.write(rec, line)
+            s["sums"], s["n"] = {}, 0
+
+    def eval(self, step: int, **metrics: float) -> None:
+        """One evaluation line ("rot90 coto s0 | step 50 | eval acc 0.8800") and record."""
+        self.write({"tag": self.name, "step": step, **metrics}, f"{self.name} | step {step} | "
+                   + " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
+        self.restart_clock()
+
+    def summary(self) -> dict:
+        """{"history", "train_time_s", "warmup_s", "ms_per_step", "active_frac"}. Steps over 5x the
+        median step are compile / warm-up (torch.compile compiles a block's graph the first time its
+        adapters are on, and the first time off; no CoTo mask makes a step that much slower): their
+        time is warmup_s, and ms_per_step is the steady state, the mean of the other steps."""
+        s = self.state
+        slow = 5 * statistics.median(s["seconds"])
+        steady = [t for t in s["seconds"] if t <= slow]
+        return {"history": s["history"], "train_time_s": sum(s["seconds"]),
+                "warmup_s": sum(t for t in s["seconds"] if t > slow), "ms_per_step": 1000 * statistics.fmean(steady),
+                "active_frac": statistics.fmean(s["active"]) if s["active"] else 1.0}
+
+
+def resume(folder, resume: bool, model, opt, coto, data, config: dict, log: TrainLog) -> int:
+    """The step a run in `folder` starts from: 0 for a fresh run (an earlier run's checkpoint and
+    result deleted) or without a folder; with `resume`, the checkpoint's, with model, opt, coto, the
+    data order (`data`: a torch.Generator or anything with its get_state / set_state) and log
+    restored, and metrics.jsonl cut to that step (as if never interrupted)."""
+    if not folder:
+        return 0
+    ckpt, rank, start = Path(folder) / "ckpt.pt", rank_world()[0], 0
+    if resume and ckpt.is_file():
+        start, data_state, log.state = load_checkpoint(ckpt, model, opt, coto, config=config)
+        data.set_state(data_state)
+        if rank == 0:
+            print(f"resuming {log.name} from step {start}", flush=True)
+    elif rank == 0:
+        for f in ("ckpt.pt", "result.json"):
+            (Path(folder) / f).unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
+    if rank == 0:
+        truncate_jsonl(Path(folder) / "metrics.jsonl", start)  # drop what the checkpoint does not cover
+    log.restart_clock()
+    return start
+
+
+def save_result(folder, metrics: dict, config: dict) -> None:
+    """result.json: the metrics and the run's whole configuration (without --resume, so a resumed
+    run's file is the same). It marks the run finished, so its checkpoint goes."""
+    config = {k: v for k, v in config.items() if k != "resume"}
+    atomic_write_text(Path(folder) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
+    for f in [Path(folder) / "ckpt.pt", *Path(folder).glob("ckpt.pt.*.tmp")]:  # .tmp: a write killed midway
+        f.unlink(missing_ok=True)
+
+
+def finished_run(folder, config: dict, not_in_result=()):
+    """The result.json of the run in `folder` if it finished with `config` (`not_in_result` aside), None
+    if unfinished; a run finished with another configuration is a ValueError listing the differences."""
+    path = Path(folder) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        saved = {k: v for k, v in result["config"].items() if k not in not_in_result}
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"{path} is damaged; delete it (or run without --resume) to train this run again") from None
+    diff = config_diff(saved, config)
+    if diff:
+        raise ValueError(f"{folder} holds a run finished with another configuration ({'; '.join(diff)}). Rerun with "
+                         "its flags, without --resume to overwrite it, or with another --out-dir")
+    return result
+
+
+def seed_runs(cfg, names: list) -> list:
+    """(name, config) of every fine-tuning run of main(): each task (or domain) x seed (cfg.seed ..
+    cfg.seed + cfg.seeds - 1) x setting of cfg.coto (both with cfg.compare, plain LoRA first)."""
+    settings = sorted({cfg.coto, not cfg.coto} if cfg.compare else {cfg.coto})
+    return [(name, dataclasses.replace(cfg, coto=coto, seed=seed)) for name in names
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds) for coto in settings]
+
+
+def skip_finished(result, folder, name: str, say=print) -> bool:
+    """True when --resume keeps the finished run in `folder` (`result`, from finished_run); says so, and
+    says when a finished run is trained again."""
+    if result:
+        say(f"skipping {name}: finished ({folder})")
+        return True
+    if (Path(folder) / "result.json").is_file():
+        say(f"overwriting {name}, which had finished ({folder}); --resume keeps finished runs")
+    return False
+
+
+def seed_table(title: str, runs: list, key: str, baseline: dict, baseline_name: str, value,
+               fmt: str = "{:.1f}") -> str:
+    """`title` and the seeds, then a markdown table of value(run) per row (run[key]: a task or domain)
+    and method: the mean over seeds, ± the standard deviation (n - 1) with several seeds; beside them
+    the `baseline` ({row: value}) and, with two methods, the second minus the first, seed by seed.
+    The last row averages the rows, seed by seed."""
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    title += f", seed {seeds[0]}" if len(seeds) == 1 else f", seeds {', '.join(map(str, seeds))}: mean ± std"
+
+    def per_seed(method, row):  # [value of each seed], a seed's value averaged over rows for "mean"
+        return [statistics.fmean(value(r) for r in runs if r["method"] == method and r["seed"] == seed
+                                 and row in (None, r[key])) for seed in seeds]
+
+    def cell(v):
+        return fmt.format(statistics.fmean(v)) + (f" ± {fmt.format(statistics.stdev(v))}" if len(v) > 1 else "")
+
+    head = [key, baseline_name, *methods] + ([f"{methods[1]} - {methods[0]} per seed"] if len(methods) == 2 else [])
+    lines = [title, "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for row in [*baseline, None]:
+        v = {m: per_seed(m, row) for m in methods}
+        cells = [row or "mean", fmt.format(baseline[row] if row else statistics.fmean(baseline.values()))]
+        cells += [cell(v[m]) for m in methods]
+        if len(methods) == 2:
+            cells.append(" ".join(fmt.format(b - a) for a, b in zip(v[methods[0]], v[methods[1]])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_speed(runs: list) -> None:
+    """Per method: steady-state ms per step, compile / warm-up time apart (TrainLog.summary), and the
+    fraction of block-steps whose adapters were on."""
+    for m in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == m]
+        print(f"{m}: {statistics.fmean(r['ms_per_step'] for r in rs):.0f} ms/step (steady state) + "
+              f"{statistics.fmean(r.get('warmup_s', 0.0) for r in rs):.1f} s compile / warm-up, adapters active "
+              f"{100 * statistics.fmean(r['active_frac'] for r in rs):.1f}% of block-steps")

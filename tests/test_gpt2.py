@@ -187,7 +187,7 @@ def test_evaluate_bits_per_byte_against_float64():
     data = torch.randint(0, 256, (100,))
     x, y = train_gpt2.val_windows(data, 8, 5)
     assert torch.equal(x[-1], data[91:99]) and torch.equal(y[0], data[1:9])  # first and last windows
-    loss, bpb = train_gpt2.evaluate(model, x, y, torch.ones(256), batch_size=2)
+    bpb, loss = train_gpt2.evaluate(model, x, y, torch.ones(256), batch_size=2)
     ref = torch.nn.functional.cross_entropy(model(x).double().flatten(0, 1), y.flatten())
     assert math.isclose(loss, ref.item(), rel_tol=1e-5) and math.isclose(bpb, ref.item() / math.log(2), rel_tol=1e-5)
 
@@ -205,6 +205,7 @@ def without_timings(folder) -> tuple:
     result = json.loads((folder / "result.json").read_text())
     for k in ("train_time_s", "ms_per_step"):
         assert result.pop(k) > 0
+    assert result.pop("warmup_s") >= 0
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     for r in result["history"] + records:
         r.pop("ms")
@@ -308,6 +309,10 @@ def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
     assert lines[-1].endswith(f"wrote {cfg.out_dir}/results.json; base model and adapters (PEFT format) in "
                               f"{train_gpt2.base_folder(cfg)}")
     runs = res["runs"]
+    assert lines.index("| domain | base | lora | coto | coto - lora per seed |") > 0  # two seeds: mean ± std
+    milton = [r["val_bpb"] for r in runs if r["domain"] == "milton"]  # lora s0, coto s0, lora s1, coto s1
+    assert any(line.startswith("| milton | ") and line.endswith(
+        f" | {milton[1] - milton[0]:.3f} {milton[3] - milton[2]:.3f} |") and " ± " in line for line in lines)
     assert [(r["domain"], r["method"], r["seed"]) for r in runs][:4] == [
         ("milton", "lora", 0), ("milton", "coto", 0), ("milton", "lora", 1), ("milton", "coto", 1)]
     for r in runs:  # byte-level: bits per byte is the loss in nats / ln 2

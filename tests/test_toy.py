@@ -8,22 +8,42 @@ from coto import coto_prob
 
 def test_toy_demo_smoke(tmp_path, device, capsys):
     cfg = train_toy.Config(n_train=1024, n_test=1024, pretrain_steps=150, steps=80, batch_size=128,
-                           seeds=(0, 0), log_every=40, out_dir=str(tmp_path), device=str(device))
+                           log_every=40, out_dir=str(tmp_path), device=str(device))
     results = train_toy.main(cfg)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"output: {tmp_path} | data: generated (seed 1234) | device: {device}"
     assert lines[-1] == f"wrote {tmp_path / 'toy.png'}"
-    pretrain_lines = [line for line in lines if line.lstrip().startswith("pretrain step")]
-    coto_lines = [line for line in lines if line.lstrip().startswith("coto s0 step")]  # seeds (0, 0): twice
-    assert len(pretrain_lines) == 2 and not any("| p " in line or "active" in line for line in pretrain_lines)
-    assert len(coto_lines) == 6 and all("| p " in line and "| active " in line for line in coto_lines)
+    pretrain_lines = [line for line in lines if line.startswith("pretrain | step")]
+    coto_lines = [line for line in lines if line.startswith("coto s0 | step") and "| loss" in line]
+    assert len(pretrain_lines) == 1 and not any("| p " in line or "active" in line for line in pretrain_lines)
+    assert len(coto_lines) == 2 and all("| p " in line and "| active " in line for line in coto_lines)
+    assert "coto s1 | step 40 | test acc " in "\n".join(lines)  # eval mode, every adapter on
     for method in ("lora", "coto"):
         r = results[method]
         # adaptation helps: the frozen backbone is mostly wrong on the rotated task
         assert r["acc"] > results["base_target_acc"] + 0.1, (method, r, results["base_target_acc"])
-        # the same seed twice: averaging the two adapters at lambda = 0.5 is the adapter itself
-        assert r["accs"][0] == r["accs"][1] == r["interp_0.5"]
+        assert r["acc"] == sum(r["accs"]) / 2 and len(r["accs"]) == 2
     assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_toy_averaging_one_adapter_with_itself_changes_nothing():
+    """lambda = 0.5 between an adapter and itself is the adapter; the pruned accuracy is the one of
+    the model with the odd blocks' adapters switched off by hand."""
+    cfg = train_toy.Config(n_train=512, n_test=512, pretrain_steps=50, steps=40, batch_size=64, log_every=0)
+    tasks = train_toy.make_tasks(cfg)
+    backbone = train_toy.pretrain(cfg, tasks)
+    model, _ = train_toy.finetune(cfg, backbone, tasks, seed=0, use_coto=True)
+    r = train_toy.evaluate_method(cfg, [model, model], tasks)
+    assert r["accs"][0] == r["accs"][1] == r["interp_0.5"]
+    for i, block in enumerate(model.blocks):
+        for layer in (block.fc1, block.fc2):
+            layer.active = i % 2 == 0
+    assert r["prune_every_other"] == train_toy.accuracy(model, *tasks["target"][1])
+
+
+def test_toy_needs_two_seeds():
+    with pytest.raises(ValueError, match="--seeds 1: give at least 2"):
+        train_toy.main(train_toy.Config(seeds=1))
 
 
 def test_toy_coto_active_fraction_follows_the_schedule():
@@ -47,6 +67,6 @@ def test_toy_diverging_run_stops_with_a_clear_error():
     cfg = train_toy.Config(n_train=256, n_test=64, steps=20, batch_size=32, lr=1e4, log_every=0)
     tasks = train_toy.make_tasks(cfg)
     backbone = train_toy.ToyNet(cfg).state_dict()
-    with pytest.raises(FloatingPointError, match=r"coto s0: at step \d+ the loss is .* training diverged; rerun "
+    with pytest.raises(FloatingPointError, match=r"coto s0: at step \d+ the loss is .* training diverged\. Rerun "
                                                  r"with a lower learning rate"):
         train_toy.finetune(cfg, backbone, tasks, seed=0, use_coto=True)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 import train_vit
 from lora import lora_state_dict
-from train_vit import (Batches, Config, evaluate, finetune, get_lr, load_adapters, load_cifar10,
+from train_vit import (Batches, Config, evaluate, finetune, load_adapters, load_cifar10,
                        load_data, load_fashion_mnist, main, make_task, make_tasks, pretrain)
 from utils import parse_config, write_safetensors
 
@@ -171,18 +171,11 @@ def test_batches_are_epochs_and_resume():
     b = Batches(10, 4, seed=0)
     first = torch.cat([b.next() for _ in range(5)])  # 20 indices = two epochs
     assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
-    state = b.state_dict()
+    state = b.get_state()
     ahead = [b.next() for _ in range(3)]
     b2 = Batches(10, 4, seed=99)
-    b2.load_state_dict(state)
+    b2.set_state(state)
     assert all(torch.equal(a, b2.next()) for a in ahead)
-
-
-def test_lr_schedule_formula():
-    assert get_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
-    assert get_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
-    assert get_lr(55, 100, 1.0, 10) == pytest.approx(0.5)  # halfway through the cosine
-    assert get_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
 
 
 def _tiny_setup(cfg):
@@ -197,10 +190,22 @@ def without_timings(folder: Path) -> tuple:
     result = json.loads((folder / "result.json").read_text())
     for k in ("train_time_s", "ms_per_step"):
         assert result.pop(k) > 0
+    assert result.pop("warmup_s") >= 0
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     for r in result["history"] + records:
         r.pop("ms", None)
     return result, records
+
+
+def crash_at(monkeypatch, n: int) -> None:
+    """Optimizer step n + 1 raises KeyboardInterrupt (from get_lr), as if the run were killed after n steps."""
+    real_get_lr = train_vit.get_lr
+
+    def get_lr(step, *a):
+        if step == n:
+            raise KeyboardInterrupt
+        return real_get_lr(step, *a)
+    monkeypatch.setattr(train_vit, "get_lr", get_lr)
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
@@ -214,20 +219,13 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     probe, _ = train_vit.linear_probe(probe_model, task)
     full, m_full = finetune(cfg, task, backbone, probe, out_dir=tmp_path / "full")
 
-    real_get_lr = train_vit.get_lr
-
-    def crash_at_4(step, *a):
-        if step == 4:
-            raise KeyboardInterrupt  # as if the run were killed after step 4, the checkpoint being step 3's
-        return real_get_lr(step, *a)
-
-    monkeypatch.setattr(train_vit, "get_lr", crash_at_4)
+    crash_at(monkeypatch, 4)  # as if the run were killed after step 4, the checkpoint being step 3's
     with pytest.raises(KeyboardInterrupt):
         finetune(cfg, task, backbone, probe, out_dir=tmp_path / "cut")
     logged = [json.loads(r)["step"] for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [2, 2, 4, 4]  # train and eval records; step 4 is past the checkpoint
     (tmp_path / "cut" / "ckpt.pt.x1y2.tmp").write_bytes(b"half")  # a kill -9 during a checkpoint write
-    monkeypatch.setattr(train_vit, "get_lr", real_get_lr)
+    monkeypatch.undo()
     resumed, m_res = finetune(dataclasses.replace(cfg, resume=True), task, backbone, probe, out_dir=tmp_path / "cut")
     a, b = lora_state_dict(full), lora_state_dict(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -255,19 +253,26 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
     monkeypatch.undo()
     backbone, task = _tiny_setup(cfg)
     out = tmp_path / "cut"
-    finetune(dataclasses.replace(cfg, steps=3), task, backbone, out_dir=out)
-    (out / "result.json").unlink()
-    with pytest.raises(ValueError, match=r"ckpt\.pt .*another configuration .*lr: 0\.01 .*0\.1 now; steps: 3 .*6 now"):
+    crash_at(monkeypatch, 4)  # killed after step 4 of 5, the checkpoint being step 3's
+    with pytest.raises(KeyboardInterrupt):
+        finetune(dataclasses.replace(cfg, steps=5), task, backbone, out_dir=out)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"ckpt\.pt .*another configuration .*lr: 0\.01 .*0\.1 now; steps: 5 .*6 now"):
         finetune(dataclasses.replace(cfg, resume=True, lr=0.1), task, backbone, out_dir=out)
 
 
-def test_damaged_checkpoint_and_cached_backbone(tmp_path, capsys):
-    cfg = tiny(tmp_path, steps=3, device="cpu")  # pretrained twice: bit-identical on the CPU
+def test_damaged_checkpoint_and_cached_backbone(tmp_path, capsys, monkeypatch):
+    cfg = tiny(tmp_path, steps=4, device="cpu")  # pretrained twice: bit-identical on the CPU
     backbone, task = _tiny_setup(cfg)
     out = tmp_path / "run"
     finetune(cfg, task, backbone, out_dir=out)
+    assert not (out / "ckpt.pt").exists()  # a finished run keeps no checkpoint: result.json marks it
+    crash_at(monkeypatch, 3)  # the checkpoint of step 3 (ckpt_every 3) is on disk
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, task, backbone, out_dir=out)
     ckpt = out / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])  # cut short
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=rf"{ckpt} is damaged.*delete {ckpt} \(or run without --resume\)") as e:
         finetune(dataclasses.replace(cfg, resume=True), task, backbone, out_dir=out)
     assert "weights_only" not in str(e.value)
@@ -387,6 +392,10 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     assert lines[:2] == [f"output: {cfg.out_dir}", "data: synthetic from (generated)"]
     assert lines[-1].startswith(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/curves.png;")
     assert any(line.startswith("rot90 coto s0 | step 3 | loss") for line in lines)
+    # the table: probe, both methods, their difference; then ms/step with the warm-up steps apart
+    lora, coto = (100 * r["acc"] for r in res["runs"])
+    assert f"| rot90 | {100 * res['probe']['rot90']:.1f} | {lora:.1f} | {coto:.1f} | {coto - lora:.1f} |" in lines
+    assert any(line.startswith("coto: ") and " ms/step (steady state) + " in line for line in lines)
     tags = [json.loads(r)["tag"] for r in (train_vit.run_dir(cfg, "rot90") / "metrics.jsonl").read_text().splitlines()]
     assert set(tags) == {"rot90 coto s0"}  # no trailing separator
     assert [r["method"] for r in res["runs"]] == ["lora", "coto"]

@@ -1,19 +1,22 @@
 """utils.py: safetensors by hand against the reference library, atomic writes, checkpoints, the CLI."""
 import json
+import math
 import os
 import pickle
 import struct
 import tracemalloc
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import safetensors
 import safetensors.torch  # the reference (requirements-test.txt)
 import torch
 
-from utils import (atomic_save, atomic_write_text, load_checkpoint, load_weights, parse_config,
-                   read_safetensors, read_safetensors_metadata, save_checkpoint, truncate_jsonl,
-                   write_safetensors)
+import utils
+from utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, get_lr, load_checkpoint,
+                   load_weights, method_name, parse_config, read_safetensors, read_safetensors_metadata,
+                   save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
 TENSORS = {"a.weight": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
            "half": torch.randn(5).to(torch.bfloat16), "flag": torch.tensor([True, False]),
@@ -315,3 +318,93 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path, umask):
     assert want == 0o666 & ~umask
     for name in ("r.json", "ckpt.pt", "a.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == want, name
+
+
+def test_lr_schedule_formula():
+    assert get_lr(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert get_lr(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert get_lr(55, 100, 1.0, 10) == pytest.approx(0.5)  # halfway through the cosine
+    assert get_lr(100, 100, 1.0, 10) == pytest.approx(0.0)
+    for t in range(0, 80, 7):  # no warmup: the plain cosine from lr to 0
+        assert get_lr(t, 80, 3e-3, 0) == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * t / 80)))
+
+
+def test_method_names_are_one_rule():
+    assert [method_name(v, c) for v in ("lora", "dora", "hira") for c in (False, True)] == [
+        "lora", "coto", "dora", "dora-coto", "hira", "hira-coto"]
+
+
+def test_check_finite_stops_at_a_nan_gradient_behind_a_finite_loss():
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    check_finite(torch.tensor(0.5), [torch.nn.Parameter(torch.ones(1))], 1, 0.1, "x")  # no grad: fine
+    with pytest.raises(FloatingPointError, match=r"^rot90 coto s0: at step 7 the loss is 0.5 and the gradient "
+                                                 r"norm nan: training diverged\. Rerun with a lower learning rate .*peak: 0.1\)"):
+        check_finite(torch.tensor(0.5), [w], 7, 0.1, "rot90 coto s0")
+
+
+class FakeCoTo:
+    def __init__(self, mask):
+        self.mask, self.p = torch.tensor(mask), 0.5
+
+
+def test_train_log_lines_records_and_warm_up_apart(tmp_path, monkeypatch, capsys):
+    """Step times 300 (compiling), 2, 1, 2, 4, 2 ms: the 300 is warm-up (over 5x the median), ms/step
+    the mean of the others; log lines and records hold the interval means; a resumed log reports the same."""
+    clock = iter([0.0, 0.300, 0.302, 0.303, 0.305, 0.309, 0.311])
+    monkeypatch.setattr(utils, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    log = TrainLog("t", total_steps=6, log_every=4, path=tmp_path / "m.jsonl")
+    losses = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    for step, loss in enumerate(losses, 1):
+        log.step(step, 0.1, FakeCoTo([True, False]) if step <= 4 else FakeCoTo([True, True]), loss=loss)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["t | step 4 | loss 4.500 | p 0.50 | active 1/2 | 76 ms | eta 0:00:00",
+                   "t | step 6 | loss 1.500 | p 0.50 | active 2/2 | 3 ms | eta 0:00:00"]
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records == log.state["history"]
+    assert records[0] == {"tag": "t", "step": 4, "loss": 4.5, "ms": pytest.approx(305 / 4), "lr": 0.1, "p": 0.5}
+    s = log.summary()
+    assert s["warmup_s"] == pytest.approx(0.300) and s["train_time_s"] == pytest.approx(0.311)
+    assert s["ms_per_step"] == pytest.approx((2 + 1 + 2 + 4 + 2) / 5)  # the compiling step excluded
+    assert s["active_frac"] == pytest.approx((4 * 0.5 + 2 * 1.0) / 6)
+    monkeypatch.undo()
+    resumed = TrainLog("t", 6, 4)
+    resumed.state = json.loads(json.dumps(log.state))  # what a checkpoint holds
+    assert resumed.summary() == s
+
+
+def test_seed_table_against_hand_computed_statistics():
+    runs = [{"task": t, "method": m, "seed": s, "acc": a} for t, m, s, a in [
+        ("a", "lora", 0, 0.80), ("a", "lora", 1, 0.84), ("a", "lora", 2, 0.83),
+        ("a", "coto", 0, 0.81), ("a", "coto", 1, 0.82), ("a", "coto", 2, 0.86),
+        ("b", "lora", 0, 0.70), ("b", "lora", 1, 0.72), ("b", "lora", 2, 0.71),
+        ("b", "coto", 0, 0.69), ("b", "coto", 1, 0.75), ("b", "coto", 2, 0.70)]]
+
+    def ms(v):  # mean and sample standard deviation (n - 1), by the formula
+        m = sum(v) / len(v)
+        return f"{m:.1f} ± {math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)):.1f}"
+
+    table = seed_table("acc", runs, "task", {"a": 77.0, "b": 60.0}, "probe", lambda r: 100 * r["acc"]).splitlines()
+    assert table[:2] == ["acc, seeds 0, 1, 2: mean ± std", "| task | probe | lora | coto | coto - lora per seed |"]
+    assert table[3] == f"| a | 77.0 | {ms([80, 84, 83])} | {ms([81, 82, 86])} | 1.0 -2.0 3.0 |"
+    assert table[4] == f"| b | 60.0 | {ms([70, 72, 71])} | {ms([69, 75, 70])} | -1.0 3.0 -1.0 |"
+    assert table[5] == f"| mean | 68.5 | {ms([75, 78, 77])} | {ms([75, 78.5, 78])} | 0.0 0.5 1.0 |"
+    one = seed_table("acc", [r for r in runs if r["seed"] == 0 and r["method"] == "lora"], "task",
+                     {"a": 1.0, "b": 2.0}, "probe", lambda r: 100 * r["acc"]).splitlines()
+    assert one[:2] == ["acc, seed 0", "| task | probe | lora |"] and one[3] == "| a | 1.0 | 80.0 |"  # no ±
+
+
+def test_finished_runs_are_kept_only_with_their_configuration(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    (tmp_path / "ckpt.pt.ab12.tmp").write_bytes(b"half")  # a checkpoint write that was killed
+    assert finished_run(tmp_path, {"r": 2}) is None
+    save_result(tmp_path, {"acc": 0.5}, {"r": 2, "resume": True, "log_every": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # finished: no checkpoint
+    assert json.loads((tmp_path / "result.json").read_text()) == {"acc": 0.5, "config": {"r": 2, "log_every": 5}}
+    assert finished_run(tmp_path, {"r": 2}, not_in_result=("log_every",))["acc"] == 0.5
+    with pytest.raises(ValueError, match=r"another configuration \(log_every: 5 then, '\(absent\)' now; r: 2 then, "
+                                         r"4 now\)\. Rerun with its flags"):
+        finished_run(tmp_path, {"r": 4})
+    (tmp_path / "result.json").write_text("{")
+    with pytest.raises(ValueError, match=r"result\.json is damaged; delete it"):
+        finished_run(tmp_path, {"r": 2})
