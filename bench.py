@@ -1,4 +1,4 @@
-"""Speed and memory of LoRA / DoRA / HiRA, with and without CoTo, measured side by side (issue 5).
+"""Speed and memory of LoRA / DoRA / HiRA, with and without CoTo, measured side by side.
 
 CoTo shortens training because a bypassed adapter costs nothing and backward stops below the
 lowest active block (method.md section 3). This script measures how much of that saving is real,
@@ -6,25 +6,28 @@ next to what the FLOP arithmetic allows, plus the other costs a user asks about:
 
     1. training steps over a CoTo schedule vs always-on adapters (lora, dora, hira; two ViTs)
     2. backward truncation: step time vs the lowest active block
-    3. one LoRALinear forward+backward vs the frozen nn.Linear it wraps; merged inference vs base
+    3. one LoRALinear forward+backward vs the frozen nn.Linear it wraps, beside PEFT's LoRA and
+       DoRA layers (when peft is installed); merged and unmerged inference vs base
     4. exact Shapley: the table of all 2^n coalition values, prefix-sharing vs naive (games.py)
-    5. peak memory of a LoRA step vs full fine-tuning
+    5. peak memory of a LoRA step vs full fine-tuning, beside PEFT's
 
 Every figure is a ratio measured in the same run: the compared cases alternate call by call (so
 the drift of a busy machine hits them alike), warm-up calls are excluded, and each ratio is the
-median over repeats. On CUDA the steps run in bf16 autocast.
+median over repeats. On CUDA the steps run in bf16 autocast (the layer table adds fp32).
 
     python bench.py            # a few minutes on a 2-core CPU; prints the table, writes runs/bench/
     python bench.py --quick    # about a minute, one ViT, noisier
 """
-import argparse
 import contextlib
 import copy
+import dataclasses
+import importlib.util
 import io
 import json
+import os
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -34,11 +37,11 @@ import torch.nn.functional as F
 import games
 from coto import CoTo, block_groups, set_active
 from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from utils import atomic_write_text, format_eta, pick_device
+from utils import atomic_write_text, format_eta, parse_config, pick_device
 from vit import VisionTransformer
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (use 1 on a machine shared with other jobs)
@@ -62,6 +65,9 @@ class Config:
     shapley_blocks: tuple = (6, 12)  # depths of the exact-Shapley row (empty: skip)
     shapley_batch: int = 16  # held-out images the coalition values are computed on
     naive_samples: int = 32  # coalitions timed for the naive way (its time is per coalition x 2^n)
+    layer_shape: tuple = (2048, 384, 1536)  # tokens, in, out of the layer table (a ViT-S fc1)
+    peft: bool = True  # PEFT's LoRA and DoRA beside ours in the layer and memory tables (if installed)
+    quick: bool = False  # one ViT, fewer steps and coalitions: about a minute
     seed: int = 0
     out: str = "runs/bench"  # bench.json and bench.md are written here
 
@@ -114,8 +120,10 @@ def linear_flops(T: int, i: int, o: int, r: int, variant: str, active: bool, gra
     flops = 2 * T * i * o + (2 * T * i * o if grad_in else 0)  # W x; dX = dY W
     if not active:
         return flops
-    if variant in ("lora", "dora"):  # B (A x): forward; dB, d(Ax), dA; dX through A if needed
-        flops += 2 * T * r * (i + o) + 2 * T * r * (2 * o + i) + (2 * T * r * i if grad_in else 0)
+    if variant in ("lora", "dora"):  # forward: A x, then B (A x), or B A when lora.py folds it
+        thin = T * (i + o) < i * o  # into W (from i o / (i + o) tokens on)
+        flops += 2 * T * r * i + (2 * T * r * o if thin else 2 * o * r * i)
+        flops += 2 * T * r * (2 * o + i) + (2 * T * r * i if grad_in else 0)  # dy B, dB, dA; dX via A
     if variant == "dora":  # B A inside the row norm ||W + s B A||, which is detached: no backward
         flops += 2 * o * r * i
     if variant == "hira":  # B A; (W + W * s B A) x replaces W x; dW_eff = dY^T x; dB and dA of B A
@@ -173,18 +181,40 @@ def vit_sizes(cfg: Config) -> dict:
     return sizes
 
 
-def lora_vit(size: dict, variant: str | None, cfg: Config, device: torch.device) -> VisionTransformer:
+def lora_vit(size: dict, variant: str | None, cfg: Config, device: torch.device,
+             peft: bool = False) -> VisionTransformer:
     """VisionTransformer(**size) with adapters on cfg.targets, B != 0 as after some training, and
-    only adapters and head trainable; variant None: the plain ViT, everything trainable."""
+    only adapters and head trainable; variant None: the plain ViT, everything trainable. peft:
+    PEFT's LoRA / DoRA layers instead of ours."""
     torch.manual_seed(cfg.seed)
     model = VisionTransformer(**size)
-    if variant is not None:
+    if peft:
+        peft_adapt(model, cfg.targets, variant, cfg).head.requires_grad_(True)
+    elif variant is not None:
         inject_lora(model, list(cfg.targets), cfg.r, cfg.alpha, variant=variant)
         for layer in lora_layers(model).values():
             nn.init.normal_(layer.lora_B, std=0.02)
         with contextlib.redirect_stdout(io.StringIO()):  # the bench prints only its own lines
             mark_only_lora_as_trainable(model, also=("head",))
     return model.to(device)
+
+
+def use_peft(cfg: Config) -> bool:
+    return cfg.peft and importlib.util.find_spec("peft") is not None
+
+
+def peft_adapt(model: nn.Module, targets, variant: str, cfg: Config) -> nn.Module:
+    """PEFT's LoRA (or DoRA) layers injected into `model` in place on the nn.Linear layers that
+    inject_lora would adapt, B initialised as ours, only the adapters trainable; returns model."""
+    from peft import LoraConfig, inject_adapter_in_model  # optional: only with cfg.peft
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)  # PEFT's suffixes
+             and any(n == t or n.endswith("." + t) for t in targets)]  # would also take Conv2d's
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=names, use_dora=variant == "dora")
+    model = inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.02)
+    return model
 
 
 def batch_of(batch: int, num_classes: int, device: torch.device, seed: int):
@@ -280,32 +310,43 @@ def bench_truncation(variant: str, cfg: Config, device: torch.device) -> list:
 
 
 def bench_layer(cfg: Config, device: torch.device) -> list:
-    """Section 3a: one LoRALinear (the default ViT's fc1 shape, one batch of tokens) forward +
-    backward vs its frozen nn.Linear, the input requiring grad as inside a network."""
-    D, T = cfg.embed_dim, cfg.batch_size * 17
+    """Section 3a: one adapted layer (cfg.layer_shape) forward + backward vs its frozen nn.Linear,
+    the input requiring grad as inside a network; ours beside PEFT's, in the dtype training uses on
+    this device (fp32 on a CPU, bf16 autocast on CUDA) and, on CUDA, in fp32 too."""
+    T, D, H = cfg.layer_shape
     torch.manual_seed(cfg.seed)
-    base = nn.Linear(D, 4 * D).requires_grad_(False).to(device)
+    base = nn.Linear(D, H).requires_grad_(False).to(device)
     x = torch.randn(T, D, device=device, requires_grad=True)
-    dy = torch.randn(T, 4 * D, device=device)  # the gradient arriving from above
+    dy = torch.randn(T, H, device=device)  # the gradient arriving from above
     layers = {"nn.Linear": base}
     for v in cfg.variants:
         layers[v] = LoRALinear(copy.deepcopy(base), cfg.r, cfg.alpha, variant=v)
         nn.init.normal_(layers[v].lora_B, std=0.02)
+    if use_peft(cfg):
+        for v in ("lora", "dora"):
+            layers[f"PEFT {v}"] = peft_adapt(nn.Sequential(copy.deepcopy(base)), ["0"], v, cfg)[0]
 
-    def case(layer):
+    def case(layer, amp):
+        grad = dy.bfloat16() if amp else dy  # backward takes the output's dtype
+
         def run(i):
-            layer(x).backward(dy)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                y = layer(x)
+            y.backward(grad)
             x.grad = None
             for p in layer.parameters():
                 p.grad = None
         return run
 
-    res = alternate({k: case(m) for k, m in layers.items()}, 10, 3 * cfg.repeats, cfg.warmup,
-                    sync_fn(device))  # milliseconds per call: sums of 10 calls are steadier
-    f0 = linear_flops(T, D, 4 * D, cfg.r, "lora", False, True)
-    return [{"layer": k, "ms": 1e3 * res[k]["s"] / 10, "ratio": res[k]["ratio"],
-             "flop_ratio": linear_flops(T, D, 4 * D, cfg.r, k, k != "nn.Linear", True) / f0}
-            for k in layers]
+    f0 = linear_flops(T, D, H, cfg.r, "lora", False, True)
+    rows = []
+    for dtype in ("bf16 autocast", "fp32") if device.type == "cuda" else ("fp32",):
+        res = alternate({k: case(m, dtype != "fp32") for k, m in layers.items()}, 10,
+                        3 * cfg.repeats, cfg.warmup, sync_fn(device))  # sums of 10 calls: steadier
+        rows += [{"layer": k, "dtype": dtype, "ms": 1e3 * res[k]["s"] / 10, "ratio": res[k]["ratio"],
+                  "flop_ratio": linear_flops(T, D, H, cfg.r, k.split()[-1], k != "nn.Linear", True) / f0}
+                 for k in layers]
+    return rows
 
 
 def bench_merged(cfg: Config, device: torch.device) -> list:
@@ -396,8 +437,23 @@ def bench_shapley(cfg: Config, device: torch.device) -> list:
                  {"blocks": depth, "method": "prefix sharing, batched breadth-first",
                   "block_evals": 2 * n - 2, "calls": calls, "s": res["batched"]["s"],
                   "vs_naive": res["batched"]["ratio"] / scale,
-                  "max_abs_diff": (prefix - batched).abs().max().item()}]
+                  "max_abs_diff": (prefix.to(batched) - batched).abs().max().item()}]
     return rows
+
+
+@contextlib.contextmanager
+def silent_stderr():
+    """Standard error closed at the file-descriptor level: the profiler's C++ side logs two lines
+    ("USDT: ... profiler_start") per session, which no setting turns off."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def peak_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x, y, device: torch.device) -> int:
@@ -415,8 +471,8 @@ def peak_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x, y, device:
     before = sum(t.numel() * t.element_size() for t in
                  [*model.parameters(), *model.buffers(),
                   *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with silent_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
         train_step(model, opt, x, y, device)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
@@ -428,11 +484,14 @@ def peak_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x, y, device:
 
 
 def bench_memory(cfg: Config, device: torch.device) -> list:
-    """Section 5: peak memory of one training step, full fine-tuning vs each adapter variant."""
+    """Section 5: peak memory of one training step, full fine-tuning vs each adapter variant (and
+    PEFT's LoRA and DoRA)."""
     rows = []
+    peft = [f"PEFT {v}" for v in ("lora", "dora") if use_peft(cfg)]
     for name, size in vit_sizes(cfg).items():
-        for method in ("full", *cfg.variants):
-            model = lora_vit(size, None if method == "full" else method, cfg, device)
+        for method in ("full", *cfg.variants, *peft):
+            variant = None if method == "full" else method.split()[-1]
+            model = lora_vit(size, variant, cfg, device, peft=method.startswith("PEFT"))
             x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
             rows.append({"model": name, "method": method,
                          "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -446,7 +505,8 @@ def bench_memory(cfg: Config, device: torch.device) -> list:
 
 def table(res: dict) -> str:
     cfg = res["config"]
-    L = [f"bench.py on {res['device']} ({res['threads']} threads), torch {torch.__version__}, "
+    threads = f"{res['threads']} thread" + ("s" if res["threads"] != 1 else "")
+    L = [f"bench.py on {res['device']} ({threads}), torch {torch.__version__}, "
          f"batch {cfg['batch_size']}, r {cfg['r']}, targets {'/'.join(cfg['targets'])}",
          "", "1. Training step over a CoTo schedule (p0 %g, %d steps evenly spaced over it) vs "
              "always-on adapters; saving = 1 - time ratio" % (cfg["p0"], cfg["schedule_points"]), "",
@@ -461,9 +521,12 @@ def table(res: dict) -> str:
           "|---|---|---|---|---|---|"]
     L += [f"| {r['variant']} | {r['lowest']} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['predicted']:.3f} | "
           f"{'yes' if r['no_grad_below'] else 'NO'} |" for r in res["truncation"]]
-    L += ["", "3. LoRA overhead: one fc1-shaped layer, forward + backward, input requiring grad", "",
-          "| layer | ms | vs nn.Linear | FLOP ratio |", "|---|---|---|---|"]
-    L += [f"| {r['layer']} | {r['ms']:.2f} | {r['ratio']:.2f} | {r['flop_ratio']:.2f} |" for r in res["layer"]]
+    T, D, H = cfg["layer_shape"]
+    L += ["", f"3. LoRA overhead: one layer, {T} tokens, {D} -> {H}, forward + backward, input "
+              f"requiring grad", "",
+          "| layer | dtype | ms | vs nn.Linear | FLOP ratio |", "|---|---|---|---|---|"]
+    L += [f"| {r['layer']} | {r['dtype']} | {r['ms']:.2f} | {r['ratio']:.2f} | {r['flop_ratio']:.2f} |"
+          for r in res["layer"]]
     L += ["", f"   Inference of the default ViT, batch {4 * cfg['batch_size']}, no grad", "",
           "| model | ms | vs base |", "|---|---|---|"]
     L += [f"| {r['model']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in res["merged"]]
@@ -485,6 +548,8 @@ def table(res: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
     if min(cfg.schedule_points, cfg.repeats, cfg.batch_size, cfg.shapley_batch, cfg.naive_samples) < 1:
         raise ValueError("schedule_points, repeats, batch_size, shapley_batch and naive_samples must "
                          "be at least 1")
@@ -494,7 +559,7 @@ def main(cfg: Config) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    res = {"config": asdict(cfg), "device": device.type, "threads": torch.get_num_threads()}
+    res = {"config": dataclasses.asdict(cfg), "device": device.type, "threads": torch.get_num_threads()}
     t0 = time.perf_counter()
 
     def log(line):
@@ -525,17 +590,7 @@ def main(cfg: Config) -> dict:
     return res
 
 
-QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # --quick overrides these
+QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # what --quick overrides
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="*", default=f.default, type=type(f.default[0]))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
-    parser.add_argument("--quick", action="store_true", help="one ViT, fewer steps: about a minute")
-    args = vars(parser.parse_args())
-    quick = args.pop("quick")
-    main(Config(**{**args, **(QUICK if quick else {})}))
+    main(parse_config(Config, description=__doc__.split("\n\n")[0]))

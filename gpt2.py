@@ -202,7 +202,7 @@ def save_hf(model: GPT, folder) -> None:
     """Write config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained
     loads (the base model PEFT adapters are applied to). The model must not hold LoRA layers."""
     if lora_layers(model):
-        raise ValueError("save_hf writes a plain GPT-2: save before inject_lora, or unload_lora(model) first")
+        raise ValueError("save_hf writes a plain GPT-2: save before inject_lora, or merge_and_unload(model) first")
     folder = Path(folder)
     state = {}
     for k, v in model.state_dict().items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import bench
 from coto import block_groups, set_active
@@ -17,25 +17,33 @@ CPU = torch.device("cpu")
 
 
 ALL = ("qkv", "proj", "fc1", "fc2")
+# lora.py adds the low-rank products into the base output in place (addmm_), which the counter
+# does not count by default: the same FLOPs as addmm
+IN_PLACE = {torch.ops.aten.addmm_: flop_registry[torch.ops.aten.addmm].__wrapped__}
 
 
-@pytest.mark.parametrize("variant, targets", [("lora", ALL), ("dora", ALL), ("hira", ALL),
-                                              ("lora", ("proj", "fc2")), ("hira", ("proj", "fc2"))])
-def test_flop_model_matches_flop_counter(variant, targets):
+WIDE = dict(embed_dim=64, depth=2, num_heads=2)  # one image (17 tokens): LoRA's thin products
+
+
+@pytest.mark.parametrize("variant, targets, size, batch", [
+    ("lora", ALL, TINY, 4), ("dora", ALL, TINY, 4), ("hira", ALL, TINY, 4), ("lora", ("proj", "fc2"), TINY, 4),
+    ("hira", ("proj", "fc2"), TINY, 4), ("lora", ALL, WIDE, 1), ("dora", ALL, WIDE, 1)])
+def test_flop_model_matches_flop_counter(variant, targets, size, batch):
     """The hand count equals what FlopCounterMode sees in a real step, for every mask (the MATH
-    attention backend makes the attention matmuls visible to the counter on CPU)."""
+    attention backend makes the attention matmuls visible to the counter on CPU). With 4 images
+    LoRA builds W + s B A; with one image of the wider ViT it runs the two thin products."""
     cfg = bench.Config(r=2, targets=targets)
-    model = bench.lora_vit(TINY, variant, cfg, CPU)
+    model = bench.lora_vit(size, variant, cfg, CPU)
     groups = block_groups(model)
-    x, y = bench.batch_of(4, model.num_classes, CPU, 0)
-    for mask in itertools.product([False, True], repeat=TINY["depth"]):
+    x, y = bench.batch_of(batch, model.num_classes, CPU, 0)
+    for mask in itertools.product([False, True], repeat=size["depth"]):
         if not any(mask):
             continue  # CoTo always keeps one group on
         set_active(groups, mask)
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=IN_PLACE) as counter:
             F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-        assert bench.vit_step_flops(model, 4, 2, variant, mask, targets) == counter.get_total_flops(), mask
+        assert bench.vit_step_flops(model, batch, 2, variant, mask, targets) == counter.get_total_flops(), mask
 
 
 def test_alternate_against_a_fake_clock(monkeypatch):
@@ -86,11 +94,18 @@ def test_coto_masks_follow_the_schedule():
     assert not all(all(m) for t, m in zip(steps, masks) if t < 75)
 
 
-def test_main_tiny(tmp_path):
-    cfg = bench.Config(**TINY, large_embed_dim=16, large_depth=4, large_num_heads=2, r=2,
-                       batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks=(3,),
-                       shapley_batch=8, naive_samples=8, out=str(tmp_path), threads=0)
+def test_main_tiny(tmp_path, device):
+    cfg = bench.Config(**TINY, device=str(device), large_embed_dim=16, large_depth=4, large_num_heads=2,
+                       r=2, batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks=(3,),
+                       shapley_batch=8, naive_samples=8, layer_shape=(68, 16, 64), out=str(tmp_path),
+                       threads=0)
     res = bench.main(cfg)
+    peft = ["PEFT lora", "PEFT dora"]  # PEFT's layers beside ours, same adapters on the same targets
+    fp32 = [r["layer"] for r in res["layer"] if r["dtype"] == "fp32"]
+    assert fp32 == ["nn.Linear", "lora", "dora", "hira", *peft]
+    trainable = {(r["model"], r["method"]): r["trainable"] for r in res["memory"]}
+    assert all(trainable[m, v] == trainable[m, f"PEFT {v}"]
+               for m in ("default", "large") for v in ("lora", "dora"))
     assert [(r["model"], r["variant"]) for r in res["coto"]] == \
         [(m, v) for m in ("default", "large") for v in ("lora", "dora", "hira")]
     # the three ways to build the coalition table agree, with the evaluation counts of games.py

@@ -6,12 +6,14 @@ import torch
 import torch.nn as nn
 
 from lora import (LoRALinear, inject_lora, load_lora_state_dict, lora_layers, lora_state_dict,
-                  mark_only_lora_as_trainable, merge_lora, unload_lora, unmerge_lora)
+                  lora_metadata, mark_only_lora_as_trainable, merge_and_unload, merge_lora, unload,
+                  unmerge_lora)
 
 VARIANTS = ["lora", "dora", "hira"]
 
 
 def make_layer(variant, bias=True, rslora=False, seed=0, dropout=0.0):
+    """A float64 layer on the CPU with a visible update, and an input (4, 2, 7)."""
     g = torch.Generator().manual_seed(seed)
     base = nn.Linear(7, 5, bias=bias).double()
     layer = LoRALinear(base, r=3, alpha=6.0, variant=variant, rslora=rslora, dropout=dropout)
@@ -40,9 +42,10 @@ def reference(layer, x, detach_norm=True):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_matches_formula(variant, bias):
+def test_forward_matches_formula(variant, bias, device):
     layer, x = make_layer(variant, bias)
-    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-12, atol=1e-12)
+    y = copy.deepcopy(layer).to(device)(x.to(device)).cpu()
+    torch.testing.assert_close(y, reference(layer, x), rtol=1e-12, atol=1e-12)
     # delta_weight() is W_eff - W: read W_eff off the identity input, bias removed
     W_eff = (reference(layer, torch.eye(7, dtype=torch.float64)) - (layer.base.bias if bias else 0)).T
     torch.testing.assert_close(layer.delta_weight(), W_eff - layer.base.weight, rtol=1e-12, atol=1e-12)
@@ -93,10 +96,10 @@ def test_dora_norm_is_constant_in_backward():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_starts_at_base(variant):
-    base = nn.Linear(16, 8).double()
+def test_starts_at_base(variant, device):
+    base = nn.Linear(16, 8).double().to(device)
     layer = LoRALinear(copy.deepcopy(base), r=4, alpha=8.0, variant=variant)
-    x = torch.randn(3, 16, dtype=torch.float64)
+    x = torch.randn(3, 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
     assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()  # A is random, B is zero
     bound = 1 / 16 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 16
@@ -117,9 +120,10 @@ def two_block_model(variant="lora"):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_merge_unmerge_unload_agree(variant):
+def test_merge_unmerge_unload_agree(variant, device):
     model, base_model = two_block_model(variant)
-    x = torch.randn(5, 6, dtype=torch.float64)
+    model, base_model = model.to(device), base_model.to(device)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
     W0 = {n: l.base.weight.clone() for n, l in lora_layers(model).items()}
     y = model(x)
     assert not torch.allclose(y, base_model(x))
@@ -138,15 +142,15 @@ def test_merge_unmerge_unload_agree(variant):
     for n, l in lora_layers(model).items():
         torch.testing.assert_close(l.base.weight, W0[n], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(model(x), y, rtol=1e-12, atol=1e-12)
-    plain = unload_lora(model)
+    plain = merge_and_unload(model)
     assert not lora_layers(plain)
     assert list(plain.state_dict()) == list(base_model.state_dict())
     torch.testing.assert_close(plain(x), y, rtol=1e-12, atol=1e-12)
 
 
-def test_inactive_adapter_is_bypassed_and_frozen():
+def test_inactive_adapter_is_bypassed_and_frozen(device):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).to(device)
     inject_lora(model, ["0", "2"], r=2, alpha=4.0, dropout=0.1)
     mark_only_lora_as_trainable(model, also=["4"])
     with torch.no_grad():
@@ -154,7 +158,7 @@ def test_inactive_adapter_is_bypassed_and_frozen():
             layer.lora_B.normal_()
     low, high = model[0], model[2]
     low.active = False
-    x = torch.randn(4, 6)
+    x = torch.randn(4, 6, device=device)
     assert torch.equal(low(x), low.base(x))  # exactly the base output, dropout not applied
     before = copy.deepcopy(model.state_dict())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
@@ -219,3 +223,224 @@ def test_state_dict_round_trip_and_mismatch():
     plain_lora, _ = two_block_model("lora")
     with pytest.raises(ValueError, match="unexpected keys"):
         load_lora_state_dict(plain_lora, state)
+
+
+def float32_model(variant):
+    model, base_model = two_block_model(variant)
+    model, base_model = model.float(), base_model.float()
+    with torch.no_grad():  # a magnitude that is not the base's row norms, so DoRA's merge is visible
+        for layer in lora_layers(model).values():
+            if variant == "dora":
+                layer.lora_magnitude.mul_(1.5)
+    return model, base_model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_move_unmerge_keeps_no_tensor_outside_parameters_and_buffers(variant, device):
+    """merge(); model.to(device); unmerge() gives back the unmerged model: unmerge() recomputes W
+    from what moves with the model (parameters, buffers), and merged layers hold no (out, in) copy."""
+    model, _ = float32_model(variant)
+    x = torch.randn(5, 6)
+    y = model(x)
+    W0 = {n: l.base.weight.clone() for n, l in lora_layers(model).items()}
+    merge_lora(model)
+    for layer in lora_layers(model).values():
+        assert [k for k, v in vars(layer).items() if torch.is_tensor(v)] == []
+    model.to(device)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(x.to(device)).cpu(), y, rtol=1e-5, atol=1e-5)
+    for n, l in lora_layers(model).items():
+        torch.testing.assert_close(l.base.weight.cpu(), W0[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_in_float32_unmerge_in_float64(variant):
+    model, _ = float32_model(variant)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    reference_model = copy.deepcopy(model).double()  # unmerged, in float64 throughout
+    merge_lora(model)
+    model.double()
+    unmerge_lora(model)
+    torch.testing.assert_close(model(x), reference_model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merged_state_dict_loads_merged(variant, device):
+    """A merged model's state_dict() carries the merged flag: loaded into a freshly injected model,
+    the update is counted once, and unmerging there gives back the base weights."""
+    model, base_model = two_block_model(variant)
+    model, base_model = model.to(device), base_model.to(device)
+    x = torch.randn(5, 6, dtype=torch.float64, device=device)
+    y = model(x)
+    merge_lora(model)
+    fresh = copy.deepcopy(base_model)
+    inject_lora(fresh, ["0", "2"], r=2, alpha=4.0, variant=variant)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()  # a merged layer is not trained through
+    assert all(l.merged for l in lora_layers(fresh).values())
+    torch.testing.assert_close(fresh(x), y, rtol=1e-12, atol=1e-12)
+    unmerge_lora(fresh)
+    torch.testing.assert_close(fresh(x), y, rtol=1e-12, atol=1e-12)
+    for name, layer in lora_layers(fresh).items():
+        torch.testing.assert_close(layer.base.weight, base_model.get_submodule(name).weight,
+                                   rtol=1e-12, atol=1e-12)
+    unmerged_state = copy.deepcopy(fresh.state_dict())
+    merge_lora(fresh)
+    fresh.load_state_dict(unmerged_state)  # and an unmerged state loads unmerged
+    assert not any(l.merged for l in lora_layers(fresh).values())
+    torch.testing.assert_close(fresh(x), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merged_layer_cannot_be_bypassed_or_trained(variant):
+    model, _ = two_block_model(variant)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    merge_lora(model)
+    layer = model[0]
+    model.train()
+    with pytest.raises(RuntimeError, match=r"merged .* cannot be trained .* unmerge\(\)"):
+        model(x)
+    with torch.no_grad():
+        y = model(x)  # no gradient: nothing is trained through it
+    model.eval()
+    torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+    layer.active = False
+    with pytest.raises(RuntimeError, match=r"merged .* cannot be bypassed \(active=False\): call unmerge"):
+        model(x)
+    layer.active = True
+    unmerge_lora(model)
+    layer.active = False
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unload_gives_the_base_model_and_merge_and_unload_the_adapted_one(variant):
+    model, base_model = two_block_model(variant)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    y = model(x)
+    merged = merge_and_unload(copy.deepcopy(model))
+    torch.testing.assert_close(merged(x), y, rtol=1e-12, atol=1e-12)
+    for keep_merged in (False, True):
+        plain = copy.deepcopy(model)
+        if keep_merged:
+            merge_lora(plain)
+        plain = unload(plain)
+        assert not lora_layers(plain) and list(plain.state_dict()) == list(base_model.state_dict())
+        torch.testing.assert_close(plain(x), base_model(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"already has LoRA layers; call unload\(model\)"):
+        inject_lora(model, ["4"], r=1, alpha=1.0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(alpha=0.0), ValueError, "alpha=0.0 must be a finite number > 0"),
+    (dict(alpha=-2.0), ValueError, "alpha=-2.0 must be"),
+    (dict(alpha=float("nan")), ValueError, "alpha=nan must be"),
+    (dict(alpha=float("inf")), ValueError, "alpha=inf must be"),
+    (dict(alpha="16"), TypeError, "alpha='16' must be a number"),
+    (dict(r=True), TypeError, "rank r=True must be an int"),
+    (dict(r=2.0), TypeError, "rank r=2.0 must be an int"),
+    (dict(rslora="no"), TypeError, "rslora='no' must be True or False"),
+    (dict(dropout="0.1"), TypeError, "dropout='0.1' must be a number"),
+    (dict(dropout=float("nan")), ValueError, r"dropout=nan must be in \[0, 1\)"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    args = dict(r=2, alpha=4.0) | kwargs
+    with pytest.raises(error, match=match):
+        LoRALinear(nn.Linear(7, 5), **args)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(error, match=match):
+        inject_lora(model, ["0"], **args)
+    assert not lora_layers(model)
+
+
+def test_injection_is_all_or_nothing_and_every_target_must_match():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"targets \['nomatch'\] match no nn.Linear; the linear layers are: 0, 2"):
+        inject_lora(model, ["0", "nomatch"], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match=r"rank r=4 must be an integer in 1..3"):
+        inject_lora(model, ["0", "2"], r=4, alpha=4.0)  # fits layer 0, not layer 2 (out=3)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_metadata_tells_variants_apart():
+    hira, _ = two_block_model("hira")
+    lora_model, _ = two_block_model("lora")
+    assert lora_metadata(hira) == {"variant": "hira", "r": "2", "alpha": "4.0", "scaling": "2.0"}
+    with pytest.raises(ValueError, match="saved as variant=hira, this model has variant=lora"):
+        load_lora_state_dict(lora_model, lora_state_dict(hira), metadata=lora_metadata(hira))
+    other, _ = two_block_model("hira")
+    load_lora_state_dict(other, lora_state_dict(hira), metadata={**lora_metadata(hira), "format": "pt"})
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(other(x), hira(x), rtol=0, atol=0)
+
+
+def test_dora_zero_row_gives_no_nan():
+    """A zero row of W with a zero row of B: V's row is zero, m's entry is 0 (the row norm of W).
+    Like F.normalize, the norm is clamped to 1e-12, so the row stays zero instead of 0 / 0."""
+    layer, x = make_layer("dora")
+    with torch.no_grad():
+        layer.base.weight[2] = 0
+        layer.lora_B[2] = 0
+        layer.lora_magnitude[2] = 0
+    V = layer.base.weight + layer.scaling * layer.lora_B @ layer.lora_A
+    W_eff = layer.lora_magnitude[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    expected = x @ W_eff.T + layer.base.bias
+    y = layer(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude))
+    W0 = layer.base.weight.clone()
+    layer.merge()
+    assert torch.isfinite(layer.base.weight).all()
+    torch.testing.assert_close(layer.base.weight, W_eff, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, W0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_autocast_step_keeps_float32_master_weights(variant, device):
+    """One training step under bf16 autocast (how train_vit.py trains on CUDA; on the CPU through
+    CPU autocast): parameters and gradients stay float32, and each parameter's update matches the
+    float32 step's to 3 % of its norm (bf16 keeps 8 bits of mantissa: ~0.4 % per rounding)."""
+    model, _ = float32_model(variant)
+    model = model.to(device)
+    mark_only_lora_as_trainable(model)
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2)).to(device)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    after = {}
+    for amp in (False, True):
+        trained = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = trained(x).square().mean()
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in opt.param_groups[0]["params"])
+        opt.step()
+        assert all(p.dtype == torch.float32 for p in trained.parameters())
+        after[amp] = {n: p.detach() for n, p in trained.named_parameters() if p.requires_grad}
+    for name, p in after[True].items():
+        step = after[False][name] - before[name]
+        assert (p - after[False][name]).norm() <= 0.03 * step.norm(), name
+
+
+@pytest.mark.parametrize("variant", ["hira", "dora"])
+def test_merge_refuses_what_unmerge_could_not_undo(variant):
+    """HiRA's merge multiplies W by 1 + s B A elementwise: a factor near 0 could not be divided
+    back. DoRA's merge scales row i by m_i / ||V_i||: m_i = 0 with V_i != 0 erases the row. merge()
+    refuses both and changes nothing; merge_and_unload, one way, folds them."""
+    layer, x = make_layer(variant)
+    with torch.no_grad():
+        if variant == "hira":  # s (B A)[0, 0] = -1: factor 0 at entry (0, 0)
+            layer.lora_B[0] *= -1 / (layer.scaling * (layer.lora_B[0] @ layer.lora_A[:, 0]))
+        else:
+            layer.lora_magnitude[1] = 0
+    y, W0 = reference(layer, x), layer.base.weight.clone()
+    why = r"1 \+ scaling \* B A, which is \S+ at some entry" if variant == "hira" else "magnitude 0"
+    match = f"cannot merge this (HiRA|DoRA) layer reversibly.*{why}.*merge_and_unload"
+    with pytest.raises(ValueError, match=match):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base.weight, W0)
+    plain = merge_and_unload(nn.Sequential(layer))[0]
+    torch.testing.assert_close(plain(x), y, rtol=1e-12, atol=1e-12)
