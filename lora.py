@@ -86,7 +86,7 @@ def _check_frozen(ctx) -> None:
 
 
 class LoRAFunction(torch.autograd.Function):
-    """y = g * (x W^T + s xd A^T B^T) + b; xd = dropout(x) (x itself without dropout), g = DoRA's
+    """y = g * (x W^T + s xd A^T B^T) + b; xd = dropout(x) (None without dropout: x), g = DoRA's
     m / ||V|| (out,), or None for LoRA (g = 1). ||V|| comes in detached, so g's gradient goes to
     m alone.
 
@@ -101,7 +101,9 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, xd, W, b, A, B, s, g):
         _check_frozen(ctx)
         (T, _), (out, inp) = x.shape, W.shape
-        fused = xd is x and T * (inp + out) >= inp * out
+        ctx.s, ctx.same = s, xd is None
+        xd = x if xd is None else xd
+        fused = ctx.same and T * (inp + out) >= inp * out
         # u = s A xd^T (r, T), scaled here (r rows, not out columns); only dB needs it when fused
         u = (A @ xd.T).mul_(s) if ctx.needs_input_grad[5] or not fused else None
         bias = b if g is None else None  # DoRA adds b after its scale
@@ -111,7 +113,6 @@ class LoRAFunction(torch.autograd.Function):
             h = F.linear(x, W, bias).addmm_(u.T, B.T)  # x W^T, then += s xd A^T B^T in place
         y = h if g is None else (h * g if b is None else torch.addcmul(b, h, g))  # (T, out)
         ctx.save_for_backward(xd, W, A, B, u, g, h if ctx.needs_input_grad[7] else None)
-        ctx.s, ctx.same = s, xd is x
         return y
 
     @staticmethod
@@ -139,19 +140,20 @@ class LoRAFunction(torch.autograd.Function):
 
 
 class HiRAFunction(torch.autograd.Function):
-    """y = x W^T + xd D^T + b with D = s W * (B A) (Hadamard); without dropout (xd is x) one
+    """y = x W^T + xd D^T + b with D = s W * (B A) (Hadamard); without dropout (xd None: x) one
     matmul with W + D. Backward: G = dy^T xd (out, in), dBA = s W * G, dB = dBA A^T, dA = B^T dBA."""
 
     @staticmethod
     def forward(ctx, x, xd, W, b, A, B, s):
         _check_frozen(ctx)
         D = (B @ A).mul_(W).mul_(s)  # (out, in)
-        if xd is x:
+        ctx.s, ctx.same = s, xd is None
+        xd = x if xd is None else xd
+        if ctx.same:
             y = F.linear(x, D.add_(W), b)  # D now holds W + D: one matmul
         else:
             y = F.linear(x, W, b).addmm_(xd, D.T)
         ctx.save_for_backward(xd, W, A, B, D)
-        ctx.s, ctx.same = s, xd is x
         return y
 
     @staticmethod
@@ -288,7 +290,10 @@ class LoRALinear(nn.Module):
             return self._base_only(x)
         x2, W, b, A, B = _autocast_dtype(x.reshape(-1, self.in_features), self.base.weight,
                                          self.base.bias, self.lora_A, self.lora_B)  # x2: (T, in)
-        xd = self.lora_dropout(x2)  # x2 itself without dropout: the Functions then fuse more
+        xd = self.lora_dropout(x2)
+        # no dropout (or eval mode): pass None, not x2 twice (torch.compile cannot trace a Function
+        # given one tensor twice); the Functions then fuse more
+        xd = None if xd is x2 else xd
         if self.variant == "lora":
             y = LoRAFunction.apply(x2, xd, W, b, A, B, self.scaling, None)
         elif self.variant == "dora":  # m / ||V|| with ||V|| detached (DoRA section 4.3)
