@@ -52,7 +52,7 @@ class Config:
     large_depth: int = 12  # 0 skips it
     large_num_heads: int = 3
     variants: tuple = ("lora", "dora", "hira")
-    targets: tuple = ("qkv", "proj", "fc1", "fc2")  # LoRA targets in every block
+    targets: str = "qkv,proj,fc1,fc2"  # comma-separated nn.Linear name suffixes that get adapters in every block
     r: int = 8  # LoRA rank
     alpha: float = 16.0  # scaling = alpha / r
     batch_size: int = 32  # images per training step (28x28, 17 tokens each)
@@ -132,7 +132,7 @@ def linear_flops(T: int, i: int, o: int, r: int, variant: str, active: bool, gra
 
 
 def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, mask,
-                   targets=("qkv", "proj", "fc1", "fc2")) -> int:
+                   targets: str = "qkv,proj,fc1,fc2") -> int:
     """Matmul FLOPs of one training step of `model` (frozen backbone, adapters on `targets`, a
     trainable head) with block l's adapters on where mask[l] is true.
 
@@ -144,7 +144,7 @@ def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, m
     flops = 2 * batch * pe.num_patches * pe.in_chans * pe.patch_size ** 2 * D  # patch conv, no grad
     grad = False  # does the residual stream require grad?
     for on, blk in zip(mask, model.blocks):
-        on_ = {t: bool(on) and t in targets for t in ("qkv", "proj", "fc1", "fc2")}
+        on_ = {t: bool(on) and t in targets.split(",") for t in ("qkv", "proj", "fc1", "fc2")}
         H = blk.mlp.fc1.out_features
         flops += linear_flops(T, D, 3 * D, r, variant, on_["qkv"], grad)
         grad_attn = grad or on_["qkv"]
@@ -189,9 +189,9 @@ def lora_vit(size: dict, variant: str | None, cfg: Config, device: torch.device,
     torch.manual_seed(cfg.seed)
     model = VisionTransformer(**size)
     if peft:
-        peft_adapt(model, cfg.targets, variant, cfg).head.requires_grad_(True)
+        peft_adapt(model, cfg.targets.split(","), variant, cfg).head.requires_grad_(True)
     elif variant is not None:
-        inject_lora(model, list(cfg.targets), cfg.r, cfg.alpha, variant=variant)
+        inject_lora(model, cfg.targets.split(","), cfg.r, cfg.alpha, variant=variant)
         for layer in lora_layers(model).values():
             nn.init.normal_(layer.lora_B, std=0.02)
         with contextlib.redirect_stdout(io.StringIO()):  # the bench prints only its own lines
@@ -354,7 +354,7 @@ def bench_merged(cfg: Config, device: torch.device) -> list:
     copy of the base shows how far two identical cases differ here (the noise floor)."""
     base = lora_vit(vit_sizes(cfg)["default"], None, cfg, device).eval()
     unmerged = copy.deepcopy(base)
-    inject_lora(unmerged, list(cfg.targets), cfg.r, cfg.alpha)
+    inject_lora(unmerged, cfg.targets.split(","), cfg.r, cfg.alpha)
     for layer in lora_layers(unmerged).values():
         nn.init.normal_(layer.lora_B, std=0.02)
     merged = copy.deepcopy(unmerged)
@@ -507,7 +507,7 @@ def table(res: dict) -> str:
     cfg = res["config"]
     threads = f"{res['threads']} thread" + ("s" if res["threads"] != 1 else "")
     L = [f"bench.py on {res['device']} ({threads}), torch {torch.__version__}, "
-         f"batch {cfg['batch_size']}, r {cfg['r']}, targets {'/'.join(cfg['targets'])}",
+         f"batch {cfg['batch_size']}, r {cfg['r']}, targets {cfg['targets'].replace(',', '/')}",
          "", "1. Training step over a CoTo schedule (p0 %g, %d steps evenly spaced over it) vs "
              "always-on adapters; saving = 1 - time ratio" % (cfg["p0"], cfg["schedule_points"]), "",
          "| model | variant | ms/step on | img/s on | active | CoTo / on | saving | predicted (FLOPs) | of predicted |",

@@ -32,7 +32,7 @@ def test_flop_model_matches_flop_counter(variant, targets, size, batch):
     """The hand count equals what FlopCounterMode sees in a real step, for every mask (the MATH
     attention backend makes the attention matmuls visible to the counter on CPU). With 4 images
     LoRA builds W + s B A; with one image of the wider ViT it runs the two thin products."""
-    cfg = bench.Config(r=2, targets=targets)
+    cfg = bench.Config(r=2, targets=",".join(targets))
     model = bench.lora_vit(size, variant, cfg, CPU)
     groups = block_groups(model)
     x, y = bench.batch_of(batch, model.num_classes, CPU, 0)
@@ -43,7 +43,7 @@ def test_flop_model_matches_flop_counter(variant, targets, size, batch):
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=IN_PLACE) as counter:
             F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-        assert bench.vit_step_flops(model, batch, 2, variant, mask, targets) == counter.get_total_flops(), mask
+        assert bench.vit_step_flops(model, batch, 2, variant, mask, cfg.targets) == counter.get_total_flops(), mask
 
 
 def test_alternate_against_a_fake_clock(monkeypatch):
