@@ -14,10 +14,11 @@ saved (reproduce.py does, and runs these reports on saved runs):
     coalitions     with coalition(groups, members): ...       only those adapter groups on
     adapters       with use_adapter(model, state): ...        another adapter (factors or delta W)
                    delta_state(model, state)                  {"<layer>.delta_weight": W_eff - W}
+                   rescale_to_norm(model, state, reference)   state's delta W at reference's norm
     connectivity   interpolate(a, b, lam), interpolate_delta(model, a, b, lam), connectivity(...)
     combining      combine(states, weights) (fusion, averaging, task arithmetic), combine_ties(deltas)
     pruning        block_subsets(n) + coalition (structured), keep_qkv(deltas, part),
-                   prune_magnitude(deltas, sparsity) (unstructured)
+                   prune_magnitude(deltas, sparsity), prune_factors(state, sparsity) (unstructured)
     reports        adapter_report, pair_report, combine_report: all of the above on held-out data
 
 ("Merging" stays what lora.merge_lora does: folding an adapter into W. Adapters of several seeds or
@@ -39,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from coto import active_mask, block_groups
-from lora import LoRALinear, lora_layers
+from lora import LoRALinear, lora_layers, lora_state_dict
 
 DELTA = "delta_weight"  # "<layer>.delta_weight": W_eff - W of one LoRA layer, (out, in)
 FACTORS = ("lora_A", "lora_B", "lora_magnitude")  # lora.py's parameter names
@@ -442,6 +443,33 @@ def split_state(model, state: dict):
     return adapter, {k: v for k, v in state.items() if k not in adapter}
 
 
+@torch.no_grad()
+def rescale_to_norm(model, state: dict, reference: dict) -> dict:
+    """`state` (a factor state) with each layer's lora_B scaled so that the layer's delta W has the
+    Frobenius norm of `reference`'s delta W: the same directions, the other adapter's size per
+    layer. delta W is linear in B for LoRA and HiRA, so the norms then match exactly; A, which in
+    LoRA stays near its random init while B grows from zero, is kept. Other entries (a head) are
+    kept from `state`. (The control "a smaller update": LoRA rescaled to CoTo's per-layer norm.)"""
+    layers = lora_layers(model)
+    dora = [name for name, layer in layers.items() if layer.variant not in ("lora", "hira")]
+    if dora:
+        raise ValueError(f"rescale_to_norm scales lora_B, which scales delta W for lora and hira layers only; "
+                         f"{dora[0]} is a {layers[dora[0]].variant} layer")
+    for what, s in (("state", state), ("reference", reference)):
+        missing = [f"{name}.{k}" for name in layers for k in ("lora_A", "lora_B") if f"{name}.{k}" not in s]
+        if missing:
+            raise ValueError(f"{what} lacks {missing[0]} (and {len(missing) - 1} more): give both full factor "
+                             f"states (lora.lora_state_dict) of this model")
+    own, ref = delta_state(model, state), delta_state(model, reference)
+    out = dict(state)
+    for name in layers:
+        norm = own[f"{name}.{DELTA}"].norm().item()
+        if norm == 0.0:
+            raise ValueError(f"{name}: delta W of `state` is zero, no scaling gives it another norm")
+        out[f"{name}.lora_B"] = state[f"{name}.lora_B"] * (ref[f"{name}.{DELTA}"].norm().item() / norm)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Mode connectivity and combining adapters
 
@@ -597,17 +625,36 @@ def keep_qkv(deltas: dict, part: str, fused: str = "qkv") -> dict:
     return out
 
 
-def prune_magnitude(deltas: dict, sparsity: float) -> dict:
-    """Unstructured pruning: zero the round(sparsity * numel) smallest-magnitude entries of each
-    delta W (ties broken by position); other entries (a head) are kept."""
+def _prune(state: dict, sparsity: float, prunable) -> dict:
+    """Zero the round(sparsity * numel) smallest-magnitude entries of each tensor whose key
+    `prunable(key)` accepts (ties broken by position); other entries (a head) are kept."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1]")
+    return {k: t.masked_fill(_smallest(t, round(sparsity * t.numel())), 0.0) if prunable(k) else t
+            for k, t in state.items()}
+
+
+def prune_magnitude(deltas: dict, sparsity: float) -> dict:
+    """Unstructured pruning of delta W: zero the round(sparsity * numel) smallest-magnitude entries
+    of each delta W (ties broken by position); other entries (a head) are kept."""
     _no_factors(deltas, "prune_magnitude")
     if not any(k.endswith(DELTA) for k in deltas):
         raise ValueError(f"no '<layer>.{DELTA}' key in the state ({', '.join(list(deltas)[:3])}...): "
                          f"nothing to prune; pass delta_state(model, state)")
-    return {k: d.masked_fill(_smallest(d, round(sparsity * d.numel())), 0.0) if k.endswith(DELTA) else d
-            for k, d in deltas.items()}
+    return _prune(deltas, sparsity, lambda k: k.endswith(DELTA))
+
+
+def prune_factors(state: dict, sparsity: float) -> dict:
+    """Unstructured pruning of the factors: zero the round(sparsity * numel) smallest-magnitude
+    entries of each lora_A (r, in) and each lora_B (out, r) separately (ties broken by position),
+    a likelier reading of the paper's "adapter weights" than delta W. delta W = B A of pruned
+    factors is then usually denser than `sparsity`. Other entries (a head, DoRA's magnitude) are
+    kept."""
+    is_factor = lambda k: k.rpartition(".")[2] in ("lora_A", "lora_B")  # noqa: E731
+    if not any(is_factor(k) for k in state):
+        raise ValueError(f"no lora_A / lora_B key in the state ({', '.join(list(state)[:3])}...): prune_factors "
+                         f"takes a factor state (lora.lora_state_dict); prune delta W with prune_magnitude")
+    return _prune(state, sparsity, is_factor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,8 +665,9 @@ def prune_magnitude(deltas: dict, sparsity: float) -> dict:
 @torch.no_grad()
 def adapter_report(model, x, y, value: str = "acc", sparsities=(0.3, 0.5, 0.7), batch_size: int = 1000) -> dict:
     """Shapley values of the blocks' adapters (exact, prefix-shared; players: coto.block_groups),
-    structured pruning (block subsets: read off the same coalition table), q/k/v-only and
-    unstructured delta-W pruning of the adapter the model holds (in eval mode).
+    structured pruning (block subsets: read off the same coalition table), q/k/v-only, and
+    unstructured pruning of delta W ("unstructured") and of the A and B factors
+    ("unstructured_factors") of the adapter the model holds (in eval mode).
 
     The "share" of a block is phi_i / sum(phi) = phi_i / (v(all) - v(none)): its part of what the
     adapters gain together. Shares sum to 1; a negative share is a block whose adapters hurt on
@@ -636,17 +684,19 @@ def adapter_report(model, x, y, value: str = "acc", sparsities=(0.3, 0.5, 0.7), 
     gain = (table[-1] - table[0]).item()
     share = (phi / gain).tolist() if gain > 0 else None
     subsets = block_subsets(n)
-    deltas = delta_state(model)
+    deltas, factors = delta_state(model), lora_state_dict(model)
     report = {
         "full": table[-1].item(), "none": table[0].item(), "shapley": phi.tolist(), "share": share,
         "top_third_share": sum(share[i] for i in subsets["high"]) if share and "high" in subsets else None,
         "block_evals": evals, "naive_block_evals": n * 2 ** n * math.ceil(len(x) / batch_size),
         "structured": {name: table[sum(1 << b for b in keep)].item() for name, keep in subsets.items()},
-        "unstructured": {},
+        "unstructured": {}, "unstructured_factors": {},
     }
     for sparsity in sparsities:
         with use_adapter(model, prune_magnitude(deltas, sparsity)):
             report["unstructured"][str(sparsity)] = score(model, x, y, value, batch_size)
+        with use_adapter(model, prune_factors(factors, sparsity)):
+            report["unstructured_factors"][str(sparsity)] = score(model, x, y, value, batch_size)
     if any(k.endswith(f"qkv.{DELTA}") for k in deltas):
         report["qkv"] = {}
         for part in "qkv":
@@ -659,9 +709,16 @@ def adapter_report(model, x, y, value: str = "acc", sparsities=(0.3, 0.5, 0.7), 
 def pair_report(model, a: dict, b: dict, x, y, value: str = "acc",
                 lambdas=(0.0, 0.25, 0.5, 0.75, 1.0), batch_size: int = 1000) -> dict:
     """Mode connectivity between two adapters (factor states, heads included) of one task:
-    {"factors": curve, "delta": curve}, each with its barrier and midpoint (see connectivity)."""
+    {"factors": curve, "delta": curve, "factors_head_a": curve}, each with its barrier and midpoint
+    (see connectivity). "factors" and "delta" interpolate the heads too (two seeds' heads start
+    from different random inits); "factors_head_a" interpolates the adapters alone and keeps a's
+    head all along, so only the adapters are measured (its lambda = 1 end is b's adapter under
+    a's head)."""
     evaluate = lambda m: score(m, x, y, value, batch_size)  # noqa: E731
-    return {space: connectivity(model, evaluate, a, b, lambdas, space) for space in ("factors", "delta")}
+    curves = {space: connectivity(model, evaluate, a, b, lambdas, space) for space in ("factors", "delta")}
+    b_head_a = {**split_state(model, b)[0], **split_state(model, a)[1]}
+    curves["factors_head_a"] = connectivity(model, evaluate, a, b_head_a, lambdas, "factors")
+    return curves
 
 
 @torch.no_grad()
@@ -746,24 +803,27 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = 
         parts = [("full", lambda r: r["full"]),
                  *((k, lambda r, k=k: r["structured"][k]) for k in first["structured"]),
                  *((f"only {k}", lambda r, k=k: r["qkv"][k]) for k in first.get("qkv", {})),
-                 *((f"{float(k):.0%} sparse", lambda r, k=k: r["unstructured"][k]) for k in first["unstructured"])]
+                 *((f"{float(k):.0%} sparse dW", lambda r, k=k: r["unstructured"][k]) for k in first["unstructured"]),
+                 *((f"{float(k):.0%} sparse A, B", lambda r, k=k: r["unstructured_factors"][k])
+                   for k in first["unstructured_factors"])]
         fig, ax = plt.subplots(figsize=(9, 3.5))
         ax.set_ylabel(ylabel)
         bars(ax, [name for name, _ in parts], {m: [[get(r) for r in rs] for _, get in parts]
                                                for m, rs in adapters.items()},
              floor=spread([r["none"] for rs in adapters.values() for r in rs])[0])
-        save(fig, "pruning.png", "pruning the adapters (structured: blocks kept; unstructured: delta W)")
+        save(fig, "pruning.png", "pruning the adapters (structured: blocks kept; unstructured: delta W or A, B)")
     pairs = {m: reports[m]["pairs"] for m in methods if reports[m].get("pairs")}
     if pairs:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-        for ax, space in zip(axes, ("factors", "delta")):
+        spaces = list(next(iter(pairs.values()))[0])  # factors, delta, factors_head_a
+        fig, axes = plt.subplots(1, len(spaces), figsize=(4.5 * len(spaces), 3.5), sharey=True)
+        for ax, space in zip(axes, spaces):
             for m, rs in pairs.items():
                 lam = rs[0][space]["lambdas"]
                 means, errs = zip(*(spread([r[space]["values"][i] for r in rs]) for i in range(len(lam))))
                 ax.errorbar(lam, means, yerr=errs, fmt="o-", capsize=2, label=f"{m} ({len(rs)} seed pairs)")
             ax.set_xlabel("lambda (0: one seed, 1: the other)")
-            ax.set_title(f"interpolating {space}", fontsize="medium")
-        axes[0].set_ylabel(ylabel), axes[1].legend(loc="lower right", fontsize="small")
+            ax.set_title(f"interpolating {space.replace('_head_a', ', head of seed a held')}", fontsize="medium")
+        axes[0].set_ylabel(ylabel), axes[-1].legend(loc="lower right", fontsize="small")
         save(fig, "interpolation.png", "interpolating two seeds' adapters")
     combos = {m: reports[m]["combinations"] for m in methods if reports[m].get("combinations")}
     if combos:

@@ -1,6 +1,7 @@
 """games.py against references that could disagree: Shapley axioms and games with known values,
 brute-force permutation averages, naive per-coalition forward passes on a real (tiny) ViT, the
-explicit cross-term formula of delta-W interpolation, and TIES worked out by hand."""
+explicit cross-term formula of delta-W interpolation, TIES and factor pruning worked out by hand,
+and rescaled adapters against float64 products."""
 import itertools
 import math
 
@@ -10,8 +11,8 @@ import torch
 from coto import block_groups
 from games import (DELTA, adapter_report, barrier, block_subsets, coalition, coalition_values, combine,
                    combine_report, combine_ties, connectivity, delta_state, interpolate, interpolate_delta,
-                   keep_qkv, prune_magnitude, score, shapley_exact, shapley_multilinear, shapley_permutation,
-                   use_adapter)
+                   keep_qkv, pair_report, prune_factors, prune_magnitude, rescale_to_norm, score, shapley_exact,
+                   shapley_multilinear, shapley_permutation, split_state, use_adapter)
 from lora import inject_lora, lora_layers, lora_state_dict, merge_lora
 from vit import VisionTransformer
 
@@ -301,6 +302,44 @@ def test_pruning_sparsity_and_named_blocks_only(device):
     assert torch.allclose(got, ref, atol=1e-5) and not torch.allclose(got, full, atol=1e-3)
 
 
+def test_factor_pruning_by_hand():
+    A = torch.tensor([[0.5, -2.0, 0.1], [3.0, -0.2, 1.0]])  # (r, in) = (2, 3)
+    B = torch.tensor([[1.0, -0.3], [0.05, 4.0]])  # (out, r) = (2, 2)
+    head = torch.tensor([0.01, 0.02])
+    state = {"l.lora_A": A, "l.lora_B": B, "l.lora_magnitude": head, "head.weight": head}
+    p = prune_factors(state, 0.5)  # 3 of A's 6 entries and 2 of B's 4 go; the rest is kept as it is
+    assert torch.equal(p["l.lora_A"], torch.tensor([[0.0, -2.0, 0.0], [3.0, 0.0, 1.0]]))
+    assert torch.equal(p["l.lora_B"], torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+    assert p["head.weight"] is head and p["l.lora_magnitude"] is head
+    assert torch.equal(prune_factors(state, 0.0)["l.lora_A"], A)
+    with pytest.raises(ValueError, match="takes a factor state"):
+        prune_factors({f"l.{DELTA}": A}, 0.5)
+    with pytest.raises(ValueError, match=r"sparsity=1.5 must be in \[0, 1\]"):
+        prune_factors(state, 1.5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "hira"])
+def test_rescale_to_norm_matches_each_layers_norm_and_keeps_directions(variant):
+    model, a, b = two_adapters(variant)
+    got = rescale_to_norm(model, a, b)
+    assert torch.equal(got["head.weight"], a["head.weight"])  # the state's own head
+    for name, layer in lora_layers(model).items():
+        assert torch.equal(got[f"{name}.lora_A"], a[f"{name}.lora_A"])
+        W = layer.base.weight.detach().double()
+
+        def delta(s):  # float64 reference: s * B A, or s * W * (B A) for HiRA
+            BA = s[f"{name}.lora_B"].double() @ s[f"{name}.lora_A"].double()
+            return layer.scaling * (W * BA if variant == "hira" else BA)
+        d_got, d_a, d_b = delta(got), delta(a), delta(b)
+        assert d_got.norm().item() == pytest.approx(d_b.norm().item(), rel=1e-5)
+        c = d_b.norm() / d_a.norm()
+        assert torch.allclose(d_got, c * d_a, atol=1e-5)  # same direction, the reference's size
+    with pytest.raises(ValueError, match="dora layer"):
+        rescale_to_norm(*two_adapters("dora"))
+    with pytest.raises(ValueError, match="reference lacks blocks.0.attn.qkv.lora_A"):
+        rescale_to_norm(model, a, {"head.weight": a["head.weight"]})
+
+
 def test_reports_agree_with_direct_evaluation(device):
     model, a, b = two_adapters()
     x, y = data()
@@ -310,6 +349,8 @@ def test_reports_agree_with_direct_evaluation(device):
             direct["every_other"] = -torch.nn.functional.cross_entropy(model(x), y).item()
         with use_adapter(model, prune_magnitude(delta_state(model), 0.5)):
             direct["0.5"] = -torch.nn.functional.cross_entropy(model(x), y).item()
+        with use_adapter(model, prune_factors(lora_state_dict(model), 0.5)):
+            direct["factors 0.5"] = -torch.nn.functional.cross_entropy(model(x), y).item()
         y_full = model(x).argmax(-1)  # labels the adapted model gets right: the adapters gain
     model.to(device)  # the data stays on the CPU
     with use_adapter(model, a):
@@ -317,6 +358,8 @@ def test_reports_agree_with_direct_evaluation(device):
         gained = adapter_report(model, x, y_full, "acc")
     assert rep["structured"]["every_other"] == pytest.approx(direct["every_other"], abs=TOL[device.type])
     assert rep["unstructured"]["0.5"] == pytest.approx(direct["0.5"], abs=TOL[device.type])
+    assert rep["unstructured_factors"]["0.5"] == pytest.approx(direct["factors 0.5"], abs=TOL[device.type])
+    assert rep["unstructured_factors"]["0.5"] != pytest.approx(rep["unstructured"]["0.5"], abs=1e-4)
     assert rep["block_evals"] < rep["naive_block_evals"]
     # random adapters hurt here: no gain to share, so no shares (phi / sum(phi) would flip signs)
     assert rep["full"] < rep["none"] and rep["share"] is None and rep["top_third_share"] is None
@@ -329,6 +372,26 @@ def test_reports_agree_with_direct_evaluation(device):
     combined = combine_report(model, {"t1": a, "t2": {**a, "head.weight": b["head.weight"]}}, sets, "acc")
     for name in ("fusion", "delta_avg"):
         assert combined[name] == pytest.approx(combined["single"], abs=1e-12)
+
+
+def test_pair_report_can_hold_the_head_of_seed_a():
+    model, a, b = two_adapters()
+    x, y = data()
+    rep = pair_report(model, a, b, x, y, "neg_loss")
+    (adapter_a, head_a), (adapter_b, head_b) = split_state(model, a), split_state(model, b)
+    assert set(head_a) == {"head.weight"} and not torch.equal(head_a["head.weight"], head_b["head.weight"])
+    neg_loss = lambda: -torch.nn.functional.cross_entropy(model(x), y).item()  # noqa: E731
+    with torch.no_grad():
+        with use_adapter(model, {**interpolate(adapter_a, adapter_b, 0.5), **head_a}):
+            held = neg_loss()
+        with use_adapter(model, {**adapter_b, **head_a}):
+            b_under_head_a = neg_loss()
+        with use_adapter(model, interpolate(a, b, 0.5)):
+            both = neg_loss()
+    assert rep["factors_head_a"]["midpoint"] == pytest.approx(held, abs=1e-6)
+    assert rep["factors_head_a"]["values"][-1] == pytest.approx(b_under_head_a, abs=1e-6)
+    assert rep["factors"]["midpoint"] == pytest.approx(both, abs=1e-6) and both != pytest.approx(held, abs=1e-4)
+    assert rep["factors_head_a"]["values"][0] == rep["factors"]["values"][0]  # both start at a
 
 
 def test_use_adapter_takes_another_tasks_head_and_gives_it_back(device):

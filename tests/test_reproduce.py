@@ -1,15 +1,17 @@
-"""reproduce.py: the t quantile against numerical integration of the t density, verdicts and the
-job plan on hand-made inputs, and tiny end-to-end runs (the table, then --analyse on its saved runs,
-checked against the table's own cached reports)."""
+"""reproduce.py: the t quantile against numerical integration of the t density, p-values against
+the closed-form t distribution at 1 and 2 degrees of freedom, Holm's correction, verdicts and the
+job plan on hand-made inputs, and tiny end-to-end runs (the table with its controls and change rows,
+then --analyse on its saved runs, checked against the table's own cached reports)."""
 import dataclasses
 import json
 import math
 import shutil
 
 import pytest
+import torch
 
 import reproduce
-from reproduce import Config, Plan, interval, t_quantile, t_within, verdict
+from reproduce import Config, Plan, holm, holm_rows, interval, p_value, t_quantile, t_within, verdict
 
 
 def t_within_by_integration(t, df, steps=20000):
@@ -43,6 +45,55 @@ def test_interval_and_verdict_by_hand():
     assert verdict((0.01, 0.02), -1) == "not significant (reversed)"
     assert verdict((-0.01, 0.02), -1) == "not significant (same direction)"
     assert verdict((0.05, 0.01), 0) == "differs"
+
+
+def test_p_value_and_holm_by_hand():
+    # df 2: P(|T| < t) = t / sqrt(2 + t^2); df 1: 2 atan(t) / pi
+    t = 0.02 / (0.01 / math.sqrt(3))  # mean 0.02, sd 0.01, n 3
+    assert p_value([0.01, 0.03, 0.02]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    assert p_value([-0.01, -0.03, -0.02]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    t = 0.5 / (math.sqrt(1 / 8) / math.sqrt(2))  # [0.25, 0.75]: mean 0.5, sd sqrt(1/8), n 2
+    assert p_value([0.25, 0.75]) == pytest.approx(1 - 2 * math.atan(t) / math.pi, abs=1e-12)
+    assert math.isnan(p_value([0.3])) and p_value([0.2, 0.2]) == 0.0 and p_value([0.0, 0.0]) == 1.0
+    gen = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 12):  # p < 0.05 exactly when the interval excludes 0
+        for _ in range(50):
+            xs = (torch.randn(n, generator=gen, dtype=torch.float64) + 0.8).tolist()
+            m, h = interval(xs)
+            assert (p_value(xs) < 0.05) == (abs(m) > h)
+    # sorted: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4 * 0.005, 3 * 0.01, max(2 * 0.03, ...), max(1 * 0.04, 0.06)
+    got = holm([0.01, 0.04, 0.03, float("nan"), 0.005])
+    assert got[:3] + got[4:] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(got[3])
+    assert holm([0.02, 0.9]) == pytest.approx([0.04, 0.9]) and holm([0.6, 0.7, 0.8]) == [1.0, 1.0, 1.0]  # capped at 1
+    rows = [{"p": 0.01, "verdict": "holds"}, {"p": 0.045, "verdict": "reversed"},
+            {"p": 0.3, "verdict": "not significant (same direction)"}, {"p": float("nan"), "verdict": "missing"}]
+    assert [r["verdict"] for r in holm_rows(rows)] == ["holds", "reversed, not after Holm",
+                                                       "not significant (same direction)", "missing"]
+    assert [r["p_holm"] for r in holm_rows(rows)][:3] == pytest.approx([0.03, 0.09, 0.3])
+
+
+class PlanOnly:
+    """A Context that builds nothing: enough for plan() to list the jobs."""
+
+    def tasks(self, vcfg):
+        return dict.fromkeys(("new5", "rot90"))
+
+
+def test_plan_pairs_seeds_disjointly_and_rescales_after_training():
+    cfg = Config(seeds=5, tasks="new5,rot90", studies="full,baselines")
+    p, index = reproduce.plan(cfg, PlanOnly())
+    pairs = {(study, setting, seed) for kind, study, setting, _, seed, _ in index if kind == "pair"}
+    settings = ["lora", "coto"] + ["layer drop p=0.625", "lora dropout 0.1", "progressive dropout 0.1",
+                                   reproduce.RESCALED]
+    assert {s for _, s, _ in pairs} == set(settings) and {seed for *_, seed in pairs} == {0, 2}
+    assert sum(label.startswith("interpolate full/lora/new5/seeds ") for label, *_ in p.jobs) == 2
+    labels = [label for label, *_ in p.jobs]
+    rescale = [i for i, label in enumerate(labels) if label.startswith("rescale ")]
+    assert len(rescale) == 10  # 2 tasks x 5 seeds, after every full-regime run they read
+    assert max(i for i, label in enumerate(labels) if label.startswith("train full/")) < min(rescale)
+    assert not any(label.startswith(f"train baselines/{reproduce.RESCALED}") for label in labels)
+    with pytest.raises(ValueError, match="add full to --studies"):
+        reproduce.main(Config(studies="baselines", out_dir="/nonexistent/never-written"))  # before any work
 
 
 def test_plan_resumes_where_it_stopped_and_keeps_job_output_back(tmp_path, capsys):
@@ -80,13 +131,13 @@ TINY_VIT = json.dumps({"dataset": "synthetic", "depth": 3, "embed_dim": 16, "num
 
 
 def tiny(tmp_path, **kw):
-    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full", steps=6,
+    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines", steps=6,
                   lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
 
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory):
-    """One tiny table (2 tasks, 2 seeds, the "full" study), shared by the tests below."""
+    """One tiny table (2 tasks, 2 seeds, the "full" and "baselines" studies), shared by the tests below."""
     tmp_path = tmp_path_factory.mktemp("reproduce")
     return tmp_path, reproduce.main(tiny(tmp_path))
 
@@ -96,7 +147,9 @@ def test_tiny_table_end_to_end(table_run, tmp_path, capsys):
     root = path / "repro"
     written = {p.name for p in root.iterdir()}
     assert {"results.json", "table.md", "pruning.png", "interpolation.png", "combining.png"} <= written
-    rows = {r["claim"]: r for _, _, _, rs in res["table"] for r in rs}
+    title, _, _, rs = res["table"][0]
+    assert title == "Regime: full data, learned head"
+    rows = {r["claim"]: r for r in rs}
     acc = [json.loads((root / "runs/full" / t / "lora" / f"seed{s}" / "summary.json").read_text())["acc"]
            for s in range(2) for t in ("new5", "rot90")]
     assert rows["1. accuracy, mean over tasks"]["a"][0] == pytest.approx(sum(acc) / 4)
@@ -105,6 +158,44 @@ def test_tiny_table_end_to_end(table_run, tmp_path, capsys):
     assert "0 to run" in out and "trainable params" not in out and "tabulating" in out
     with pytest.raises(ValueError, match="another configuration"):
         reproduce.main(dataclasses.replace(tiny(path), steps=4))
+
+
+def test_change_rows_and_controls_from_the_cached_reports(table_run):
+    path, res = table_run
+    root = path / "repro"
+    sections = {title: rows for title, _, _, rows in res["table"]}
+    full = sections["Regime: full data, learned head"]
+    claims = [r["claim"] for r in full]
+    i = claims.index("4. structured pruning, keep every other")
+    assert claims[i + 1] == "   change from the unpruned adapter (after − before)"
+    change = {}  # per seed: the mean over tasks of after - before
+    for method in ("lora", "coto"):
+        reports = [[json.loads((root / "analysis/full" / method / t / f"seed{s}.json").read_text())
+                    for t in ("new5", "rot90")] for s in range(2)]
+        change[method] = [sum(r["structured"]["every_other"] - r["full"] for r in rs) / 2 for rs in reports]
+    assert full[i + 1]["a"] == pytest.approx(interval(change["lora"]))
+    assert full[i + 1]["b"] == pytest.approx(interval(change["coto"]))
+    paired = [c - l for l, c in zip(change["lora"], change["coto"])]
+    assert full[i + 1]["diff"] == pytest.approx(interval(paired))
+    assert full[i + 1]["p"] == pytest.approx(p_value(paired), nan_ok=True)
+    assert "   change from the two ends' mean (after − before)" in claims
+    assert "2. seed interpolation at λ = 0.5, factors, head of one seed held" in claims
+    assert "4. unstructured pruning, 50% of each A and B" in claims
+    controls = [t for t in sections if t.startswith("Control: ")]
+    assert len(controls) == 4 and f"Control: {reproduce.RESCALED}, against CoTo (full data, learned head)" in controls
+    assert all(len(sections[t]) == len(full) for t in controls)  # analysed like LoRA and CoTo
+    assert "Rows tested: 36 (Holm's correction over them)" in res["markdown"] and "| p (Holm) |" in res["markdown"]
+    # the rescaled control: LoRA's A, and B scaled so that each layer's B A has CoTo's norm
+    folder = lambda study, m: reproduce.run_folder(tiny(path), study, m, "rot90", 1)  # noqa: E731
+    files = {m: reproduce.read_safetensors(folder(study, m) / "adapters.safetensors")
+             for study, m in (("full", "lora"), ("full", "coto"), ("baselines", reproduce.RESCALED))}
+    lora, coto, rescaled = files["lora"], files["coto"], files[reproduce.RESCALED]
+    assert torch.equal(rescaled["head.weight"], lora["head.weight"])
+    for key in (k for k in lora if k.endswith("lora_A")):
+        layer = key[:-len("lora_A")]
+        ba = {m: (f[layer + "lora_B"].double() @ f[layer + "lora_A"].double()) for m, f in files.items()}
+        assert torch.equal(rescaled[key], lora[key])
+        assert ba[reproduce.RESCALED].norm().item() == pytest.approx(ba["coto"].norm().item(), rel=1e-5)
 
 
 def test_analyse_reads_each_runs_config_from_its_result_json(table_run, tmp_path, capsys):
