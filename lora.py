@@ -20,7 +20,9 @@ Variants (method.md section 1; all start exactly at the base model because B = 0
   dora:  y = m / ||V|| * V x + b with V = W + scaling * B A, ||V|| the norm of each output row
          (treated as a constant in backward, DoRA section 4.3) and m a trainable vector (out,)
          initialised to the row norms of W.
-  hira:  delta W = scaling * W (Hadamard) (B A): a high-rank update from the same A and B.
+  hira:  delta W = scaling * W (Hadamard) (B A): a high-rank update from the same A and B. The
+         HiRA authors' code computes W (Hadamard) (1 + B A), with no scaling: alpha = r (and
+         rslora off) gives exactly that form; other alphas scale the update as LoRA's alpha does.
 
 A layer with `active = False` is bypassed (CoTo, method.md section 2): it returns exactly base(x)
 and computes no LoRA term, so its LoRA parameters get no gradient (grad stays None) and AdamW
