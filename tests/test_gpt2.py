@@ -196,7 +196,7 @@ def tiny_config(tmp_path, sha, **kw) -> train_gpt2.Config:
     base = dict(data=str(tmp_path / "s.tar.gz"), data_sha256=sha, domains="milton", n_layer=2, n_head=2,
                 n_embd=16, block_size=16, pretrain_steps=6, pretrain_batch_size=4, steps=8, batch_size=4,
                 warmup=2, eval_windows=4, sample_tokens=8, out_dir=str(tmp_path / "runs"), log_every=4,
-                ckpt_every=4, r=2, alpha=4.0, lr=1e-2)
+                ckpt_every=4, r=2, alpha=4.0, lr=1e-2, plot=False)
     return train_gpt2.Config(**{**base, **kw})
 
 
@@ -302,12 +302,15 @@ def test_bad_flags_are_one_line_before_any_text_is_read(tmp_path, monkeypatch):
 
 def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
     sha = make_sdist(tmp_path / "s.tar.gz")
-    cfg = tiny_config(tmp_path, sha, domains="milton,prose", seeds=2, games=True, device=str(device))
+    cfg = tiny_config(tmp_path, sha, domains="milton,prose", seeds=2, games=True, device=str(device), plot=True)
     res = train_gpt2.main(cfg)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"output: {cfg.out_dir}", f"data: {cfg.data}"]
-    assert lines[-1].endswith(f"wrote {cfg.out_dir}/results.json; base model and adapters (PEFT format) in "
-                              f"{train_gpt2.base_folder(cfg)}")
+    assert lines[-1].endswith(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/results.png; base model and "
+                              f"adapters (PEFT format) in {train_gpt2.base_folder(cfg)}")
+    assert (tmp_path / "runs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| domain | method | barrier between seeds | every other only | middle only | high only | fusion of 2 " \
+           "domains (seed 0) | Shapley share of the last block |" in lines  # 2 blocks: no low third
     runs = res["runs"]
     assert lines.index("| domain | base | lora | coto | coto - lora per seed |") > 0  # two seeds: mean ± std
     milton = [r["val_bpb"] for r in runs if r["domain"] == "milton"]  # lora s0, coto s0, lora s1, coto s1
@@ -374,3 +377,41 @@ def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_fil
     assert {f.name for f in train_gpt2.run_dir(train_gpt2.base_folder(cfg), cfg, "milton").iterdir()} == {
         "adapters.safetensors", "result.json", "metrics.jsonl"}  # the checkpoint is gone once finished
     assert not (train_gpt2.base_folder(cfg) / "model.safetensors").exists()  # nothing was pretrained
+
+
+def test_plot_results_draws_the_seed_means_and_spreads(tmp_path):
+    runs = [{"domain": d, "method": m, "seed": s, "val_bpb": v} for d, m, s, v in (
+        ("milton", "lora", 0, 3.5), ("milton", "coto", 0, 3.6), ("milton", "lora", 1, 3.7), ("milton", "coto", 1, 3.6),
+        ("prose", "lora", 0, 4.5), ("prose", "coto", 0, 4.4), ("prose", "lora", 1, 4.3), ("prose", "coto", 1, 4.8))]
+    results = {"base": {"milton": {"val_bpb": 3.9}, "prose": {"val_bpb": 6.0}}, "runs": runs}
+    path = tmp_path / "results.png"
+    drawn = train_gpt2.plot_results(results, train_gpt2.Config(), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["rows"] == ["milton", "prose", "mean"]
+    assert drawn["bpb"]["base"] == pytest.approx([3.9, 6.0, 4.95])
+    assert drawn["bpb"]["lora"] == pytest.approx([3.6, 4.4, 4.0])
+    assert drawn["bpb"]["coto"] == pytest.approx([3.6, 4.6, 4.1])
+    # std of two values = |a - b| / sqrt(2); "mean": seed 0's domain mean 4.0 / 4.0, seed 1's 4.0 / 4.2
+    assert drawn["err"]["lora"] == pytest.approx([0.2 / 2 ** 0.5, 0.2 / 2 ** 0.5, 0.0], abs=1e-12)
+    assert drawn["err"]["coto"] == pytest.approx([0.0, 0.4 / 2 ** 0.5, 0.2 / 2 ** 0.5], abs=1e-12)
+
+
+def test_games_table_is_the_mean_over_seeds_with_the_spread():
+    res = {"shapley": [{"domain": "milton", "method": m, "seed": s, "share": [1 - x, x]}
+                       for m, s, x in (("lora", 0, 0.4), ("lora", 1, 0.6), ("coto", 0, 0.3), ("coto", 1, 0.3))],
+           "pruning": [{"domain": "milton", "method": m, "seed": s, "keep": k, "val_loss": v}
+                       for m, s, k, v in (("lora", 0, "every_other", 2.0), ("lora", 1, "every_other", 2.2),
+                                          ("lora", 0, "high", 2.5), ("lora", 1, "high", 2.5),
+                                          ("coto", 0, "every_other", 1.9), ("coto", 1, "every_other", 1.9),
+                                          ("coto", 0, "high", 2.4), ("coto", 1, "high", 2.6))],
+           "interpolation": [{"domain": "milton", "method": "lora", "seeds": [0, 1], "barrier": 0.11},
+                             {"domain": "milton", "method": "coto", "seeds": [0, 1], "barrier": 0.04}],
+           "fusion": []}
+    lines = train_gpt2.games_table(res).splitlines()
+    assert lines[1].endswith("seeds 0, 1: mean ± std")
+    assert lines[2] == ("| domain | method | barrier between seeds | every other only | high only | fusion of 1 "
+                        "domains (seed 0) | Shapley share of the last block |")
+    sd = f"{0.2 / 2 ** 0.5:.3f}"  # two seeds 0.2 apart
+    assert lines[4] == f"| milton | lora | 0.110 | 2.100 ± {sd} | 2.500 ± 0.000 | - | 0.50 ± {0.2 / 2 ** 0.5:.2f} |"
+    assert lines[5] == f"| milton | coto | 0.040 | 1.900 ± 0.000 | 2.500 ± {sd} | - | 0.30 ± 0.00 |"
+    assert lines[-2:] == ["  milton lora   0.50  0.50", "  milton coto   0.70  0.30"]

@@ -1,4 +1,6 @@
 """A short smoke run of the toy demo, checked against identities that a bug would break."""
+import statistics
+
 import pytest
 import torch
 
@@ -70,3 +72,24 @@ def test_toy_diverging_run_stops_with_a_clear_error():
     with pytest.raises(FloatingPointError, match=r"coto s0: at step \d+ the loss is .* training diverged\. Rerun "
                                                  r"with a lower learning rate"):
         train_toy.finetune(cfg, backbone, tasks, seed=0, use_coto=True)
+
+
+def test_toy_plot_draws_the_printed_accuracies(tmp_path):
+    """The bars are the accuracies main() prints (in %), the dots each seed's, the loss curve a
+    15-step moving average (shorter at the ends)."""
+    cfg = train_toy.Config(steps=20, seeds=2)
+    results = {"base_target_acc": 0.3, **{m: {"acc": a, "accs": [a - 0.01, a + 0.01], "interp_0.5": a - 0.2,
+                                               "prune_every_other": a - 0.4, "prune_accs": [a - 0.42, a - 0.38]}
+                                           for m, a in (("lora", 0.9), ("coto", 0.85))}}
+    histories = {m: [{"loss": float(t + k), "p": min(t / 15, 1.0), "active": 0.5} for t in range(20)]
+                 for k, m in enumerate(("lora", "coto"))}
+    path = tmp_path / "toy.png"
+    drawn = train_toy.plot(cfg, results, histories, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["bars"]["lora"] == pytest.approx([90, 70, 50]) and drawn["bars"]["coto"] == pytest.approx([85, 65, 45])
+    assert drawn["dots"]["coto"] == [pytest.approx([84, 86]), [], pytest.approx([43, 47])]
+    assert drawn["base"] == pytest.approx(30)
+    # loss t + 1 at step t: the mean of t - 7 .. t + 7 inside 0..19, plus 1
+    expected = [statistics.fmean(range(max(0, t - 7), min(20, t + 8))) + 1 for t in range(20)]
+    assert drawn["loss"]["coto"] == pytest.approx(expected)
+    assert drawn["p"] == [min(t / 15, 1.0) for t in range(20)]

@@ -28,7 +28,7 @@ from utils import parse_config, write_safetensors
 
 TINY = Config(dataset="synthetic", embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6,
               batch_size=32, n_train=200, n_test=100, tasks="new5,rot90", warmup=2, log_every=3,
-              ckpt_every=3, r=2, alpha=4.0, lr=1e-2, head="learned")
+              ckpt_every=3, r=2, alpha=4.0, lr=1e-2, head="learned", plot=False)
 
 
 def tiny(tmp_path, **kw) -> Config:
@@ -390,7 +390,8 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     res = main(cfg)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"output: {cfg.out_dir}", "data: synthetic from (generated)"]
-    assert lines[-1].startswith(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/curves.png;")
+    assert lines[-1].startswith(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/results.png;")
+    assert (tmp_path / "runs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(line.startswith("rot90 coto s0 | step 3 | loss") for line in lines)
     # the table: probe, both methods, their difference; then ms/step with the warm-up steps apart
     lora, coto = (100 * r["acc"] for r in res["runs"])
@@ -455,3 +456,32 @@ def test_real_fashion_mnist_smoke(tmp_path):
     folder = train_vit.run_dir(dataclasses.replace(cfg, seed=0), "invert")
     model = load_adapters(cfg, task, backbone, folder / "adapters.safetensors")
     assert evaluate(model, task.x_test, task.y_test)[0] == run["acc"]
+
+
+def test_plot_results_draws_the_seed_means_and_spreads(tmp_path):
+    """The figure's bars are the mean over seeds and their standard deviation (n - 1), the "mean" row
+    averages the tasks seed by seed; the curves average the seeds' records; p(t) is coto_prob."""
+    def run(task, method, seed, acc, losses):
+        return {"task": task, "method": method, "seed": seed, "acc": acc,
+                "history": [{"step": 5 * (i + 1), "loss": v} for i, v in enumerate(losses)]}
+
+    results = {"probe": {"rot90": 0.60, "invert": 0.50}, "runs": [
+        run("rot90", "lora", 0, 0.90, [2.0, 1.0]), run("rot90", "coto", 0, 0.88, [2.2, 1.2]),
+        run("rot90", "lora", 1, 0.92, [1.8, 0.8]), run("rot90", "coto", 1, 0.86, [2.4, 1.0]),
+        run("invert", "lora", 0, 0.80, [1.0, 0.5]), run("invert", "coto", 0, 0.84, [1.1, 0.7]),
+        run("invert", "lora", 1, 0.82, [1.2, 0.5]), run("invert", "coto", 1, 0.80, [1.3, 0.9])]}
+    cfg = dataclasses.replace(TINY, steps=10, p0=0.1)
+    path = tmp_path / "results.png"
+    drawn = train_vit.plot_results(results, cfg, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["rows"] == ["rot90", "invert", "mean"]
+    assert drawn["acc"]["linear probe"] == pytest.approx([60.0, 50.0, 55.0])
+    assert drawn["acc"]["lora"] == pytest.approx([91.0, 81.0, 86.0])
+    assert drawn["acc"]["coto"] == pytest.approx([87.0, 82.0, 84.5])
+    # seed 0's task mean 85 (lora) / 86 (coto), seed 1's 87 / 83: std = |a - b| / sqrt(2)
+    assert drawn["err"]["lora"] == pytest.approx([2 / 2 ** 0.5, 2 / 2 ** 0.5, 2 / 2 ** 0.5])
+    assert drawn["err"]["coto"] == pytest.approx([2 / 2 ** 0.5, 4 / 2 ** 0.5, 3 / 2 ** 0.5])
+    assert drawn["curves"]["rot90"]["coto"] == ([5, 10], pytest.approx([2.3, 1.1]))
+    assert drawn["curves"]["invert"]["lora"] == ([5, 10], pytest.approx([1.1, 0.5]))
+    assert drawn["p"][0] == list(range(11))
+    assert drawn["p"][1] == pytest.approx([min(0.1 + 0.9 * t / 8, 1.0) for t in range(11)])  # ceil(0.75 * 10) = 8
