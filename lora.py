@@ -312,7 +312,8 @@ class LoRALinear(nn.Module):
                                                 and self.lora_A.requires_grad)):
             doing = "bypassed (active=False)" if not self.active else "trained (train mode, grad enabled)"
             raise RuntimeError(f"this LoRA layer is merged into its weight, so it cannot be {doing}: "
-                               f"call unmerge() (or unmerge_lora(model)) first")
+                               f"call unmerge() (or unmerge_lora(model)) first; to run the merged model "
+                               f"for inference, use model.eval() or torch.no_grad()")
         return self.base(x)
 
     def extra_repr(self) -> str:
