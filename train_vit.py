@@ -5,7 +5,9 @@ VisionTransformer on a source task (Fashion-MNIST classes 0-4), caches it under 
 it and fine-tunes LoRA adapters (qkv, proj, fc1, fc2 of every block) plus a task head on downstream
 tasks the backbone does not solve by itself (unseen classes, rotated, inverted, patch-shuffled
 images), once as plain LoRA and once with CoTo (coto.py; method.md section 2), and prints both side
-by side with a frozen-backbone linear probe (and draws them with the loss curves: results.png).
+by side with a frozen-backbone linear probe (and draws them with the loss curves: results.png), then
+the two robustness numbers CoTo is about (games.py): accuracy with only every other block's adapters
+on, and of two seeds' adapters interpolated at lambda 0.5.
 
     python train_vit.py                          # a few minutes on a 2-core CPU
     python train_vit.py --variant dora --seeds 3
@@ -34,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from coto import SHAPES, CoTo, block_groups, coto_prob
+from games import block_subsets, coalition, interpolate, use_adapter
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
 from utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
@@ -92,7 +95,7 @@ class Config:
     weight_decay: float = 0.01
     warmup: int = 10  # linear warmup steps, then cosine to 0
     seed: int = 0  # first seed: initialisation, data order, CoTo draws
-    seeds: int = 1  # main() runs seeds seed .. seed + seeds - 1
+    seeds: int = 2  # main() runs seeds seed .. seed + seeds - 1 (2: enough for one interpolated pair)
     # running
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False  # torch.compile each block (2 graphs per block: adapters on / off)
@@ -668,6 +671,8 @@ def run_all(cfg: Config) -> dict:
     results["wall_s"] = time.time() - t0
     if rank == 0:
         print_table(results, names)
+        results["robustness"] = robustness(cfg, runs, tasks, backbone)
+        print_robustness(results, names)
         print(f"total {format_eta(results['wall_s'])}")
         summary = Path(cfg.out_dir) / "results.json"
         atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
@@ -684,6 +689,39 @@ def print_table(results: dict, names: list) -> None:
     print(seed_table("\ntest accuracy in %", results["runs"], "task", {n: 100 * results["probe"][n] for n in names},
                      "linear probe", lambda r: 100 * r["acc"]))
     print_speed(results["runs"])
+
+
+def robustness(cfg: Config, runs: list, tasks: dict, backbone: dict) -> dict:
+    """What CoTo claims to buy, per run (task, config, folder) rebuilt from its adapters.safetensors
+    (so runs kept by --resume count too): {"every_other": test accuracy with only blocks 0, 2, 4, ...
+    keeping their adapters, one record per seed; "interp": of two seeds' runs averaged factor-wise
+    (lora_A, lora_B and the trained head: lambda 0.5), one record per disjoint seed pair (s, s + 1),
+    (s + 2, s + 3), ..., so the pairs are independent samples like the seeds}."""
+    out = {"every_other": [], "interp": []}
+    for name, c, folder in runs:
+        task, path = tasks[name], folder / "adapters.safetensors"
+        model = load_adapters(c, task, backbone, path)
+        record = {"task": name, "method": method_name(c.variant, c.coto), "seed": c.seed}
+        keep = [f"blocks.{i}" for i in block_subsets(len(model.blocks))["every_other"]]
+        with coalition(block_groups(model), keep):
+            out["every_other"].append({**record, "acc": evaluate(model, task.x_test, task.y_test)[0]})
+        if (c.seed - cfg.seed) % 2 == 0 and c.seed + 1 < cfg.seed + cfg.seeds:
+            other = run_dir(dataclasses.replace(c, seed=c.seed + 1), name) / "adapters.safetensors"
+            with use_adapter(model, interpolate(read_safetensors(path), read_safetensors(other), 0.5)):
+                acc = evaluate(model, task.x_test, task.y_test)[0]
+            out["interp"].append({**record, "seed": f"{c.seed}+{c.seed + 1}", "acc": acc})
+    return out
+
+
+def print_robustness(results: dict, names: list) -> None:
+    probe, rob = {n: 100 * results["probe"][n] for n in names}, results["robustness"]
+    print(seed_table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %", rob["every_other"],
+                     "task", probe, "linear probe", lambda r: 100 * r["acc"]))
+    if rob["interp"]:
+        print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head averaged), "
+                         "test accuracy in %", rob["interp"], "task", probe, "linear probe", lambda r: 100 * r["acc"]))
+    else:
+        print("seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
 
 
 def plot_results(results: dict, cfg: Config, path: Path) -> dict:

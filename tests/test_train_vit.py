@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from utils import parse_config, write_safetensors
 
 TINY = Config(dataset="synthetic", embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6,
               batch_size=32, n_train=200, n_test=100, tasks="new5,rot90", warmup=2, log_every=3,
-              ckpt_every=3, r=2, alpha=4.0, lr=1e-2, head="learned", plot=False)
+              ckpt_every=3, r=2, alpha=4.0, lr=1e-2, head="learned", plot=False, seeds=1)
 
 
 def tiny(tmp_path, **kw) -> Config:
@@ -400,6 +401,7 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     tags = [json.loads(r)["tag"] for r in (train_vit.run_dir(cfg, "rot90") / "metrics.jsonl").read_text().splitlines()]
     assert set(tags) == {"rot90 coto s0"}  # no trailing separator
     assert [r["method"] for r in res["runs"]] == ["lora", "coto"]
+    assert "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)" in lines
     # the saved adapters give the reported accuracy, and record what they are
     backbone, task = _tiny_setup(cfg)
     path = train_vit.run_dir(cfg, "rot90") / "adapters.safetensors"
@@ -410,6 +412,48 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     assert "skipping rot90 coto s0: finished" in capsys.readouterr().out
     main(cfg)
     assert "overwriting rot90 coto s0, which had finished" in capsys.readouterr().out
+
+
+def test_main_prints_the_robustness_numbers_of_a_direct_computation(tmp_path, capsys):
+    """Rebuilt by hand from the saved files: every other block (depth 2: block 1's lora_B zeroed, so
+    its delta W is 0) and the two seeds' lora_A, lora_B and head averaged, each evaluated as a model."""
+    # trained long enough that the adapters decide the predictions (tiny's 6 steps stay at chance)
+    cfg = tiny(tmp_path, tasks="rot90", seeds=2, device="cpu", pretrain_steps=200, steps=20, n_train=600, n_test=300)
+    res = main(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    backbone, task = _tiny_setup(cfg)
+
+    def acc_of(state):  # 100 * test accuracy of a model loaded from `state`
+        path = tmp_path / "state.safetensors"
+        write_safetensors(state, path, metadata=metadata)
+        return 100 * evaluate(load_adapters(cfg, task, backbone, path), task.x_test, task.y_test)[0]
+
+    every_other, interp = {}, {}
+    for method, coto in (("lora", False), ("coto", True)):
+        paths = [train_vit.run_dir(dataclasses.replace(cfg, coto=coto, seed=s), "rot90") / "adapters.safetensors"
+                 for s in (0, 1)]
+        metadata = train_vit.read_safetensors_metadata(paths[0])
+        a, b = (train_vit.read_safetensors(p) for p in paths)
+        every_other[method] = [acc_of({k: torch.zeros_like(v) if k.startswith("blocks.1.") and k.endswith("lora_B")
+                                       else v for k, v in s.items()}) for s in (a, b)]
+        assert every_other[method] != [100 * r["acc"] for r in res["runs"] if r["method"] == method]  # it did prune
+        interp[method] = acc_of({k: (a[k] + b[k]) / 2 for k in a})
+    assert [100 * r["acc"] for r in res["robustness"]["every_other"]] == \
+        [every_other[m][s] for s in (0, 1) for m in ("lora", "coto")]
+    assert [(r["seed"], 100 * r["acc"]) for r in res["robustness"]["interp"]] == \
+        [("0+1", interp["lora"]), ("0+1", interp["coto"])]
+    probe = 100 * res["probe"]["rot90"]
+    cell = lambda v: f"{statistics.fmean(v):.1f} ± {statistics.stdev(v):.1f}"  # noqa: E731
+    lo, co = every_other["lora"], every_other["coto"]
+    at = lines.index("only every other block's adapters on (blocks 0, 2, ...), test accuracy in %, seeds 0, 1: "
+                     "mean ± std")
+    assert lines[at + 3] == f"| rot90 | {probe:.1f} | {cell(lo)} | {cell(co)} | " \
+                            f"{co[0] - lo[0]:.1f} {co[1] - lo[1]:.1f} |"
+    at = lines.index("two seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head averaged), "
+                     "test accuracy in %, seed 0+1")
+    assert lines[at + 3] == f"| rot90 | {probe:.1f} | {interp['lora']:.1f} | {interp['coto']:.1f} | " \
+                            f"{interp['coto'] - interp['lora']:.1f} |"
+    assert json.loads((tmp_path / "runs" / "results.json").read_text())["robustness"] == res["robustness"]
 
 
 def test_main_under_torchrun_closes_its_process_group(tmp_path, monkeypatch):
