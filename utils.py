@@ -530,6 +530,17 @@ def resume(folder, resume: bool, model, opt, coto, data, config: dict, log: Trai
     return start
 
 
+def write_results(results: dict, cfg, plot) -> str:
+    """out_dir/results.json (every number and the config) and, with cfg.plot, the job's figure
+    plot(results, cfg, path) as out_dir/results.png; returns "<json> and <png>", what was written."""
+    written = [Path(cfg.out_dir) / "results.json"]
+    atomic_write_text(written[0], json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+    if cfg.plot:
+        written.append(Path(cfg.out_dir) / "results.png")
+        plot(results, cfg, written[-1])
+    return " and ".join(map(str, written))
+
+
 def save_result(folder, metrics: dict, config: dict) -> None:
     """result.json: the metrics and the run's whole configuration (without --resume, so a resumed
     run's file is the same). It marks the run finished, so its checkpoint goes."""

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -20,3 +22,19 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def without_timings():
+    """without_timings(folder): a run's result.json and metrics.jsonl minus the fields that hold
+    wall-clock times (which must be there), to compare a resumed run with an uninterrupted one."""
+    def strip(folder) -> tuple:
+        result = json.loads((folder / "result.json").read_text())
+        for k in ("train_time_s", "ms_per_step"):
+            assert result.pop(k) > 0
+        assert result.pop("warmup_s") >= 0
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for r in result["history"] + records:
+            r.pop("ms", None)  # evaluation records have none
+        return result, records
+    return strip

@@ -200,18 +200,6 @@ def tiny_config(tmp_path, sha, **kw) -> train_gpt2.Config:
     return train_gpt2.Config(**{**base, **kw})
 
 
-def without_timings(folder) -> tuple:
-    """result.json and metrics.jsonl of a run, minus the fields that hold wall-clock times."""
-    result = json.loads((folder / "result.json").read_text())
-    for k in ("train_time_s", "ms_per_step"):
-        assert result.pop(k) > 0
-    assert result.pop("warmup_s") >= 0
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for r in result["history"] + records:
-        r.pop("ms")
-    return result, records
-
-
 def tiny_finetune_setup(tmp_path):
     data = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(0))
     base = tmp_path / "base"
@@ -232,7 +220,7 @@ def crash_at_batch(monkeypatch, n: int) -> None:
     monkeypatch.setattr(train_gpt2, "get_batch", get_batch)
 
 
-def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
+def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch, without_timings):
     """Cut after step 6 (logs every 2 steps, checkpoints every 4): the resumed run's sample, loss,
     result.json and metrics.jsonl (timings aside) equal an uninterrupted run's."""
     sha = make_sdist(tmp_path / "s.tar.gz")

@@ -186,18 +186,6 @@ def _tiny_setup(cfg):
     return backbone, task
 
 
-def without_timings(folder: Path) -> tuple:
-    """result.json and metrics.jsonl of a run, minus the fields that hold wall-clock times."""
-    result = json.loads((folder / "result.json").read_text())
-    for k in ("train_time_s", "ms_per_step"):
-        assert result.pop(k) > 0
-    assert result.pop("warmup_s") >= 0
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for r in result["history"] + records:
-        r.pop("ms", None)
-    return result, records
-
-
 def crash_at(monkeypatch, n: int) -> None:
     """Optimizer step n + 1 raises KeyboardInterrupt (from get_lr), as if the run were killed after n steps."""
     real_get_lr = train_vit.get_lr
@@ -209,7 +197,7 @@ def crash_at(monkeypatch, n: int) -> None:
     monkeypatch.setattr(train_vit, "get_lr", get_lr)
 
 
-def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, without_timings):
     """Cut after step 4 (logs every 2 steps, checkpoints every 3): the resumed run's adapters, and
     its result.json and metrics.jsonl apart from timings, equal an uninterrupted run's."""
     # lora_dropout: the RNG state is restored too
