@@ -42,7 +42,7 @@ import torch
 
 import games
 import train_vit
-from coto import block_groups
+from coto import block_groups, coto_prob
 from utils import (atomic_write_text, format_eta, parse_config, read_safetensors, read_safetensors_metadata,
                    write_safetensors)
 
@@ -59,10 +59,12 @@ class Config:
     fewshot_steps: int = 300  # 16 per class, batch 32: ~60 epochs on the 10-class tasks
     fewshot_lr: float = 2e-3
     lrs: str = "3e-3,3e-2,1e-1"  # LR sweep besides `lr` (full data); up to where LoRA degrades
+    long_task: str = "rot90"  # the "dynamics" study: one task trained long, test accuracy along the way
+    long_steps: int = 1500  # its steps (10x the full regime's)
     n_test: int = 2000  # test examples per task (single-task accuracy)
     n_eval: int = 500  # the first n_eval of them are the held-out set of the analyses
     pretrain_steps: int = 500  # the backbone (train_vit.py's pretraining, cached)
-    studies: str = "full,probe,fewshot,lr,variants,ablations,baselines"  # which parts of the table to run
+    studies: str = "full,probe,fewshot,lr,variants,ablations,baselines,taskinit,dynamics"  # parts of the table to run
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
     data_dir: str = ""  # Fashion-MNIST folder ("" = train_vit.py's search path)
     device: str = "auto"
@@ -79,7 +81,7 @@ def quick_config(cfg: Config) -> Config:
     two-point LR sweep, smaller test and held-out sets."""
     out_dir = cfg.out_dir if cfg.out_dir != Config.out_dir else Config.out_dir + "-quick"
     return dataclasses.replace(cfg, out_dir=out_dir, tasks=",".join(cfg.tasks.split(",")[:2]), side_tasks=1,
-                               steps=20, fewshot_steps=30, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
+                               steps=20, fewshot_steps=30, long_steps=40, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +118,8 @@ def studies(cfg: Config) -> list:
         "coto p0=0.1": {"coto": True, "p0": 0.1},
         "coto stage1=0.5": {"coto": True, "stage1_ratio": 0.5},
         "coto stage1=1.0": {"coto": True, "stage1_ratio": 1.0},
+        "coto shape=exp": {"coto": True, "shape": "exp"},
+        "coto shape=sine": {"coto": True, "shape": "sine"},
     }, side, False))
     # Controls, analysed like LoRA and CoTo of the "full" regime and set against its CoTo runs:
     # does any drop do what CoTo does, or a smaller update? (all tasks: combining needs several)
@@ -127,6 +131,13 @@ def studies(cfg: Config) -> list:
         "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
         RESCALED: {"coto": False},  # not trained: the "full" LoRA run, rescaled (rescale_job)
     }, tasks, True))
+    # within a seed the full regime's tasks start from the same A: merging them may be easier than
+    # merging adapters that never shared an init
+    out.append(("taskinit", pair({"task_init": True}), tasks, True))
+    # training length: the full regime 10x longer on one task, test accuracy every long_steps / 15
+    long = dict(steps=cfg.long_steps, eval_every=max(1, cfg.long_steps // 15), log_every=max(1, cfg.long_steps // 30))
+    out.append(("dynamics", {**pair(long), "coto shape=exp": {**long, "coto": True, "shape": "exp"},
+                             "coto shape=sine": {**long, "coto": True, "shape": "sine"}}, [cfg.long_task], False))
     chosen = cfg.studies.split(",")
     unknown = set(chosen) - {name for name, *_ in out}
     if unknown:
@@ -234,7 +245,8 @@ def train_job(ctx: Context, vcfg, task, folder: Path):
         head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
         _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, out_dir=folder)
         keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
-        return {k: metrics[k] for k in keep}
+        last = metrics["history"][-1]["loss"]  # the training loss over the last log interval
+        return {**{k: metrics[k] for k in keep}, "train_loss_last": last}
     return fn
 
 
@@ -451,7 +463,8 @@ def row(claim: str, a: list, b: list, expect: int, paper: str = "", fmt: str = "
 
 
 REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear-probe head",
-           "fewshot": "few-shot (16 per class), learned head"}
+           "fewshot": "few-shot (16 per class), learned head",
+           "taskinit": "full data, learned head, each task's adapters initialised apart"}
 
 
 def claim_rows(res: dict, a: tuple, b: tuple) -> list:
@@ -549,6 +562,8 @@ def sections(res: dict, cfg: Config) -> list:
         vals = per_seed(res, "train", "ablations", setting, acc, side)
         if "p0" in setting:
             ablation.append(row(f"7. {setting}", vals, default, 0, "the snippet uses p0 = 0.1, the figure 0"))
+        elif "shape" in setting:
+            ablation.append(row(f"7. {setting}", vals, default, 0, "linear in the paper's figure"))
         else:
             ablation.append(row(f"7. {setting}", vals, default, +1, "stage1 0.75 best"))
     out.append(("Ablations (accuracy, full data)", "the setting", "CoTo (p0 0, stage1 0.75)", ablation))
@@ -560,6 +575,17 @@ def sections(res: dict, cfg: Config) -> list:
                          per_seed(res, "train", study, coto, acc, side), +1,
                          "CoTo's advantage grows with the LR, LoRA degrades" if lr == lrs[-1] else ""))
     out.append(("Learning-rate sweep (accuracy, full data)", "LoRA", "CoTo", sweep))
+    runs = res.get("train", {}).get("dynamics", {})
+    long = []
+    for setting in [s for s in runs if s != "lora"]:
+        get = lambda k: lambda r: r[k]  # noqa: E731
+        long += [row(f"accuracy, {setting}", per_seed(res, "train", "dynamics", "lora", acc),
+                     per_seed(res, "train", "dynamics", setting, acc), +1),
+                 row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}",
+                     per_seed(res, "train", "dynamics", "lora", get("train_loss_last")),
+                     per_seed(res, "train", "dynamics", setting, get("train_loss_last")), 0, fmt="ratio")]
+    out.append((f"Training length: {cfg.long_task}, {cfg.long_steps} steps (full data, learned head)",
+                "LoRA", "CoTo", long))
     return [(title, a, b, holm_rows(rs)) for title, a, b, rs in out if rs]
 
 
@@ -627,6 +653,55 @@ def shapley_profiles(res: dict) -> dict:
     return out
 
 
+def plot_dynamics(cfg: Config, path: Path) -> dict:
+    """The dynamics study's figure: test accuracy and training loss over the steps (mean over the
+    seeds, from each run's metrics.jsonl) of LoRA and each CoTo ramp, above the ramps' p(t).
+    Returns what it draws: {setting: {"runs": seeds, "eval": (steps, acc), "train": (steps, loss)}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = studies(dataclasses.replace(cfg, studies="dynamics"))[0][1]
+    curves = {}
+    for setting in settings:
+        records = []
+        for seed in range(cfg.seeds):
+            f = run_folder(cfg, "dynamics", setting, cfg.long_task, seed) / "metrics.jsonl"
+            if f.is_file() and (f.parent / "result.json").is_file():  # finished runs only
+                records.append([json.loads(line) for line in f.read_text().splitlines()])
+        if not records:
+            continue
+        curves[setting] = {"runs": len(records)}
+        for key, name in (("eval_acc", "eval"), ("loss", "train")):
+            per_run = [{r["step"]: r[key] for r in recs if key in r} for recs in records]
+            steps = sorted(set.intersection(*(set(d) for d in per_run)))
+            curves[setting][name] = (steps, [statistics.fmean(d[t] for d in per_run) for t in steps])
+    if not curves:
+        return curves
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.2]})
+    for i, (setting, c) in enumerate(curves.items()):
+        axes[0].plot(*c["eval"], ".-", color=f"C{i}", label=setting)
+        axes[1].plot(*c["train"], "-", color=f"C{i}", label=setting)
+        o = settings[setting]
+        if o["coto"]:
+            steps = range(cfg.long_steps + 1)
+            axes[2].plot(steps, [coto_prob(t, cfg.long_steps, shape=o.get("shape", "linear")) for t in steps],
+                         color=f"C{i}")
+    n = sorted({c["runs"] for c in curves.values()})
+    axes[0].set_title(f"{cfg.long_task}, full data, {cfg.long_steps} steps at lr {cfg.lr}: mean of "
+                      f"{'-'.join(map(str, n))} seeds",
+                      loc="left")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylabel("training loss")
+    axes[2].set_ylabel("CoTo p(t)")
+    axes[2].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return curves
+
+
 QUICK = ("--quick is a smoke test of the whole pipeline: its runs are too short and its held-out sets too "
          "small for its verdicts to mean anything")
 
@@ -654,7 +729,7 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"{root} holds results of another configuration (differs in {changed}): "
                          f"pass another --out-dir, or delete {root} to start over")
     write_json(root / "config.json", mine)
-    ctx = Context(vit_config(cfg, {}, 0), cfg.tasks.split(","), cfg.n_eval)
+    ctx = Context(vit_config(cfg, {}, 0), list(dict.fromkeys([*cfg.tasks.split(","), cfg.long_task])), cfg.n_eval)
     p, index = plan(cfg, ctx)
     p.run()
     print(f"tabulating {sum(path.is_file() for *_, path in index)} results and drawing the plots", flush=True)
@@ -669,6 +744,8 @@ def main(cfg: Config) -> dict:
     games.plot_reports({m: {"adapters": reports("adapter", m), "pairs": reports("pair", m),
                             "combinations": reports("combination", m)} for m in ("lora", "coto")}, root,
                        about=f"{REGIMES['full']}; tasks {cfg.tasks}; {cfg.seeds} seeds; {cfg.steps} steps")
+    if "dynamics" in res.get("train", {}):
+        plot_dynamics(cfg, root / "dynamics.png")
     print(text)
     if cfg.quick:
         print(QUICK)

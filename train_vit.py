@@ -27,6 +27,7 @@ import pickle
 import statistics
 import struct
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class Config:
     warmup: int = 10  # linear warmup steps, then cosine to 0
     seed: int = 0  # first seed: initialisation, data order, CoTo draws
     seeds: int = 2  # main() runs seeds seed .. seed + seeds - 1 (2: enough for one interpolated pair)
+    task_init: bool = False  # the adapters' init drawn from (seed, task): each task its own A (else one per seed)
     # running
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False  # torch.compile each block (2 graphs per block: adapters on / off)
@@ -587,7 +589,8 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
     (lora_state_dict plus head.weight / head.bias) and result.json."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # adapters' initialisation; the same with and without CoTo
+    # adapters' initialisation: the same with and without CoTo; shared by a seed's tasks unless task_init
+    torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))
     model = build_model(cfg, task.x_train, task.num_classes)
     load_pretrained(model, backbone_state)  # the source head is dropped: reset_head below
     reset_head(model, task.num_classes, generator=torch.Generator().manual_seed(cfg.seed))

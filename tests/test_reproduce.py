@@ -131,13 +131,13 @@ TINY_VIT = json.dumps({"dataset": "synthetic", "depth": 3, "embed_dim": 16, "num
 
 
 def tiny(tmp_path, **kw):
-    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines", steps=6,
-                  lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
+    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines,dynamics",
+                  steps=6, long_steps=8, lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
 
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory):
-    """One tiny table (2 tasks, 2 seeds, the "full" and "baselines" studies), shared by the tests below."""
+    """One tiny table (2 tasks, 2 seeds, the "full", "baselines" and "dynamics" studies), shared by the tests below."""
     tmp_path = tmp_path_factory.mktemp("reproduce")
     return tmp_path, reproduce.main(tiny(tmp_path))
 
@@ -146,7 +146,7 @@ def test_tiny_table_end_to_end(table_run, tmp_path, capsys):
     path, res = table_run
     root = path / "repro"
     written = {p.name for p in root.iterdir()}
-    assert {"results.json", "table.md", "pruning.png", "interpolation.png", "combining.png"} <= written
+    assert {"results.json", "table.md", "pruning.png", "interpolation.png", "combining.png", "dynamics.png"} <= written
     title, _, _, rs = res["table"][0]
     assert title == "Regime: full data, learned head"
     rows = {r["claim"]: r for r in rs}
@@ -196,6 +196,29 @@ def test_change_rows_and_controls_from_the_cached_reports(table_run):
         ba = {m: (f[layer + "lora_B"].double() @ f[layer + "lora_A"].double()) for m, f in files.items()}
         assert torch.equal(rescaled[key], lora[key])
         assert ba[reproduce.RESCALED].norm().item() == pytest.approx(ba["coto"].norm().item(), rel=1e-5)
+
+
+def test_dynamics_rows_and_curves_from_the_runs_files(table_run):
+    """The training-length section pairs each CoTo ramp with LoRA by seed; the figure's curves are
+    the seeds' mean of each run's metrics.jsonl records (evaluations every long_steps // 15 steps)."""
+    path, res = table_run
+    cfg = tiny(path)
+    rows = {r["claim"]: r for r in dict((t, rs) for t, _, _, rs in res["table"])[
+        "Training length: rot90, 8 steps (full data, learned head)"]}
+    summary = lambda m, s: json.loads((reproduce.run_folder(cfg, "dynamics", m, "rot90", s)  # noqa: E731
+                                       / "summary.json").read_text())
+    for m in ("coto", "coto shape=exp", "coto shape=sine"):
+        lora, coto = ([summary(x, s)["acc"] for s in range(2)] for x in ("lora", m))
+        assert rows[f"accuracy, {m}"]["diff"] == pytest.approx(interval([c - a for a, c in zip(lora, coto)]))
+    loss = [summary("coto", s)["train_loss_last"] for s in range(2)]
+    assert rows["   training loss of the last 1 steps, coto"]["b"] == pytest.approx(interval(loss))
+    curves = reproduce.plot_dynamics(cfg, path / "dynamics.png")
+    records = [[json.loads(line) for line in (reproduce.run_folder(cfg, "dynamics", "coto shape=sine", "rot90", s)
+                                              / "metrics.jsonl").read_text().splitlines()] for s in range(2)]
+    evals = [[r["eval_acc"] for r in rs if "eval_acc" in r] for rs in records]
+    assert curves["coto shape=sine"]["eval"] == (list(range(1, 9)), pytest.approx([(a + b) / 2 for a, b in zip(*evals)]))
+    assert loss[1] == [r["loss"] for r in json.loads((reproduce.run_folder(cfg, "dynamics", "coto", "rot90", 1)
+                                                      / "result.json").read_text())["history"]][-1]
 
 
 def test_analyse_reads_each_runs_config_from_its_result_json(table_run, tmp_path, capsys):

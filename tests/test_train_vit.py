@@ -228,6 +228,26 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, monkeypat
     assert sorted(f.name for f in (tmp_path / "cut").iterdir()) == sorted(f.name for f in (tmp_path / "full").iterdir())
 
 
+def test_task_init_gives_each_task_its_own_adapter_init(tmp_path, monkeypatch):
+    """Without task_init a seed's tasks of one shape (10 classes) start from one A; with it each
+    task draws its own, the same on every call."""
+    monkeypatch.setattr(train_vit, "train_loop", lambda *a, **kw: {})  # the initial adapters only
+    cfg = tiny(tmp_path, seed=3)
+    data = load_data(cfg)
+    backbone = pretrain(cfg, data)
+    tasks = make_tasks(data, ["rot90", "invert"], [0, 1, 2, 3, 4], cfg.patch_size, cfg.n_train, cfg.n_test)
+
+    def a_matrices(task_init: bool, name: str) -> list:
+        model, _ = finetune(dataclasses.replace(cfg, task_init=task_init), tasks[name], backbone)
+        return [v for k, v in lora_state_dict(model).items() if k.endswith("lora_A")]
+    shared = {name: a_matrices(False, name) for name in tasks}
+    own = {name: a_matrices(True, name) for name in tasks}
+    assert all(torch.equal(a, b) for a, b in zip(shared["invert"], shared["rot90"]))
+    assert not any(torch.equal(a, b) for a, b in zip(own["invert"], own["rot90"]))
+    assert all(torch.equal(a, b) for a, b in zip(own["rot90"], a_matrices(True, "rot90")))
+    assert not torch.equal(own["rot90"][0], shared["rot90"][0])
+
+
 def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, tasks="rot90", compare=False)
     first = main(cfg)
