@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import importlib.util
 import io
+import itertools
 import json
 import os
 import statistics
@@ -72,22 +73,21 @@ class Config:
     out: str = "runs/bench"  # bench.json and bench.md are written here
 
 
-# ---------------------------------------------------------------------------------------------
+QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # what --quick overrides
+
+
 # The measuring harness
 
 
-def sync_fn(device: torch.device):
-    """What makes a timer honest on this device: CUDA runs asynchronously, the CPU does not."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def alternate(cases: dict, calls: int, repeats: int, warmup: int, sync=lambda: None) -> dict:
+def alternate(cases: dict, calls: int, repeats: int, warmup: int, device=torch.device("cpu")) -> dict:
     """Time `cases[name](i)` for i in range(calls), alternating the cases call by call and
     reversing their order every other call, so machine drift hits every case alike.
 
     Returns {name: {"s": median over repeats of the time of all `calls` calls, "ratio": median over
     repeats of that time divided by the first case's time in the same repeat}}. The `warmup`
     calls of each case before the first repeat are not timed."""
+    # what makes a timer honest on this device: CUDA runs asynchronously, the CPU does not
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     names = list(cases)
     for i in range(warmup):
         for name in names:
@@ -107,7 +107,6 @@ def alternate(cases: dict, calls: int, repeats: int, warmup: int, sync=lambda: N
             for name, t in total.items()}
 
 
-# ---------------------------------------------------------------------------------------------
 # The FLOP model: matmul FLOPs, as lora.py computes each variant (tests/test_bench.py checks it
 # against torch's FlopCounterMode). Elementwise work (norms, GELU, the adapters' adds and scales)
 # is not counted: on a CPU it is where measured and predicted part ways.
@@ -144,17 +143,13 @@ def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, m
     flops = 2 * batch * pe.num_patches * pe.in_chans * pe.patch_size ** 2 * D  # patch conv, no grad
     grad = False  # does the residual stream require grad?
     for on, blk in zip(mask, model.blocks):
-        on_ = {t: bool(on) and t in targets.split(",") for t in ("qkv", "proj", "fc1", "fc2")}
         H = blk.mlp.fc1.out_features
-        flops += linear_flops(T, D, 3 * D, r, variant, on_["qkv"], grad)
-        grad_attn = grad or on_["qkv"]
-        flops += 4 * batch * N * N * D + (8 * batch * N * N * D if grad_attn else 0)  # q k^T, a v
-        flops += linear_flops(T, D, D, r, variant, on_["proj"], grad_attn)
-        grad = grad_attn or on_["proj"]
-        flops += linear_flops(T, D, H, r, variant, on_["fc1"], grad)
-        grad_hidden = grad or on_["fc1"]
-        flops += linear_flops(T, H, D, r, variant, on_["fc2"], grad_hidden)
-        grad = grad_hidden or on_["fc2"]
+        for t, i, o in (("qkv", D, 3 * D), ("proj", D, D), ("fc1", D, H), ("fc2", H, D)):
+            active = bool(on) and t in targets.split(",")
+            flops += linear_flops(T, i, o, r, variant, active, grad)
+            grad = grad or active  # an active adapter makes everything above it require grad
+            if t == "qkv":  # attention between qkv and proj: q k^T and a v, and their backward
+                flops += 4 * batch * N * N * D + (8 * batch * N * N * D if grad else 0)
     return flops + 2 * batch * D * C * (2 + grad)  # head: forward, dW, and dX if grad
 
 
@@ -168,7 +163,6 @@ def coto_masks(depth: int, total_steps: int, points: int, p0: float, stage1_rati
     return [coto.step(t).tolist() for t in steps]
 
 
-# ---------------------------------------------------------------------------------------------
 # Models and steps
 
 
@@ -227,9 +221,7 @@ def batch_of(batch: int, num_classes: int, device: torch.device, seed: int):
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y, device: torch.device) -> None:
     """One optimizer step as train_vit.py takes it (bf16 autocast on CUDA)."""
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else contextlib.nullcontext())
-    with amp:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
@@ -240,29 +232,33 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------
+def masked_steps(size: dict, variant: str, cfg: Config, device: torch.device):
+    """An adapted ViT and step(mask): one training step on a fixed batch with block l's adapters on
+    where mask[l] is true. Returns (model, x, step)."""
+    model = lora_vit(size, variant, cfg, device)
+    groups, opt = block_groups(model), adamw(model)
+    x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
+
+    def step(mask):
+        set_active(groups, mask)
+        train_step(model, opt, x, y, device)
+    return model, x, step
+
+
 # The sections
 
 
 def bench_coto(name: str, size: dict, variant: str, cfg: Config, device: torch.device) -> dict:
     """Section 1: the steps of a CoTo schedule against the same steps with every adapter on."""
-    model = lora_vit(size, variant, cfg, device)
-    groups, opt = block_groups(model), adamw(model)
-    x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
+    model, _, step = masked_steps(size, variant, cfg, device)
     depth = len(model.blocks)
-    masks = coto_masks(depth, cfg.total_steps, cfg.schedule_points, cfg.p0, cfg.stage1_ratio, cfg.seed)
     on = [True] * depth
-
-    def run(mask):
-        set_active(groups, mask)
-        train_step(model, opt, x, y, device)
-
-    res = alternate({"always-on": lambda i: run(on), "coto": lambda i: run(masks[i])},
-                    len(masks), cfg.repeats, cfg.warmup, sync_fn(device))
-    flops_on = vit_step_flops(model, cfg.batch_size, cfg.r, variant, on, cfg.targets)
-    flops_coto = sum(vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets)
-                     for m in masks) / len(masks)
-    saving, predicted = 1 - res["coto"]["ratio"], 1 - flops_coto / flops_on
+    masks = coto_masks(depth, cfg.total_steps, cfg.schedule_points, cfg.p0, cfg.stage1_ratio, cfg.seed)
+    res = alternate({"always-on": lambda i: step(on), "coto": lambda i: step(masks[i])},
+                    len(masks), cfg.repeats, cfg.warmup, device)
+    flops_on, *flops_coto = (vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets)
+                             for m in [on, *masks])
+    saving, predicted = 1 - res["coto"]["ratio"], 1 - sum(flops_coto) / len(masks) / flops_on
     step_s = res["always-on"]["s"] / len(masks)
     return {"model": name, "depth": depth, "params": sum(p.numel() for p in model.parameters()),
             "variant": variant, "active_fraction": sum(map(sum, masks)) / (len(masks) * depth),
@@ -285,27 +281,16 @@ def grad_per_block(model: VisionTransformer, x) -> list:
 def bench_truncation(variant: str, cfg: Config, device: torch.device) -> list:
     """Section 2: a step with only block l's adapters on, for every l: the same adapter work each
     time, only the depth of backward changes."""
-    model = lora_vit(vit_sizes(cfg)["default"], variant, cfg, device)
-    groups, opt = block_groups(model), adamw(model)
-    x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
-    depth = len(model.blocks)
-    masks = [[k == l for k in range(depth)] for l in range(depth)]
-
-    def case(mask):
-        def run(i):
-            set_active(groups, mask)
-            train_step(model, opt, x, y, device)
-        return run
-
-    res = alternate({l: case(m) for l, m in enumerate(masks)}, 2, 2 * cfg.repeats, cfg.warmup,
-                    sync_fn(device))
-    f0 = vit_step_flops(model, cfg.batch_size, cfg.r, variant, masks[0], cfg.targets)
+    model, x, step = masked_steps(vit_sizes(cfg)["default"], variant, cfg, device)
+    masks = [[k == l for k in range(len(model.blocks))] for l in range(len(model.blocks))]
+    res = alternate({l: lambda i, m=m: step(m) for l, m in enumerate(masks)}, 2, 2 * cfg.repeats,
+                    cfg.warmup, device)
+    flops = [vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets) for m in masks]
     rows = []
     for l, m in enumerate(masks):
-        set_active(groups, m)
+        set_active(block_groups(model), m)
         rows.append({"variant": variant, "lowest": l, "ms": 1e3 * res[l]["s"] / 2, "ratio": res[l]["ratio"],
-                     "predicted": vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets) / f0,
-                     "no_grad_below": not any(grad_per_block(model, x)[:l])})
+                     "predicted": flops[l] / flops[0], "no_grad_below": not any(grad_per_block(model, x)[:l])})
     return rows
 
 
@@ -318,6 +303,7 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
     base = nn.Linear(D, H).requires_grad_(False).to(device)
     x = torch.randn(T, D, device=device, requires_grad=True)
     dy = torch.randn(T, H, device=device)  # the gradient arriving from above
+    dy_amp = dy.bfloat16()
     layers = {"nn.Linear": base}
     for v in cfg.variants:
         layers[v] = LoRALinear(copy.deepcopy(base), cfg.r, cfg.alpha, variant=v)
@@ -326,23 +312,18 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
         for v in ("lora", "dora"):
             layers[f"PEFT {v}"] = peft_adapt(nn.Sequential(copy.deepcopy(base)), ["0"], v, cfg)[0]
 
-    def case(layer, amp):
-        grad = dy.bfloat16() if amp else dy  # backward takes the output's dtype
-
-        def run(i):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                y = layer(x)
-            y.backward(grad)
-            x.grad = None
-            for p in layer.parameters():
-                p.grad = None
-        return run
+    def run(layer, amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            y = layer(x)
+        y.backward(dy_amp if amp else dy)  # backward takes the output's dtype
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
 
     f0 = linear_flops(T, D, H, cfg.r, "lora", False, True)
     rows = []
     for dtype in ("bf16 autocast", "fp32") if device.type == "cuda" else ("fp32",):
-        res = alternate({k: case(m, dtype != "fp32") for k, m in layers.items()}, 10,
-                        3 * cfg.repeats, cfg.warmup, sync_fn(device))  # sums of 10 calls: steadier
+        res = alternate({k: lambda i, m=m: run(m, dtype != "fp32") for k, m in layers.items()}, 10,
+                        3 * cfg.repeats, cfg.warmup, device)  # sums of 10 calls: steadier
         rows += [{"layer": k, "dtype": dtype, "ms": 1e3 * res[k]["s"] / 10, "ratio": res[k]["ratio"],
                   "flop_ratio": linear_flops(T, D, H, cfg.r, k.split()[-1], k != "nn.Linear", True) / f0}
                  for k in layers]
@@ -352,24 +333,15 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
 def bench_merged(cfg: Config, device: torch.device) -> list:
     """Section 3b: inference of the merged LoRA model, and of the unmerged one, vs the base ViT; a
     copy of the base shows how far two identical cases differ here (the noise floor)."""
-    base = lora_vit(vit_sizes(cfg)["default"], None, cfg, device).eval()
-    unmerged = copy.deepcopy(base)
-    inject_lora(unmerged, cfg.targets.split(","), cfg.r, cfg.alpha)
-    for layer in lora_layers(unmerged).values():
-        nn.init.normal_(layer.lora_B, std=0.02)
+    base, unmerged = (lora_vit(vit_sizes(cfg)["default"], v, cfg, device).eval() for v in (None, "lora"))
     merged = copy.deepcopy(unmerged)
     merge_lora(merged)
     x, _ = batch_of(4 * cfg.batch_size, base.num_classes, device, cfg.seed)
-
-    def case(model):
-        @torch.inference_mode()
-        def run(i):
-            model(x)
-        return run
-
-    cases = {"base": case(base), "base, a copy (noise floor)": case(copy.deepcopy(base)),
-             "merged": case(merged), "unmerged": case(unmerged)}
-    res = alternate(cases, 4, 2 * cfg.repeats, cfg.warmup, sync_fn(device))
+    models = {"base": base, "base, a copy (noise floor)": copy.deepcopy(base), "merged": merged,
+              "unmerged": unmerged}
+    with torch.inference_mode():
+        res = alternate({k: lambda i, m=m: m(x) for k, m in models.items()}, 4, 2 * cfg.repeats,
+                        cfg.warmup, device)
     return [{"model": k, "ms": 1e3 * v["s"] / 4, "ratio": v["ratio"]} for k, v in res.items()]
 
 
@@ -406,31 +378,24 @@ def bench_shapley(cfg: Config, device: torch.device) -> list:
         x, y = batch_of(cfg.shapley_batch, model.num_classes, device, cfg.seed)
         n = 2 ** depth
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:cfg.naive_samples]
-        naive = {}
+        naive, out = {}, {}
 
         def naive_run(i):
             for m in sample.tolist():
                 with games.coalition(groups, [l for l in range(depth) if m >> l & 1]):
                     naive[m] = games.score(model, x, y, value="neg_loss")
 
-        out = {}
-
-        def prefix_run(i):
-            out["prefix"] = games.coalition_values(model.embed, model.blocks, model.forward_head, x, y,
-                                                   value="neg_loss")
-
-        def batched_run(i):
-            out["batched"] = coalition_values_batched(model, x, y)
-
-        res = alternate({"naive": naive_run, "prefix": prefix_run, "batched": batched_run}, 1,
-                        max(1, cfg.repeats // 3), 0, sync_fn(device))  # seconds each: few repeats
+        cases = {"naive": naive_run,
+                 "prefix": lambda i: out.update(prefix=games.coalition_values(
+                     model.embed, model.blocks, model.forward_head, x, y, value="neg_loss")),
+                 "batched": lambda i: out.update(batched=coalition_values_batched(model, x, y))}
+        res = alternate(cases, 1, max(1, cfg.repeats // 3), 0, device)  # seconds each: few repeats
         (prefix, evals), (batched, calls) = out["prefix"], out["batched"]
         diff_prefix = max(abs(prefix[m].item() - v) for m, v in naive.items())  # vs naive, float32
         scale = n / len(sample)  # the naive time is per coalition: measured on a sample, times 2^L
-        naive_s = res["naive"]["s"] * scale
         rows += [{"blocks": depth, "method": "naive (n forward passes per coalition)",
-                  "block_evals": depth * n, "calls": depth * n, "s": naive_s, "vs_naive": 1.0,
-                  "max_abs_diff": None},
+                  "block_evals": depth * n, "calls": depth * n, "s": res["naive"]["s"] * scale,
+                  "vs_naive": 1.0, "max_abs_diff": None},
                  {"blocks": depth, "method": "prefix sharing, depth-first (games.py)",
                   "block_evals": evals, "calls": evals, "s": res["prefix"]["s"],
                   "vs_naive": res["prefix"]["ratio"] / scale, "max_abs_diff": diff_prefix},
@@ -476,11 +441,7 @@ def peak_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x, y, device:
         train_step(model, opt, x, y, device)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
-    now = peak = 0
-    for e in events:
-        now += e.nbytes()
-        peak = max(peak, now)
-    return before + peak
+    return before + max(itertools.accumulate((e.nbytes() for e in events), initial=0))
 
 
 def bench_memory(cfg: Config, device: torch.device) -> list:
@@ -499,7 +460,6 @@ def bench_memory(cfg: Config, device: torch.device) -> list:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
 # The table
 
 
@@ -589,8 +549,6 @@ def main(cfg: Config) -> dict:
     atomic_write_text(out / "bench.md", res["table"] + "\n")
     return res
 
-
-QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # what --quick overrides
 
 if __name__ == "__main__":
     main(parse_config(Config, description=__doc__.split("\n\n")[0]))
