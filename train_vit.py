@@ -18,6 +18,7 @@ Data: Fashion-MNIST's four IDX .gz files (Debian/Ubuntu: `apt install dataset-fa
 CIFAR-10's python batches (`--dataset cifar10`); nothing is downloaded.
 """
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -157,12 +158,10 @@ def data_dirs(data_dir: str, extra: str = "") -> list:
     """Where to look: only the folder the user named (--data-dir, else $COTO_DATA_DIR), which must
     exist; with none named, ./data, then `extra` (a system path)."""
     named = data_dir or os.environ.get("COTO_DATA_DIR", "")
-    if named:
-        if not Path(named).is_dir():
-            source = "--data-dir" if data_dir else "$COTO_DATA_DIR"
-            raise FileNotFoundError(f"{source} {named}: no such folder; point it at the folder holding the data files")
-        return [Path(named)]
-    return [Path(d) for d in ("data", extra) if d]
+    if named and not Path(named).is_dir():
+        source = "--data-dir" if data_dir else "$COTO_DATA_DIR"
+        raise FileNotFoundError(f"{source} {named}: no such folder; point it at the folder holding the data files")
+    return [Path(named)] if named else [Path(d) for d in ("data", extra) if d]
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -178,17 +177,16 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 def load_fashion_mnist(data_dir: str = "") -> dict:
     """{"x_train": (60000, 1, 28, 28) uint8, "y_train": (60000,) int64, "x_test", "y_test"}."""
-    tried = []
-    for d in data_dirs(data_dir, DEBIAN_DIR):
+    dirs = data_dirs(data_dir, DEBIAN_DIR)
+    for d in dirs:
         paths = [next((p for p in (d / f"{f}.gz", d / f) if p.is_file()), None) for f in FASHION_FILES]
-        tried.append(str(d))
         if all(paths):
             xtr, ytr, xte, yte = (_read_idx(p) for p in paths)
             return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None],
                     "y_test": yte.long(), "classes": 10, "folder": str(d)}
     raise FileNotFoundError(
         "Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
-        f"{', '.join(tried)}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist  "
+        f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist  "
         f"(installs them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
         "https://github.com/zalandoresearch/fashion-mnist (folder data/fashion) into ./data, or pass "
         "--data-dir FOLDER, or set COTO_DATA_DIR.")
@@ -206,13 +204,8 @@ class CifarUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
         import numpy as np
-        if name != "_reconstruct":
-            return getattr(np, name)
-        try:
-            from numpy._core.multiarray import _reconstruct  # numpy 2 (its numpy.core warns)
-        except ImportError:
-            from numpy.core.multiarray import _reconstruct
-        return _reconstruct
+        # _reconstruct from where this numpy keeps it (numpy 2 moved it; importing numpy.core warns there)
+        return np.empty(0).__reduce__()[0] if name == "_reconstruct" else getattr(np, name)
 
 
 def read_cifar_batch(path: Path) -> tuple:
@@ -228,17 +221,15 @@ def read_cifar_batch(path: Path) -> tuple:
 
 def load_cifar10(data_dir: str = "") -> dict:
     """CIFAR-10 from its python pickle batches (data_batch_1..5, test_batch): (N, 3, 32, 32) uint8."""
-    tried = []
-    for d in data_dirs(data_dir):
-        for folder in (d, d / "cifar-10-batches-py"):
-            tried.append(str(folder))
-            if (folder / "test_batch").is_file():
-                train = [read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-                xte, yte = read_cifar_batch(folder / "test_batch")
-                return {"x_train": torch.cat([x for x, _ in train]), "y_train": torch.cat([y for _, y in train]),
-                        "x_test": xte, "y_test": yte, "classes": 10, "folder": str(folder)}
+    folders = [folder for d in data_dirs(data_dir) for folder in (d, d / "cifar-10-batches-py")]
+    for folder in folders:
+        if (folder / "test_batch").is_file():
+            train = [read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+            xte, yte = read_cifar_batch(folder / "test_batch")
+            return {"x_train": torch.cat([x for x, _ in train]), "y_train": torch.cat([y for _, y in train]),
+                    "x_test": xte, "y_test": yte, "classes": 10, "folder": str(folder)}
     raise FileNotFoundError(
-        f"CIFAR-10 python batches not found (looked for test_batch in: {', '.join(tried)}).\n  Download "
+        f"CIFAR-10 python batches not found (looked for test_batch in: {', '.join(map(str, folders))}).\n  Download "
         "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, unpack it into ./data "
         "(giving ./data/cifar-10-batches-py/) or pass --data-dir FOLDER.")
 
@@ -388,7 +379,14 @@ class Batches:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Model and training
+
+
+def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:
+    """A VisionTransformer sized by cfg for square images like x (N, C, H, H)."""
+    return VisionTransformer(img_size=x.shape[-1], patch_size=cfg.patch_size, in_chans=x.shape[1],
+                             num_classes=num_classes, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                             num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
 
 
 def autocast(device: torch.device):
@@ -412,11 +410,6 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) ->
         correct += (logits.argmax(1) == yb).sum().item()
     model.train(was_training)
     return correct / len(y), loss / len(y)
-
-
-def set_lora_dropout(model, rate: float) -> None:
-    for layer in lora_layers(model).values():
-        layer.lora_dropout.p = rate
 
 
 def train_loop(model, x, y, cfg: Config, *, total_steps: int, lr: float, batch_size: int, weight_decay: float,
@@ -445,7 +438,8 @@ def train_loop(model, x, y, cfg: Config, *, total_steps: int, lr: float, batch_s
         if coto is not None:
             coto.step(step)  # CoTo: one draw per optimizer step, each block's adapters on with prob p(step)
         if cfg.progressive_dropout:  # a baseline: dropout decaying to 0 on CoTo's stage-1 schedule
-            set_lora_dropout(model, cfg.lora_dropout * (1 - coto_prob(step, total_steps, 0.0, cfg.stage1_ratio)))
+            for layer in lora_layers(model).values():
+                layer.lora_dropout.p = cfg.lora_dropout * (1 - coto_prob(step, total_steps, 0.0, cfg.stage1_ratio))
         idx = batches.next()[rank::world]  # this rank's share of the global batch
         xb, yb = to_float(x[idx]).to(device), y[idx].to(device)
         with autocast(device):
@@ -471,16 +465,6 @@ def train_loop(model, x, y, cfg: Config, *, total_steps: int, lr: float, batch_s
 
 # ---------------------------------------------------------------------------------------------
 # Pretraining, probing, fine-tuning
-
-
-def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:
-    """A VisionTransformer sized by cfg for images like x (N, C, H, W)."""
-    _, c, h, w = x.shape
-    if h != w:
-        raise ValueError(f"images must be square, got {h}x{w}")
-    return VisionTransformer(img_size=h, patch_size=cfg.patch_size, in_chans=c, num_classes=num_classes,
-                             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                             mlp_ratio=cfg.mlp_ratio)
 
 
 PRETRAIN_FIELDS = ("dataset", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
@@ -512,8 +496,7 @@ def pretrain(cfg: Config, data: dict) -> dict:
             if rank == 0:
                 print(f"{e}\nthe cached backbone is damaged: pretraining it again", flush=True)
     torch.manual_seed(cfg.pretrain_seed)
-    device = pick_device(cfg.device)
-    model = build_model(cfg, data["x_train"], len(source)).to(device)
+    model = build_model(cfg, data["x_train"], len(source)).to(pick_device(cfg.device))
     remap = torch.full((data["classes"],), -1, dtype=torch.long)
     remap[source] = torch.arange(len(source))
     mtr, mte = remap[data["y_train"]] >= 0, remap[data["y_test"]] >= 0
@@ -588,7 +571,6 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
     With out_dir: checkpoint / resume, metrics.jsonl, and at the end adapters.safetensors
     (lora_state_dict plus head.weight / head.bias) and result.json."""
     check_config(cfg)
-    device = pick_device(cfg.device)
     # adapters' initialisation: the same with and without CoTo; shared by a seed's tasks unless task_init
     torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))
     model = build_model(cfg, task.x_train, task.num_classes)
@@ -601,7 +583,7 @@ def finetune(cfg: Config, task: Task, backbone_state: dict, probe_head=None, out
     inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                 variant=cfg.variant, rslora=cfg.rslora)
     mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())
-    model.to(device)
+    model.to(pick_device(cfg.device))
     if cfg.compile:
         for blk in model.blocks:  # per block: its adapters are on or off, so two graphs, no recompiles
             blk.compile()
@@ -672,20 +654,23 @@ def run_all(cfg: Config) -> dict:
             else:
                 results["runs"].append(finetune(c, task, backbone, probe_head, out_dir=out)[1])
     results["wall_s"] = time.time() - t0
-    if rank == 0:
-        print_table(results, names)
-        results["robustness"] = robustness(cfg, runs, tasks, backbone)
-        print_robustness(results, names)
+    if rank == 0:  # the tables: test accuracy in % per task and method, beside the linear probe
+        table = functools.partial(seed_table, key="task", baseline={n: 100 * results["probe"][n] for n in names},
+                                  baseline_name="linear probe", value=lambda r: 100 * r["acc"])
+        print(table("\ntest accuracy in %", results["runs"]))
+        print_speed(results["runs"])
+        results["robustness"] = rob = robustness(cfg, runs, tasks, backbone)
+        print(table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %",
+                    rob["every_other"]))
+        if rob["interp"]:
+            print(table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head "
+                        "averaged), test accuracy in %", rob["interp"]))
+        else:
+            print("seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
         print(f"total {format_eta(results['wall_s'])}")
         print(f"wrote {write_results(results, cfg, plot_results)}; each run's adapters, log and result under "
               f"{run_dir(cfg, names[0]).parents[2]}")
     return results
-
-
-def print_table(results: dict, names: list) -> None:
-    print(seed_table("\ntest accuracy in %", results["runs"], "task", {n: 100 * results["probe"][n] for n in names},
-                     "linear probe", lambda r: 100 * r["acc"]))
-    print_speed(results["runs"])
 
 
 def robustness(cfg: Config, runs: list, tasks: dict, backbone: dict) -> dict:
@@ -710,17 +695,6 @@ def robustness(cfg: Config, runs: list, tasks: dict, backbone: dict) -> dict:
     return out
 
 
-def print_robustness(results: dict, names: list) -> None:
-    probe, rob = {n: 100 * results["probe"][n] for n in names}, results["robustness"]
-    print(seed_table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %", rob["every_other"],
-                     "task", probe, "linear probe", lambda r: 100 * r["acc"]))
-    if rob["interp"]:
-        print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head averaged), "
-                         "test accuracy in %", rob["interp"], "task", probe, "linear probe", lambda r: 100 * r["acc"]))
-    else:
-        print("seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
-
-
 def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     """The job's figure: test accuracy per task (the probe, then each method's mean over seeds with
     one standard deviation as error bars when there are several), and under it each task's training
@@ -736,24 +710,22 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     seeds = sorted({r["seed"] for r in runs})
     rows = tasks + ["mean"] if len(tasks) > 1 else tasks
 
-    def per_seed(method, row):  # [accuracy in % of each seed]; for "mean" a seed's mean over the tasks
-        return [100 * statistics.fmean(r["acc"] for r in runs if r["method"] == method and r["seed"] == s
+    def per_seed(name, row):  # [accuracy in % per seed (probe: one value)]; "mean": a seed's mean over tasks
+        if name == "linear probe":
+            return [100 * statistics.fmean(a for task, a in results["probe"].items() if row in ("mean", task))]
+        return [100 * statistics.fmean(r["acc"] for r in runs if r["method"] == name and r["seed"] == s
                                        and row in ("mean", r["task"])) for s in seeds]
 
-    probe = [100 * statistics.fmean(results["probe"].values()) if row == "mean" else 100 * results["probe"][row]
-             for row in rows]
-    acc, err = {"linear probe": probe}, {"linear probe": [0.0] * len(rows)}
-    for m in methods:
-        v = [per_seed(m, row) for row in rows]
-        acc[m] = [statistics.fmean(x) for x in v]
-        err[m] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
-    curves = {}
-    for task in tasks:
-        curves[task] = {}
-        for m in methods:
-            hs = [r["history"] for r in runs if r["task"] == task and r["method"] == m]
-            curves[task][m] = ([e["step"] for e in hs[0]], [statistics.fmean(h[i]["loss"] for h in hs)
-                                                            for i in range(len(hs[0]))])
+    def mean_curve(task, method):  # (logged steps, training loss at each, mean over seeds)
+        hs = [r["history"] for r in runs if r["task"] == task and r["method"] == method]
+        return [e["step"] for e in hs[0]], [statistics.fmean(e["loss"] for e in step) for step in zip(*hs)]
+
+    acc, err = {}, {}
+    for name in ["linear probe", *methods]:
+        v = [per_seed(name, row) for row in rows]
+        acc[name] = [statistics.fmean(x) for x in v]
+        err[name] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
+    curves = {task: {m: mean_curve(task, m) for m in methods} for task in tasks}
     with_coto = any(m.endswith("coto") for m in methods)
     p = (list(range(cfg.steps + 1)), [coto_prob(t, cfg.steps, cfg.p0, cfg.stage1_ratio, cfg.shape)
                                       for t in range(cfg.steps + 1)]) if with_coto else ([], [])
@@ -798,6 +770,7 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"rows": rows, "acc": acc, "err": err, "curves": curves, "p": p}
+
 
 if __name__ == "__main__":
     run_script(main, Config, __doc__, __file__)
