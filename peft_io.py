@@ -80,9 +80,9 @@ def load_peft_adapter(model: nn.Module, folder) -> list:
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key} (a different r or alpha per module) is not supported")
     raw = read_safetensors(st_path)
-    if not all(k.startswith(PREFIX) for k in raw):
-        bad = next(k for k in raw if not k.startswith(PREFIX))
-        raise ValueError(f"{st_path}: key {bad!r} lacks the {PREFIX!r} prefix PEFT expects "
+    bad = [k for k in raw if not k.startswith(PREFIX)]
+    if bad:
+        raise ValueError(f"{st_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix PEFT expects "
                          f"(PEFT itself would silently keep the base model)")
     names = inject_lora(model, targets, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
                         "dora" if cfg.get("use_dora") else "lora", cfg.get("use_rslora", False))

@@ -69,15 +69,12 @@ class ToyNet(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.embed = nn.Linear(cfg.d_in, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.hidden) for _ in range(cfg.n_blocks))
+        self.blocks = nn.Sequential(*(Block(cfg.dim, cfg.hidden) for _ in range(cfg.n_blocks)))
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.n_classes)
 
     def forward(self, x):  # (B, d_in) -> (B, n_classes)
-        h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h))
+        return self.head(self.norm(self.blocks(self.embed(x))))
 
 
 def make_tasks(cfg: Config) -> dict:
@@ -89,12 +86,9 @@ def make_tasks(cfg: Config) -> dict:
     S = torch.randn(cfg.d_in, cfg.d_in, generator=g) / math.sqrt(cfg.d_in)
     R = torch.linalg.matrix_exp(cfg.rotation * (S - S.T))  # (d_in, d_in), orthogonal
 
-    def teacher(x):
-        return (torch.tanh(x @ T1) @ T2).argmax(-1)
-
     def split(n, rotate):
         x = torch.randn(n, cfg.d_in, generator=g)
-        return x, teacher(x @ R if rotate else x)
+        return x, (torch.tanh((x @ R if rotate else x) @ T1) @ T2).argmax(-1)  # the teacher's labels
 
     return {"source": (split(cfg.n_train, False), split(cfg.n_test, False)),
             "target": (split(cfg.n_train, True), split(cfg.n_test, True))}
@@ -110,11 +104,11 @@ def accuracy(model: nn.Module, x, y) -> float:
     return acc
 
 
-def train(model, params, data, total_steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
-    """AdamW with a cosine LR; CoTo (if given) draws its mask before every optimizer step.
-    Stops at the first non-finite loss or gradient. Returns per-step records {loss, p, active}."""
+def train(model, data, total_steps, lr, batch_size, seed, coto=None, log_every=0, name=""):
+    """AdamW on the trainable parameters with a cosine LR; CoTo (if given) draws its mask before every
+    optimizer step. Stops at the first non-finite loss or gradient. Returns per-step {loss, p, active}."""
     (x, y), (x_test, y_test) = data
-    params = list(params)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)  # data order: identical with and without CoTo, on any device
     log, history = TrainLog(name, total_steps, log_every), []
@@ -142,15 +136,14 @@ def train(model, params, data, total_steps, lr, batch_size, seed, coto=None, log
 def pretrain(cfg: Config, tasks: dict) -> dict:
     torch.manual_seed(cfg.pretrain_seed)
     model = ToyNet(cfg).to(tasks["source"][0][0].device)
-    train(model, model.parameters(), tasks["source"], cfg.pretrain_steps, cfg.pretrain_lr,
-          cfg.batch_size, seed=cfg.pretrain_seed, log_every=cfg.log_every * 4, name="pretrain")
+    train(model, tasks["source"], cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, seed=cfg.pretrain_seed,
+          log_every=cfg.log_every * 4, name="pretrain")
     return model.state_dict()
 
 
 def finetune(cfg: Config, backbone: dict, tasks: dict, seed: int, use_coto: bool):
-    """LoRA on every block's fc1 / fc2 of a frozen pretrained ToyNet (head frozen too: the
-    classes are the same), on the device the task's tensors are on. Returns the model (in eval
-    mode) and its training history."""
+    """LoRA on every block's fc1 / fc2 of a frozen pretrained ToyNet (head frozen too: the classes are
+    the same), on the device of the task's tensors. Returns the model in eval mode and its history."""
     model = ToyNet(cfg)
     model.load_state_dict(backbone)
     torch.manual_seed(seed)  # lora_A's initialisation
@@ -158,10 +151,8 @@ def finetune(cfg: Config, backbone: dict, tasks: dict, seed: int, use_coto: bool
     mark_only_lora_as_trainable(model)
     model.to(tasks["target"][0][0].device)
     coto = CoTo(block_groups(model), cfg.steps, cfg.p0, cfg.stage1_ratio, seed=seed) if use_coto else None
-    params = [p for p in model.parameters() if p.requires_grad]
     name = f"{method_name('lora', use_coto)} s{seed}"
-    history = train(model, params, tasks["target"], cfg.steps, cfg.lr, cfg.batch_size, seed, coto,
-                    cfg.log_every, name)
+    history = train(model, tasks["target"], cfg.steps, cfg.lr, cfg.batch_size, seed, coto, cfg.log_every, name)
     return model.eval(), history  # eval mode: every adapter runs from here
 
 
@@ -175,8 +166,7 @@ def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
     load_lora_state_dict(models[0], avg)
     averaged_acc = accuracy(models[0], x, y)
     load_lora_state_dict(models[0], states[0])
-    groups = block_groups(models[0])
-    keep_even = [i % 2 == 0 for i in range(len(groups))]
+    keep_even = [i % 2 == 0 for i in range(cfg.n_blocks)]  # one CoTo group per block
     pruned = []
     for m in models:
         with active_mask(block_groups(m), keep_even):
@@ -186,11 +176,9 @@ def evaluate_method(cfg: Config, models: list, tasks: dict) -> dict:
 
 
 def plot(cfg: Config, results: dict, histories: dict, path: Path) -> dict:
-    """The headline beside the training: downstream accuracy of LoRA and CoTo fine-tuned, with the
-    first two seeds' adapters averaged at lambda = 0.5, and with every other block's adapters removed
-    (bars: mean over seeds, dots: each seed), the frozen backbone as a line; the first seed's training
-    loss (moving average over 15 steps); its fraction of active blocks with p(t). Returns what it
-    draws: {"bars": {method: [%]}, "dots": {method: [[%]]}, "base": %, "loss": {method: [...]}, "p": [...]}."""
+    """The accuracies main() prints (bars: mean over seeds, dots: each seed; the frozen backbone a line),
+    the first seed's training loss and its fraction of active blocks with p(t). Returns what it draws:
+    {"bars": {method: [%]}, "dots": {method: [[%]]}, "base": %, "loss": {method: [...]}, "p": [...]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,35 +196,33 @@ def plot(cfg: Config, results: dict, histories: dict, path: Path) -> dict:
     p = [h["p"] for h in histories["coto"]]
     steps = range(1, cfg.steps + 1)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    ax = axes[0]
+    fig, (ax, ax_loss, ax_p) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1, 1]})
     for j, m in enumerate(("lora", "coto")):
         x = [i + (j - 0.5) * 0.38 for i in range(len(groups))]
         drawn = ax.bar(x, bars[m], 0.38, color=f"C{j}", label=f"{m} (mean of {cfg.seeds} seeds)")
         ax.bar_label(drawn, fmt="%.1f", fontsize=8, padding=2)
         for xi, d in zip(x, dots[m]):
             ax.plot([xi] * len(d), d, "k.", ms=4, label="each seed" if j == 0 and xi == x[0] else None)
+        ax_loss.plot(steps, loss[m], color=f"C{j}", label=m)
     ax.axhline(base, color="0.4", ls="--", lw=1, label=f"frozen backbone ({base:.1f})")
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set(ylim=(0, 118), yticks=range(0, 101, 20), ylabel="downstream test accuracy (%)",  # legend above 100
            title=f"toy task: LoRA vs CoTo (seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1})")
     ax.legend(loc="upper right", fontsize=7, ncol=2, frameon=False)
-    for j, m in enumerate(("lora", "coto")):
-        axes[1].plot(steps, loss[m], color=f"C{j}", label=m)
-    axes[1].set(title=f"training loss under the step's mask (seed {cfg.seed}, smoothed)", xlabel="step",
+    ax_loss.set(title=f"training loss under the step's mask (seed {cfg.seed}, smoothed)", xlabel="step",
                 ylabel="train loss (log scale)", yscale="log")
-    low, high = axes[1].get_ylim()
-    axes[1].set_yticks([v for v in (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if low <= v <= high])
-    axes[1].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.3, not 3 x 10^-1
-    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[1].legend()
+    low, high = ax_loss.get_ylim()
+    ax_loss.set_yticks([v for v in (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10) if low <= v <= high])
+    ax_loss.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.3, not 3 x 10^-1
+    ax_loss.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_loss.legend()
     active = [h["active"] for h in histories["coto"]]
-    axes[2].plot(steps, active, ".", ms=2, alpha=0.3, color="C1", label="active blocks, per step")
-    axes[2].plot(steps, smooth(active), color="C1", label="active blocks, moving average")
-    axes[2].plot(steps, p, "k--", label=f"p(t), p0={cfg.p0}, stage1_ratio={cfg.stage1_ratio}")
-    axes[2].set(title=f"CoTo: fraction of the {cfg.n_blocks} blocks active (seed {cfg.seed})", xlabel="step",
-                ylim=(-0.02, 1.25))
-    axes[2].legend(loc="upper left", fontsize=7, frameon=False)
+    ax_p.plot(steps, active, ".", ms=2, alpha=0.3, color="C1", label="active blocks, per step")
+    ax_p.plot(steps, smooth(active), color="C1", label="active blocks, moving average")
+    ax_p.plot(steps, p, "k--", label=f"p(t), p0={cfg.p0}, stage1_ratio={cfg.stage1_ratio}")
+    ax_p.set(title=f"CoTo: fraction of the {cfg.n_blocks} blocks active (seed {cfg.seed})", xlabel="step",
+             ylim=(-0.02, 1.25))
+    ax_p.legend(loc="upper left", fontsize=7, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

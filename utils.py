@@ -51,13 +51,12 @@ def parse_config(cls, argv=None, description: str = ""):
         help = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         help += " (default: %(default)r)" if isinstance(default, str) else ""
         if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
+            options = {"action": argparse.BooleanOptionalAction}
         elif isinstance(default, tuple):
-            kind = type(default[0]) if default else str
-            parser.add_argument(flag, nargs="*", type=kind, default=default, help=help)
+            options = {"nargs": "*", "type": type(default[0]) if default else str}
         else:
-            kind = f.type if isinstance(f.type, type) else type(default)
-            parser.add_argument(flag, type=kind, default=default, help=help)
+            options = {"type": f.type if isinstance(f.type, type) else type(default)}
+        parser.add_argument(flag, default=default, help=help, **options)
     args = vars(parser.parse_args(argv))
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
@@ -84,19 +83,16 @@ def _field_comments(cls) -> dict:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    by_row, spans, line = {}, {}, []  # comment per source row; (first, last) row of each field
+    names, comments, line = {f.name for f in dataclasses.fields(cls)}, {}, []  # line: the statement's tokens
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            by_row[tok.start[0]] = tok.string.lstrip("#").strip()
-        elif tok.type == tokenize.NEWLINE:  # the end of a statement: `name: type = default`?
+        if tok.type == tokenize.NEWLINE:  # the end of a statement: `name: type = default  # comment`?
             if len(line) > 1 and line[0].string in names and line[1].string == ":":
-                spans.setdefault(line[0].string, (line[0].start[0], tok.start[0]))
+                text = " ".join(t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT)
+                comments.setdefault(line[0].string, text)
             line = []
         elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
-            line.append(tok)
-    comments = {name: " ".join(by_row[row] for row in range(first, last + 1) if row in by_row)
-                for name, (first, last) in spans.items()}
+            if line or tok.type != tokenize.COMMENT:  # a comment on a line of its own belongs to no field
+                line.append(tok)
     return {name: text for name, text in comments.items() if text}
 
 
@@ -106,7 +102,7 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -125,17 +121,13 @@ def _atomic_write(path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        umask = os.umask(0)  # the only portable way to read the umask is to set it
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def atomic_save(obj, path) -> None:
@@ -150,32 +142,22 @@ def atomic_write_text(path, text: str) -> None:
 
 def save_checkpoint(path, model, opt, step: int, data_state, coto=None, *, config: dict,
                     extra: dict | None = None) -> None:
-    """Everything a resumed run needs to continue exactly where it stopped, written atomically: the
-    trainable weights, AdamW's moments, the step (the LR schedule and CoTo's p are functions of it),
-    the data order's state, CoTo's generator, the RNG states, the run's `config` (a JSON-able dict of
-    every field that affects the result; load_checkpoint refuses another) and the trainer's `extra`
-    state (history, timings: JSON-able values and tensors)."""
+    """Everything a resumed run needs to continue exactly where it stopped (the LR schedule and CoTo's p
+    are functions of the step), written atomically. `config`: a JSON-able dict of every field that affects
+    the result (load_checkpoint refuses another); `extra`: the trainer's state (history, timings)."""
     atomic_save({"step": step,
                  "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                  "optimizer": opt.state_dict(), "data": data_state,
                  "coto": coto.state_dict() if coto is not None else None,
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                 "config": _jsonable(config), "extra": extra if extra is not None else {}},
+                 "config": json.loads(json.dumps(config)), "extra": extra if extra is not None else {}},
                 path)
-
-
-_CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "data", "coto", "rng", "config", "extra"}
-
-
-def _jsonable(config: dict) -> dict:
-    """config as JSON sees it (tuples become lists), so a saved and a rebuilt config compare equal."""
-    return json.loads(json.dumps(config))
 
 
 def config_diff(saved: dict, now: dict, then: str = "then") -> list:
     """"field: value then, value now" for every field in which two configurations differ."""
-    saved, now = _jsonable(saved), _jsonable(now)
+    saved, now = json.loads(json.dumps([saved, now]))  # as JSON sees them (tuples become lists): comparable
     return [f"{k}: {saved.get(k, '(absent)')!r} {then}, {now.get(k, '(absent)')!r} now"
             for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
 
@@ -186,7 +168,8 @@ def load_checkpoint(path, model, opt, coto=None, *, config: dict):
     what to do, raised before the model is touched."""
     fix = f"delete {path} (or run without --resume) to start this run afresh"
     ck = _torch_load(path, fix)
-    if not isinstance(ck, dict) or set(ck) != _CHECKPOINT_KEYS or not isinstance(ck["config"], dict):
+    keys = {"step", "trainable", "optimizer", "data", "coto", "rng", "config", "extra"}  # what save_checkpoint writes
+    if not isinstance(ck, dict) or set(ck) != keys or not isinstance(ck["config"], dict):
         raise ValueError(f"{path} is not a checkpoint written by save_checkpoint; {fix}")
     diff = config_diff(ck["config"], config, then="in the checkpoint")
     if diff:
@@ -264,8 +247,7 @@ def write_safetensors(tensors: dict, path, metadata: dict | None = None) -> None
     head += b" " * (-len(head) % 8)  # the format pads the header to a multiple of 8 bytes
 
     def write(f):
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
+        f.write(struct.pack("<Q", len(head)) + head)
         for raw in chunks:
             f.write(raw.numpy())  # the tensor's own memory: no second copy of the weights
 
@@ -366,10 +348,9 @@ def load_weights(path) -> dict:
         return read_safetensors(path)
     if path.suffix in (".pt", ".pth", ".bin"):
         state = _torch_load(path, "download or convert it again (a .safetensors file is the safe choice)")
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
+        for key in ("state_dict", "model"):  # the usual nestings of training checkpoints
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
         return state
     raise ValueError(f"cannot read {path}: expected a .safetensors, .pt, .pth or .bin file")
 
@@ -402,7 +383,7 @@ def check_finite(loss: torch.Tensor, params, step: int, lr: float, name: str) ->
     inf gradient), before opt.step(); under DDP every rank sees any rank's NaN, and all stop."""
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     health = torch.stack([loss.detach().float(), grad_norm.float()])  # (2,): one sync (one all_reduce) for both
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    _, world = rank_world()
     if world > 1:
         dist.all_reduce(health)
     loss_value, norm = (v / world for v in health.tolist())
