@@ -21,40 +21,35 @@ from contextlib import contextmanager
 
 import torch
 
-SHAPES = ("linear", "exp", "sine", "constant")
+RAMPS = {  # progress u in [0, 1) through stage 1 -> fraction of the way from p0 to 1
+    "linear": lambda u: u,
+    "exp": lambda u: math.expm1(5.0 * u) / math.expm1(5.0),  # starts slower
+    "sine": lambda u: math.sin(0.5 * math.pi * u),  # starts faster
+    "constant": lambda u: 0.0,  # p0 through stage 1
+}
+SHAPES = tuple(RAMPS)
 
 
 def coto_prob(step: int, total_steps: int, p0: float = 0.0, stage1_ratio: float = 0.75,
               shape: str = "linear") -> float:
     """Activation probability at optimizer step `step` (method.md section 2):
-    linear: p(t) = min(p0 + (1 - p0) * t / ceil(stage1_ratio * T), 1). "exp" starts slower,
-    "sine" faster; all three reach exactly 1 at step ceil(stage1_ratio * T) and stay there.
-    "constant" keeps p = p0 through stage 1: with stage1_ratio = 1 it is the constant-rate layer
-    drop baseline ("stochastic depth for LoRA", method.md section 4)."""
+    linear: p(t) = min(p0 + (1 - p0) * t / ceil(stage1_ratio * T), 1); every shape reaches exactly
+    1 at step ceil(stage1_ratio * T) and stays there. "constant" with stage1_ratio = 1 is the
+    constant-rate layer drop baseline ("stochastic depth for LoRA", method.md section 4)."""
     if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r} must be a positive integer")
-    for name, value in (("p0", p0), ("stage1_ratio", stage1_ratio)):
+    for name, value, rule in (("p0", p0, "is a probability: it must be in [0, 1]"),
+                              ("stage1_ratio", stage1_ratio, "must be in [0, 1] (0 = plain LoRA)")):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}")
-    if not 0.0 <= p0 <= 1.0:
-        raise ValueError(f"p0={p0} is a probability: it must be in [0, 1]")
-    if not 0.0 <= stage1_ratio <= 1.0:
-        raise ValueError(f"stage1_ratio={stage1_ratio} must be in [0, 1] (0 = plain LoRA)")
-    if shape not in SHAPES:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} {rule}")
+    if shape not in RAMPS:
         raise ValueError(f"unknown shape {shape!r}: choose one of {', '.join(SHAPES)}")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"step={step!r} must be an integer >= 0 (the optimizer step)")
     ramp = math.ceil(stage1_ratio * total_steps)
-    if step >= ramp:
-        return 1.0
-    u = step / ramp  # progress through stage 1, in [0, 1)
-    if shape == "exp":
-        u = math.expm1(5.0 * u) / math.expm1(5.0)
-    elif shape == "sine":
-        u = math.sin(0.5 * math.pi * u)
-    elif shape == "constant":
-        u = 0.0
-    return p0 + (1.0 - p0) * u
+    return 1.0 if step >= ramp else p0 + (1.0 - p0) * RAMPS[shape](step / ramp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,19 +188,17 @@ class CoTo:
     """Draws CoTo's per-block mask before every optimizer step; the mask acts on every forward
     pass in training mode until the next draw, and on none in eval mode.
 
-    Each layer gets two hooks: before its forward, in training mode, a layer of a masked group is
-    switched off; after it, the switch goes back to what it was (after a forward that raised: at
-    the layer's next forward pass or explicit switch). So explicit switches (set_active,
-    active_mask) are never overwritten, and `model.eval()` runs every adapter a user has not
-    switched off; `remove()` takes the hooks off. The hooks read plain bools on the layer
-    (`training`, `coto_on`: its group's draw, `coto_bypassed`), so a compiled block guards on their
-    values, as it does on `active`, and all blocks share one compiled graph per combination.
+    Two hooks on each layer switch a layer of a masked group off for its training-mode forward pass
+    and back on after it (after a forward that raised: at its next forward pass or explicit switch),
+    so explicit switches (set_active, active_mask) are never overwritten; `remove()` takes the hooks
+    off. The hooks read plain bools on the layer (`training`, `coto_on`: its group's draw,
+    `coto_bypassed`), so a compiled block guards on their values, as it does on `active`, and all
+    blocks share one compiled graph per combination.
 
     The draw uses its own seeded torch.Generator, so turning CoTo on changes neither the data
     order nor the initialisation against plain LoRA, and every DDP rank draws the same mask.
-    If no group is drawn, one group chosen uniformly at random is switched on (no rejection loop:
-    with p0 = 0 that could spin for a very long time). A group may be empty (it is drawn, and
-    switches nothing)."""
+    If no group is drawn, one chosen uniformly at random is switched on (a rejection loop could spin
+    for a very long time with p0 = 0). An empty group is drawn and switches nothing."""
 
     def __init__(self, groups: dict, total_steps: int, p0: float = 0.0, stage1_ratio: float = 0.75,
                  shape: str = "linear", seed: int = 0):
@@ -215,20 +208,19 @@ class CoTo:
         coto_prob(0, total_steps, p0, stage1_ratio, shape)  # validates the arguments
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed={seed!r} must be an integer")
-        if any(hasattr(layer, "coto_on") for group in groups.values() for layer in group):
+        self.groups, self.layers = groups, [layer for group in groups.values() for layer in group]
+        if any(hasattr(layer, "coto_on") for layer in self.layers):
             raise ValueError("these adapter layers are already driven by another CoTo: call its remove() "
                              "first (one CoTo per model)")
-        self.groups, self.names = groups, list(groups)
         self.total_steps, self.p0, self.stage1_ratio, self.shape = total_steps, p0, stage1_ratio, shape
         self.generator = torch.Generator().manual_seed(seed)
         self.p = 1.0
         self.mask = torch.ones(len(groups), dtype=torch.bool)
         self._handles = []
-        for group in groups.values():
-            for layer in group:
-                layer.coto_on, layer.coto_bypassed = None, False  # None: not stepped yet
-                self._handles += [layer.register_forward_pre_hook(_bypass),
-                                  layer.register_forward_hook(_restore)]
+        for layer in self.layers:
+            layer.coto_on, layer.coto_bypassed = None, False  # None: not stepped yet
+            self._handles += [layer.register_forward_pre_hook(_bypass),
+                              layer.register_forward_hook(_restore)]
 
     def _apply(self, mask: torch.Tensor) -> None:
         self.mask = mask
@@ -243,16 +235,15 @@ class CoTo:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for group in self.groups.values():
-            for layer in group:
-                _restore(layer, None, None)  # a forward that raised may have left it off
-                del layer.coto_on, layer.coto_bypassed
+        for layer in self.layers:
+            _restore(layer, None, None)  # a forward that raised may have left it off
+            del layer.coto_on, layer.coto_bypassed
 
     def step(self, step: int) -> torch.Tensor:
         """Draw the mask for optimizer step `step`: (n_groups,) bool, True = the group's adapters
         train. It applies to every training-mode forward pass until the next step()."""
         self.p = coto_prob(step, self.total_steps, self.p0, self.stage1_ratio, self.shape)
-        n = len(self.names)
+        n = len(self.groups)
         mask = torch.rand(n, generator=self.generator) < self.p  # rand is in [0, 1): p = 1 keeps all
         if not mask.any():
             mask[torch.randint(n, (1,), generator=self.generator)] = True
@@ -261,7 +252,7 @@ class CoTo:
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "p": self.p, "mask": self.mask.clone(),
-                "names": self.names, "total_steps": self.total_steps, "p0": self.p0,
+                "names": list(self.groups), "total_steps": self.total_steps, "p0": self.p0,
                 "stage1_ratio": self.stage1_ratio, "shape": self.shape}
 
     def load_state_dict(self, state: dict) -> None:
@@ -285,14 +276,12 @@ class CoTo:
 class CoToCallback:
     """CoTo in transformers' Trainer: `Trainer(..., callbacks=[CoToCallback(block_groups(model))])`.
 
-    At the start of training it builds the CoTo for the Trainer's number of optimizer steps
-    (`state.max_steps`); at the start of every optimizer step it draws the mask (on_step_begin runs
-    once per optimizer step, so all gradient-accumulation micro-batches share one draw); at the end
-    of training it takes CoTo off, so every adapter runs afterwards. Evaluation runs in eval mode:
-    every adapter on. Resuming from a checkpoint replays the draws made before it, so the masks
-    equal an uninterrupted run's. Duck-typed (coto.py imports no transformers): the Trainer calls
-    on_<event>(args, state, control, **kwargs) for every event; the events CoTo does not need are
-    no-ops."""
+    on_train_begin builds the CoTo for `state.max_steps` optimizer steps (resuming, it replays the
+    draws made before the checkpoint, so the masks equal an uninterrupted run's); on_step_begin runs
+    once per optimizer step and draws the mask, so all gradient-accumulation micro-batches share it;
+    on_train_end takes CoTo off, so every adapter runs afterwards. Evaluation runs in eval mode: every
+    adapter on. Duck-typed (coto.py imports no transformers): every other Trainer event
+    on_<event>(args, state, control, **kwargs) is a no-op."""
 
     def __init__(self, groups: dict, p0: float = 0.0, stage1_ratio: float = 0.75, shape: str = "linear",
                  seed: int = 0):

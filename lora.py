@@ -29,10 +29,6 @@ and computes no LoRA term, so its LoRA parameters get no gradient (grad stays No
 neither moves nor decays them. Merging is explicit (`merge()` / `unmerge()`), never hidden in
 train() / eval(); unmerge() recomputes W from the adapter (as PEFT does), and the merged flag is
 part of the state dict. A merged layer cannot be bypassed or trained: unmerge it first.
-
-Forward and backward are written out by hand (LoRAFunction, HiRAFunction): the few lines of
-matrix calculus below, with no gradient for the frozen W. The same formulas as plain autograd
-code are in tests/test_lora_backward.py, which checks one against the other.
 """
 import math
 import numbers
@@ -72,10 +68,10 @@ def check_lora_args(base: nn.Module, r, alpha, dropout, variant, rslora) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward and backward written out. Autograd derives the same gradients from the formulas in
-# the docstring above (tests/test_lora_backward.py checks it, in float64); by hand, backward skips
-# the frozen W's gradient, the low-rank term is added into the base matmul's output instead of a
-# separate (T, out) sum, and only what backward needs is saved. For LoRA, with s = scaling:
+# Forward and backward written out by hand (LoRAFunction, HiRAFunction); tests/test_lora_backward.py
+# checks them in float64 against autograd on the formulas above, written as plain code. By hand,
+# backward skips the frozen W's gradient, the low-rank term is added into the base matmul's output
+# instead of a separate (T, out) sum, and only what backward needs is saved. With s = scaling, LoRA:
 #     dX = dY W + s (dY B) A,    dA = s (dY B)^T X,    dB = s dY^T (X A^T)
 # Shapes: T tokens (all leading dims flattened), x (T, in), W (out, in), A (r, in), B (out, r).
 
@@ -89,8 +85,7 @@ def _check_frozen(ctx) -> None:
 
 class LoRAFunction(torch.autograd.Function):
     """y = g * (x W^T + s xd A^T B^T) + b; xd = dropout(x) (None without dropout: x), g = DoRA's
-    m / ||V|| (out,), or None for LoRA (g = 1). ||V|| comes in detached, so g's gradient goes to
-    m alone.
+    m / ||V|| (out,) with ||V|| detached, so that g's gradient goes to m alone; None for LoRA (g = 1).
 
     Without dropout and with at least in * out / (in + out) tokens, forward builds W + s B A and
     x meets one (out, in) matrix: fewer FLOPs than the two thin products, and no pass over the
@@ -120,24 +115,20 @@ class LoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # dy: (T, out)
         xd, W, A, B, u, g, h = ctx.saved_tensors
-        need = ctx.needs_input_grad  # x, xd, W, b, A, B, s, g
-        dx = dxd = db = dA = dB = dg = None
+        need = ctx.needs_input_grad  # x, xd, W, b, A, B, s, g (g and h are None for LoRA)
+        dg = (dy * h).sum(0) if need[7] else None  # (out,)
         if g is not None:  # the rest is LoRA's backward for dy * g, with g moved onto W and B:
-            dg = (dy * h).sum(0) if need[7] else None  # (out,)
             W, B = g[:, None] * W, g[:, None] * B  # scaling (out, in) costs less than (T, out)
         v = (B.T @ dy.T).mul_(ctx.s)  # (r, T) = s (dy B)^T
-        if ctx.same:
-            dx = (dy @ W).addmm_(v.T, A) if need[0] else None  # dX = dy W + s (dy B) A
-        else:  # dropout: the low-rank term's input is xd, autograd takes it through the mask
-            dx = dy @ W if need[0] else None
-            dxd = v.T @ A if need[1] else None
-        if need[3]:
-            db = dy.sum(0)
-        if need[4]:
-            dA = v @ xd  # (r, in) = s (dy B)^T xd
-        if need[5]:
-            dB = (u @ dy).T  # (out, r) = s dy^T (xd A^T)
-            dB = dB if g is None else dB * g[:, None]
+        dx = dy @ W if need[0] else None
+        if need[0] and ctx.same:
+            dx.addmm_(v.T, A)  # dX = dy W + s (dy B) A
+        dxd = v.T @ A if need[1] else None  # with dropout that term is xd's, taken through the mask
+        db = dy.sum(0) if need[3] else None
+        dA = v @ xd if need[4] else None  # (r, in) = s (dy B)^T xd
+        dB = (u @ dy).T if need[5] else None  # (out, r) = s dy^T (xd A^T)
+        if need[5] and g is not None:
+            dB = dB * g[:, None]
         return dx, dxd, None, db, dA, dB, None, dg
 
 
@@ -162,29 +153,13 @@ class HiRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xd, W, A, B, D = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, xd, W, b, A, B, s
-        dx = dxd = db = dA = dB = None
-        if ctx.same:
-            dx = dy @ D if need[0] else None  # D holds W + D here
-        else:
-            dx = dy @ W if need[0] else None
-            dxd = dy @ D if need[1] else None
-        if need[3]:
-            db = dy.sum(0)
-        if need[4] or need[5]:
-            dBA = (dy.T @ xd).mul_(W).mul_(ctx.s)  # (out, in) = s W * (dy^T xd)
-            dA = B.T @ dBA if need[4] else None  # (r, in)
-            dB = dBA @ A.T if need[5] else None  # (out, r)
+        dx = dy @ (D if ctx.same else W) if need[0] else None  # without dropout D holds W + D
+        dxd = dy @ D if need[1] else None
+        db = dy.sum(0) if need[3] else None
+        dBA = (dy.T @ xd).mul_(W).mul_(ctx.s) if need[4] or need[5] else None  # (out, in) = s W * (dy^T xd)
+        dA = B.T @ dBA if need[4] else None  # (r, in)
+        dB = dBA @ A.T if need[5] else None  # (out, r)
         return dx, dxd, None, db, dA, dB, None
-
-
-def _autocast_dtype(*tensors):
-    """The tensors in autocast's dtype while autocast is on (bf16 training), as F.linear would cast
-    them; else as they are. The Functions run every product in the dtype they are given."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
 class LoRALinear(nn.Module):
@@ -194,28 +169,22 @@ class LoRALinear(nn.Module):
                  variant: str = "lora", rslora: bool = False):
         super().__init__()
         check_lora_args(base, r, alpha, dropout, variant, rslora)
-        out_features, in_features = base.weight.shape
         self.base = base.requires_grad_(False)
-        self.in_features, self.out_features = in_features, out_features
+        self.out_features, self.in_features = base.weight.shape
         self.r, self.alpha, self.variant = r, alpha, variant
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: arXiv 2312.03732
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and loralib
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         if variant == "dora":
             self.lora_magnitude = nn.Parameter(base.weight.detach().norm(dim=1))  # (out,)
             # ||W + scaling B A|| per row as merge() divided by it: m V / ||V|| cannot give it back,
             # and unmerge() needs it. (out,); read only while merged.
-            self.register_buffer("lora_merged_norm", torch.zeros(out_features, **factory))
+            self.register_buffer("lora_merged_norm", torch.zeros(self.out_features, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = True  # False: bypassed, exactly base(x)
         self.merged = False  # saved in the state dict (get_extra_state), so a load restores it
-
-    def _update(self, W: torch.Tensor) -> torch.Tensor:
-        """scaling * B A, or for HiRA its Hadamard product with W: (out, in)."""
-        BA = self.lora_B @ self.lora_A
-        return self.scaling * (W * BA if self.variant == "hira" else BA)
 
     def _dora_norm(self, W: torch.Tensor) -> torch.Tensor:
         """||W + scaling B A|| per output row, (out,), clamped away from 0. A constant in backward
@@ -226,9 +195,13 @@ class LoRALinear(nn.Module):
 
     def _effective_weight(self, W: torch.Tensor) -> torch.Tensor:
         """W + delta W for the unmerged weight W: (out, in)."""
-        if self.variant == "dora":
-            return (self.lora_magnitude / self._dora_norm(W))[:, None] * (W + self._update(W))
-        return W + self._update(W)
+        BA = self.lora_B @ self.lora_A
+        if self.variant == "hira":
+            return W + self.scaling * (W * BA)
+        V = W + self.scaling * BA
+        if self.variant == "dora":  # m V / ||V||, row by row
+            return (self.lora_magnitude / self._dora_norm(W))[:, None] * V
+        return V
 
     @torch.no_grad()
     def _unmerged_weight(self) -> torch.Tensor:
@@ -289,9 +262,20 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.active:
-            return self._base_only(x)
-        x2, W, b, A, B = _autocast_dtype(x.reshape(-1, self.in_features), self.base.weight,
-                                         self.base.bias, self.lora_A, self.lora_B)  # x2: (T, in)
+            # a merged W already holds the adapter, and its A and B are not in the graph
+            if self.merged and (not self.active or (self.training and torch.is_grad_enabled()
+                                                    and self.lora_A.requires_grad)):
+                doing = "bypassed (active=False)" if not self.active else "trained (train mode, grad enabled)"
+                raise RuntimeError(f"this LoRA layer is merged into its weight, so it cannot be {doing}: "
+                                   f"call unmerge() (or unmerge_lora(model)) first; to run the merged model "
+                                   f"for inference, use model.eval() or torch.no_grad()")
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)  # (T, in)
+        W, b, A, B = self.base.weight, self.base.bias, self.lora_A, self.lora_B
+        # under autocast (bf16 training) cast as F.linear would: the Functions run in the dtype given
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x2, W, b, A, B = (t if t is None else t.to(dtype) for t in (x2, W, b, A, B))
         xd = self.lora_dropout(x2)
         # no dropout (or eval mode): pass None, not x2 twice (torch.compile cannot trace a Function
         # given one tensor twice); the Functions then fuse more
@@ -304,17 +288,6 @@ class LoRALinear(nn.Module):
         else:
             y = HiRAFunction.apply(x2, xd, W, b, A, B, self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _base_only(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x), for a bypassed or a merged layer; a merged layer cannot be bypassed or trained:
-        its W already holds the adapter, and its A and B are not in the graph."""
-        if self.merged and (not self.active or (self.training and torch.is_grad_enabled()
-                                                and self.lora_A.requires_grad)):
-            doing = "bypassed (active=False)" if not self.active else "trained (train mode, grad enabled)"
-            raise RuntimeError(f"this LoRA layer is merged into its weight, so it cannot be {doing}: "
-                               f"call unmerge() (or unmerge_lora(model)) first; to run the merged model "
-                               f"for inference, use model.eval() or torch.no_grad()")
-        return self.base(x)
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant}, r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, "
@@ -342,9 +315,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def inject_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, dropout: float = 0.0,
                 variant: str = "lora", rslora: bool = False) -> list:
     """Wrap every nn.Linear whose qualified name ends with one of `targets` (e.g. "qkv",
-    "attn.proj") in a LoRALinear, in place. Call it after loading pretrained weights. All or
-    nothing: every target and layer is checked before the first one is replaced.
-    Returns the replaced names."""
+    "attn.proj") in a LoRALinear, in place, and return the replaced names. Call it after loading
+    pretrained weights. All or nothing: every target and layer is checked before the first is replaced."""
     if isinstance(targets, str):
         targets = [targets]
     if not targets or not all(isinstance(t, str) for t in targets):
@@ -365,17 +337,18 @@ def inject_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, 
     return names
 
 
-def _lora_params(layer: LoRALinear) -> dict:
-    return dict(layer.named_parameters(recurse=False))  # lora_A, lora_B (and lora_magnitude)
+def _lora_params(model: nn.Module) -> dict:
+    """lora_A, lora_B (and lora_magnitude) of every LoRALinear, by qualified name."""
+    return {f"{name}.{pname}": p for name, layer in lora_layers(model).items()
+            for pname, p in layer.named_parameters(recurse=False)}
 
 
 def mark_only_lora_as_trainable(model: nn.Module, also: Sequence[str] = ()) -> str:
     """Freeze everything except the LoRA parameters (chosen by module type, not by name) and the
     modules named in `also` (e.g. a task head). Prints and returns the parameter count line."""
     model.requires_grad_(False)
-    for layer in lora_layers(model).values():
-        for p in _lora_params(layer).values():
-            p.requires_grad_(True)
+    for p in _lora_params(model).values():
+        p.requires_grad_(True)
     modules = dict(model.named_modules())
     for name in also:
         if name not in modules:
@@ -393,9 +366,7 @@ def mark_only_lora_as_trainable(model: nn.Module, also: Sequence[str] = ()) -> s
 
 def lora_state_dict(model: nn.Module) -> dict:
     """The LoRA parameters only, e.g. {"blocks.0.attn.qkv.lora_A": tensor, ...} (detached copies)."""
-    return {f"{name}.{pname}": p.detach().clone()
-            for name, layer in lora_layers(model).items()
-            for pname, p in _lora_params(layer).items()}
+    return {key: p.detach().clone() for key, p in _lora_params(model).items()}
 
 
 def lora_metadata(model: nn.Module) -> dict:
@@ -420,7 +391,6 @@ def load_lora_state_dict(model: nn.Module, state: dict, metadata: dict | None = 
     """Load what lora_state_dict saved; any mismatch is an error naming the key and the shapes.
     `metadata` (what lora_metadata recorded at saving) is checked field by field against this
     model's; fields it does not record are not checked."""
-    layers = lora_layers(model)
     if metadata is not None:
         own = lora_metadata(model)
         diff = [k for k in own if k in metadata and str(metadata[k]) != own[k]]
@@ -428,8 +398,7 @@ def load_lora_state_dict(model: nn.Module, state: dict, metadata: dict | None = 
             raise ValueError(f"LoRA state was saved as {', '.join(f'{k}={metadata[k]}' for k in diff)}, "
                              f"this model has {', '.join(f'{k}={own[k]}' for k in diff)}: inject_lora "
                              f"with the saved settings before loading")
-    own = {f"{name}.{pname}": p for name, layer in layers.items()
-           for pname, p in _lora_params(layer).items()}
+    own = _lora_params(model)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -441,7 +410,7 @@ def load_lora_state_dict(model: nn.Module, state: dict, metadata: dict | None = 
             raise ValueError(f"LoRA state does not fit this model: {key} has shape "
                              f"{tuple(state[key].shape)} in the state but {tuple(p.shape)} in the model "
                              f"(another r or another model size?)")
-    if any(layer.merged for layer in layers.values()):
+    if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("cannot load a LoRA state into merged layers: call unmerge_lora(model) first")
     for key, p in own.items():
         p.copy_(state[key])
