@@ -285,8 +285,7 @@ class CoToCallback:
 
     def __init__(self, groups: dict, p0: float = 0.0, stage1_ratio: float = 0.75, shape: str = "linear",
                  seed: int = 0):
-        check_groups(groups)
-        coto_prob(0, 1, p0, stage1_ratio, shape)  # validates now rather than when training starts
+        CoTo(groups, 1, p0, stage1_ratio, shape, seed).remove()  # validates now rather than when training starts
         self.groups, self.options = groups, dict(p0=p0, stage1_ratio=stage1_ratio, shape=shape, seed=seed)
         self.coto = None
 

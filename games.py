@@ -6,20 +6,15 @@ pruning (method.md section 4). This file holds the measurements as functions of 
 (any game; any model with `embed` / `blocks` / `forward_head`); it knows nothing of where runs are
 saved (reproduce.py does, and runs these reports on saved runs):
 
-    Shapley        shapley_exact(value_fn, n)                 all 2^n coalitions, n <= ~12
-                   shapley_permutation(value_fn, n, num_samples, generator)  -> (phi, stderr)
-                   shapley_multilinear(value_fn, n, num_samples, generator)  -> (phi, stderr)
-                   coalition_values(embed, blocks, forward_head, x, y)  every coalition of the
-                   blocks' adapters, shared prefixes computed once: the table shapley_exact takes
-    coalitions     with coalition(groups, members): ...       only those adapter groups on
-    adapters       with use_adapter(model, state): ...        another adapter (factors or delta W)
-                   delta_state(model, state)                  {"<layer>.delta_weight": W_eff - W}
-                   rescale_to_norm(model, state, reference)   state's delta W at reference's norm
-    connectivity   interpolate(a, b, lam), interpolate_delta(model, a, b, lam), connectivity(...)
-    combining      combine(states, weights) (fusion, averaging, task arithmetic), combine_ties(deltas)
-    pruning        block_subsets(n) + coalition (structured), keep_qkv(deltas, part),
-                   prune_magnitude(deltas, sparsity), prune_factors(state, sparsity) (unstructured)
-    reports        adapter_report, pair_report, combine_report: all of the above on held-out data
+    Shapley        shapley_exact, shapley_permutation, shapley_multilinear; coalition_values: the
+                   value of every coalition of the blocks' adapters, shared prefixes computed once
+    adapters       coalition (only some adapter groups on), use_adapter (another adapter: factors or
+                   delta W), delta_state, split_state, rescale_to_norm
+    connectivity   interpolate, interpolate_delta, barrier, connectivity
+    combining      combine (fusion, averaging, task arithmetic), combine_ties
+    pruning        block_subsets (structured), keep_qkv, prune_magnitude, prune_factors (unstructured)
+    reports        adapter_report, pair_report, combine_report (all of the above on held-out data),
+                   plot_reports
 
 ("Merging" stays what lora.merge_lora does: folding an adapter into W. Adapters of several seeds or
 tasks are *combined*.) A value function maps a frozenset of player indices to a float. A coalition
@@ -30,6 +25,7 @@ builds follows the model.
     table, _ = coalition_values(model.embed, model.blocks, model.forward_head, x, y, "acc")
     phi = shapley_exact(table, len(model.blocks))     # credit of each block's adapters
 """
+import functools
 import math
 import operator
 from contextlib import ExitStack, contextmanager
@@ -49,14 +45,12 @@ FACTORS = ("lora_A", "lora_B", "lora_magnitude")  # lora.py's parameter names
 def _integer(name: str, value, minimum: int, fix: str = "") -> int:
     """value as an int >= minimum, or a ValueError naming the argument (True, 2.5, "3" are refused)."""
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
+        ok = not isinstance(value, bool) and operator.index(value) >= minimum
     except TypeError:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{fix}") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be an integer >= {minimum}{fix}")
-    return value
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{fix}")
+    return operator.index(value)
 
 
 def _finite(name: str, value) -> float:
@@ -71,18 +65,21 @@ def _finite(name: str, value) -> float:
 
 
 def _as_value_fn(value_fn, n: int):
-    """A callable frozenset -> float from a callable or a (2^n,) coalition table; every value is
-    checked to be finite (a NaN would spread into every Shapley value without a word)."""
-    if callable(value_fn):
-        def v(S: frozenset) -> float:
-            value = float(value_fn(S))
-            if not math.isfinite(value):
-                raise ValueError(f"value_fn returned {value} for coalition {sorted(S)}: "
-                                 f"a coalition's value must be a finite number")
-            return value
-        return v
-    table = _table(value_fn, n)
-    return lambda S: float(table[sum(1 << i for i in S)])
+    """A callable frozenset -> float from a (2^n,) coalition table or from a callable, memoized (the
+    sampled estimators revisit coalitions often) and checked to be finite (a NaN would spread into
+    every Shapley value without a word)."""
+    if not callable(value_fn):
+        table = _table(value_fn, n)
+        return lambda S: float(table[sum(1 << i for i in S)])
+
+    @functools.cache
+    def v(S: frozenset) -> float:
+        value = float(value_fn(S))
+        if not math.isfinite(value):
+            raise ValueError(f"value_fn returned {value} for coalition {sorted(S)}: "
+                             f"a coalition's value must be a finite number")
+        return value
+    return v
 
 
 def _table(values, n: int) -> torch.Tensor:
@@ -97,17 +94,6 @@ def _table(values, n: int) -> torch.Tensor:
     return table
 
 
-def _memoized(value_fn):
-    """Each coalition is evaluated once (the sampled estimators revisit coalitions often)."""
-    cache = {}
-
-    def v(S: frozenset) -> float:
-        if S not in cache:
-            cache[S] = value_fn(S)
-        return cache[S]
-    return v
-
-
 def shapley_exact(value_fn, n: int) -> torch.Tensor:
     """Exact Shapley values (n,) float64 from all 2^n coalitions:
 
@@ -120,10 +106,8 @@ def shapley_exact(value_fn, n: int) -> torch.Tensor:
                          f"(use shapley_permutation or shapley_multilinear for more players)")
     if callable(value_fn):
         v = _as_value_fn(value_fn, n)
-        table = torch.tensor([v(frozenset(i for i in range(n) if m >> i & 1)) for m in range(2 ** n)],
-                             dtype=torch.float64)
-    else:
-        table = _table(value_fn, n)
+        value_fn = [v(frozenset(i for i in range(n) if m >> i & 1)) for m in range(2 ** n)]
+    table = _table(value_fn, n)
     masks = torch.arange(2 ** n)
     size = sum((masks >> i) & 1 for i in range(n))  # |S| of every coalition, (2^n,)
     # weight of a coalition of size s without i: s! (n-s-1)! / n! = 1 / (n * C(n-1, s))
@@ -147,7 +131,7 @@ def shapley_permutation(value_fn, n: int, num_samples: int, generator=None):
     the sample standard deviation over orderings / sqrt(num_samples). Cost: at most
     num_samples * (n + 1) evaluations (coalitions are memoized)."""
     n, num_samples = _sampling(n, num_samples)
-    v = _memoized(_as_value_fn(value_fn, n))
+    v = _as_value_fn(value_fn, n)
     contrib = torch.zeros(num_samples, n, dtype=torch.float64)  # (samples, players)
     for s in range(num_samples):
         S, before = frozenset(), v(frozenset())
@@ -169,7 +153,7 @@ def shapley_multilinear(value_fn, n: int, num_samples: int, generator=None, anti
     is the standard deviation over samples / sqrt(num_samples). Cost: at most
     num_samples * (n + 1) evaluations, twice that with antithetic (memoized)."""
     n, num_samples = _sampling(n, num_samples)
-    v = _memoized(_as_value_fn(value_fn, n))
+    v = _as_value_fn(value_fn, n)
 
     def marginals(S: frozenset) -> torch.Tensor:  # v(S + i) - v(S - i) for every i, (n,)
         return torch.tensor([v(S | {i}) - v(S - {i}) for i in range(n)], dtype=torch.float64)
@@ -209,20 +193,6 @@ def coalition(groups: dict, members):
     return active_mask(groups, [i in members or name in members for i, name in enumerate(names)])
 
 
-def _block_players(blocks, groups) -> list:
-    """For each block, the indices of the players (groups) whose layers all sit inside it."""
-    block_of = {id(m): b for b, block in enumerate(blocks) for m in block.modules()}
-    per_block = [[] for _ in blocks]
-    for p, (name, layers) in enumerate(groups.items()):
-        homes = {block_of.get(id(layer)) for layer in layers}
-        if None in homes or len(homes) != 1:
-            raise ValueError(f"player {name!r} has layers outside any block or in several blocks "
-                             f"({sorted(h for h in homes if h is not None)}); prefix sharing needs each "
-                             f"player inside one block (evaluate coalitions with `coalition` instead)")
-        per_block[homes.pop()].append(p)
-    return per_block
-
-
 def _check_eval(modules: nn.Module, x, y, value: str, batch_size) -> int:
     """The checks score and coalition_values share; returns batch_size as an int."""
     if value not in ("acc", "neg_loss"):
@@ -245,16 +215,12 @@ def _metric_sum(logits: torch.Tensor, y: torch.Tensor, value: str) -> float:
     return -F.cross_entropy(logits, y, reduction="sum").item()
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
 @torch.no_grad()
 def score(model, x: torch.Tensor, y: torch.Tensor, value: str = "acc", batch_size: int = 1000) -> float:
     """Accuracy or minus the mean cross-entropy of model(x) against y (model in eval mode), in
     batches moved to the model's device."""
     batch_size = _check_eval(model, x, y, value, batch_size)
-    device = _device(model)
+    device = next(model.parameters()).device
     total = sum(_metric_sum(model(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device), value)
                 for i in range(0, len(x), batch_size))
     return total / y.numel()
@@ -288,11 +254,19 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
     n = len(groups)
     if not 1 <= n <= 20:
         raise ValueError(f"{n} players: coalition_values enumerates 2^n coalitions, n must be in 1..20")
-    per_block = _block_players(blocks, groups)
+    block_of = {id(m): b for b, block in enumerate(blocks) for m in block.modules()}
+    per_block = [[] for _ in blocks]  # for each block, the indices of the players inside it
+    for p, (name, layers) in enumerate(groups.items()):
+        homes = {block_of.get(id(layer)) for layer in layers}
+        if None in homes or len(homes) != 1:
+            raise ValueError(f"player {name!r} has layers outside any block or in several blocks "
+                             f"({sorted(h for h in homes if h is not None)}); prefix sharing needs each "
+                             f"player inside one block (evaluate coalitions with `coalition` instead)")
+        per_block[homes.pop()].append(p)
     layers = list(groups.values())
-    device = _device(blocks)
+    device = next(blocks.parameters()).device
     total = torch.zeros(2 ** n, dtype=torch.float64)  # summed correct counts or losses, per coalition
-    count, block_evals = 0, 0
+    block_evals = 0
 
     def walk(l: int, h: torch.Tensor, mask: int, yb: torch.Tensor) -> None:
         nonlocal block_evals
@@ -314,8 +288,7 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             walk(0, embed(xb), 0, yb)
-            count += yb.numel()
-    return total / count, block_evals
+    return total / y.numel(), block_evals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,43 +296,29 @@ def coalition_values(embed, blocks, forward_head, x: torch.Tensor, y: torch.Tens
 # delta W ("blocks.0.attn.qkv.delta_weight"), plus any other parameter such as the task's head.
 
 
-@contextmanager
-def _values(p: nn.Parameter, t: torch.Tensor):
-    """p holds t's values (same shape) for a while, then its own again; p stays the same object."""
-    old = p.detach().clone()
-    with torch.no_grad():
-        p.copy_(t)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            p.copy_(old)
+@torch.no_grad()
+def _copy(p: nn.Parameter, t: torch.Tensor) -> None:
+    p.copy_(t)  # in place: p stays the same object (an optimizer or a LoRA layer holds it)
 
 
-@contextmanager
-def _weight_plus_delta(layer: LoRALinear, delta: torch.Tensor):
-    """The layer computes exactly (W + delta) x + b for a while: W holds W + delta and the adapter
-    is bypassed (active = False); both come back after."""
-    W, on = layer.base.weight, layer.active
-    with _values(W, W + delta.to(W)):
-        layer.active = False
-        try:
-            yield
-        finally:
-            layer.active = on
+def _set_values(p: nn.Parameter, t: torch.Tensor, stack: ExitStack) -> None:
+    """p holds t's values (same shape) until the stack closes, then its own again."""
+    stack.callback(_copy, p, p.detach().clone())
+    _copy(p, t)
 
 
-@contextmanager
-def _module(model: nn.Module, name: str, new: nn.Module):
-    """model.<name> is `new` for a while, then the original module again."""
-    parent, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent)
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    try:
-        yield
-    finally:
-        setattr(parent, child, old)
+def _set_attr(obj, name: str, value, stack: ExitStack) -> None:
+    """obj.<name> is `value` (a module, a flag) until the stack closes, then the old value again."""
+    stack.callback(setattr, obj, name, getattr(obj, name))
+    setattr(obj, name, value)
+
+
+def _weight_plus_delta(layer: LoRALinear, delta: torch.Tensor, stack: ExitStack) -> None:
+    """Until the stack closes, the layer computes exactly (W + delta) x + b: W holds W + delta and
+    the adapter is bypassed."""
+    W = layer.base.weight
+    _set_values(W, W + delta.to(W), stack)
+    _set_attr(layer, "active", False, stack)
 
 
 def _other_head(module, weight, bias) -> nn.Linear | None:
@@ -391,7 +350,7 @@ def use_adapter(model, state: dict):
     layers, params, modules = lora_layers(model), dict(model.named_parameters()), dict(model.named_modules())
     if any(layer.merged for layer in layers.values()):
         raise ValueError("the model's adapters are merged into W: call lora.unmerge_lora(model) first")
-    heads, plan = {}, []  # plan: one context manager factory per change
+    heads, plan = {}, []  # plan: one function per change; the ExitStack it is given undoes it
     for key, t in state.items():
         name, _, leaf = key.rpartition(".")
         if name in heads:  # the other half of a replaced head
@@ -403,10 +362,11 @@ def use_adapter(model, state: dict):
             if t.shape != layers[name].base.weight.shape:
                 raise ValueError(f"{key}: a delta of shape {tuple(t.shape)} for a weight of shape "
                                  f"{tuple(layers[name].base.weight.shape)}: computed on another model?")
-            plan.append(lambda layer=layers[name], t=t: _weight_plus_delta(layer, t))
+            plan.append(functools.partial(_weight_plus_delta, layers[name], t))
         elif head is not None:
             heads[name] = head
-            plan.append(lambda name=name, head=head: _module(model, name, head))
+            parent, _, child = name.rpartition(".")
+            plan.append(functools.partial(_set_attr, model.get_submodule(parent), child, head))
         elif key not in params:
             raise ValueError(f"{key} is not a parameter of this model (nor a LoRA layer's {DELTA}): "
                              f"was the state saved from another model or with other targets?")
@@ -414,10 +374,10 @@ def use_adapter(model, state: dict):
             raise ValueError(f"{key}: shape {tuple(t.shape)} in the state, {tuple(params[key].shape)} "
                              f"in the model (another r, model size or number of classes?)")
         else:
-            plan.append(lambda p=params[key], t=t: _values(p, t.to(p)))
+            plan.append(functools.partial(_set_values, params[key], t.to(params[key])))
     with ExitStack() as stack:
-        for enter in plan:
-            stack.enter_context(enter())
+        for change in plan:
+            change(stack)
         yield model
 
 
@@ -427,9 +387,8 @@ def delta_state(model, state: dict | None = None) -> dict:
     adapter or of `state` (loaded with use_adapter for the while); `state`'s own delta_weight
     entries and its entries that are not adapter keys (a head) are passed through unchanged, so the
     result can be given to use_adapter as it is."""
-    state = state or {}
     layers = lora_layers(model)
-    factors, other = split_state(model, state)
+    factors, other = split_state(model, state or {})
     with use_adapter(model, {k: v for k, v in factors.items() if not k.endswith(DELTA)}):
         deltas = {f"{name}.{DELTA}": layer.delta_weight().detach().clone() for name, layer in layers.items()}
     return {**deltas, **{k: v for k, v in factors.items() if k.endswith(DELTA)}, **other}
@@ -607,30 +566,28 @@ def keep_qkv(deltas: dict, part: str, fused: str = "qkv") -> dict:
     if part not in ("q", "k", "v"):
         raise ValueError(f"part={part!r}: choose 'q', 'k' or 'v'")
     _no_factors(deltas, "keep_qkv")
-    out, hits = {}, 0
-    for key, d in deltas.items():
-        layer = key.rpartition(".")[0]
-        keep = torch.zeros_like(d)
-        if key.endswith(DELTA) and layer.rpartition(".")[2] == fused:
-            if d.shape[0] % 3:
-                raise ValueError(f"{key} has {d.shape[0]} rows, not a multiple of 3: not a fused [q; k; v] layer")
-            rows = d.shape[0] // 3
-            i = "qkv".index(part)
-            keep[i * rows:(i + 1) * rows] = d[i * rows:(i + 1) * rows]
-            hits += 1
-        out[key] = keep if key.endswith(DELTA) else d
-    if not hits:
+    out = {key: torch.zeros_like(d) if key.endswith(DELTA) else d for key, d in deltas.items()}
+    qkv = [key for key in deltas if key.split(".")[-2:] == [fused, DELTA]]
+    if not qkv:
         raise ValueError(f"no '{fused}' delta_weight in the state: q/k/v pruning needs a fused "
                          f"{fused} target (pass delta_state(model, adapter))")
+    for key in qkv:
+        d = deltas[key]
+        if d.shape[0] % 3:
+            raise ValueError(f"{key} has {d.shape[0]} rows, not a multiple of 3: not a fused [q; k; v] layer")
+        i, rows = "qkv".index(part), d.shape[0] // 3
+        out[key][i * rows:(i + 1) * rows] = d[i * rows:(i + 1) * rows]
     return out
 
 
-def _prune(state: dict, sparsity: float, prunable) -> dict:
-    """Zero the round(sparsity * numel) smallest-magnitude entries of each tensor whose key
-    `prunable(key)` accepts (ties broken by position); other entries (a head) are kept."""
+def _prune(state: dict, sparsity: float, leaves: tuple, hint: str) -> dict:
+    """The tensors whose key ends in one of `leaves` pruned (see prune_magnitude), the others kept."""
+    prunable = {k for k in state if k.rpartition(".")[2] in leaves}
+    if not prunable:
+        raise ValueError(f"no {' / '.join(leaves)} key in the state ({', '.join(list(state)[:3])}...): {hint}")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1]")
-    return {k: t.masked_fill(_smallest(t, round(sparsity * t.numel())), 0.0) if prunable(k) else t
+    return {k: t.masked_fill(_smallest(t, round(sparsity * t.numel())), 0.0) if k in prunable else t
             for k, t in state.items()}
 
 
@@ -638,23 +595,16 @@ def prune_magnitude(deltas: dict, sparsity: float) -> dict:
     """Unstructured pruning of delta W: zero the round(sparsity * numel) smallest-magnitude entries
     of each delta W (ties broken by position); other entries (a head) are kept."""
     _no_factors(deltas, "prune_magnitude")
-    if not any(k.endswith(DELTA) for k in deltas):
-        raise ValueError(f"no '<layer>.{DELTA}' key in the state ({', '.join(list(deltas)[:3])}...): "
-                         f"nothing to prune; pass delta_state(model, state)")
-    return _prune(deltas, sparsity, lambda k: k.endswith(DELTA))
+    return _prune(deltas, sparsity, (DELTA,), "nothing to prune; pass delta_state(model, state)")
 
 
 def prune_factors(state: dict, sparsity: float) -> dict:
-    """Unstructured pruning of the factors: zero the round(sparsity * numel) smallest-magnitude
-    entries of each lora_A (r, in) and each lora_B (out, r) separately (ties broken by position),
-    a likelier reading of the paper's "adapter weights" than delta W. delta W = B A of pruned
-    factors is then usually denser than `sparsity`. Other entries (a head, DoRA's magnitude) are
-    kept."""
-    is_factor = lambda k: k.rpartition(".")[2] in ("lora_A", "lora_B")  # noqa: E731
-    if not any(is_factor(k) for k in state):
-        raise ValueError(f"no lora_A / lora_B key in the state ({', '.join(list(state)[:3])}...): prune_factors "
-                         f"takes a factor state (lora.lora_state_dict); prune delta W with prune_magnitude")
-    return _prune(state, sparsity, is_factor)
+    """Unstructured pruning of the factors, as prune_magnitude does on each lora_A (r, in) and each
+    lora_B (out, r) separately: a likelier reading of the paper's "adapter weights" than delta W.
+    delta W = B A of pruned factors is then usually denser than `sparsity`. Other entries (a head,
+    DoRA's magnitude) are kept."""
+    return _prune(state, sparsity, ("lora_A", "lora_B"), "prune_factors takes a factor state "
+                  "(lora.lora_state_dict); prune delta W with prune_magnitude")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,23 +635,20 @@ def adapter_report(model, x, y, value: str = "acc", sparsities=(0.3, 0.5, 0.7), 
     share = (phi / gain).tolist() if gain > 0 else None
     subsets = block_subsets(n)
     deltas, factors = delta_state(model), lora_state_dict(model)
+
+    def evaluate(state):  # the model's value with `state` in place of its adapter
+        with use_adapter(model, state):
+            return score(model, x, y, value, batch_size)
     report = {
         "full": table[-1].item(), "none": table[0].item(), "shapley": phi.tolist(), "share": share,
         "top_third_share": sum(share[i] for i in subsets["high"]) if share and "high" in subsets else None,
         "block_evals": evals, "naive_block_evals": n * 2 ** n * math.ceil(len(x) / batch_size),
         "structured": {name: table[sum(1 << b for b in keep)].item() for name, keep in subsets.items()},
-        "unstructured": {}, "unstructured_factors": {},
+        "unstructured": {str(s): evaluate(prune_magnitude(deltas, s)) for s in sparsities},
+        "unstructured_factors": {str(s): evaluate(prune_factors(factors, s)) for s in sparsities},
     }
-    for sparsity in sparsities:
-        with use_adapter(model, prune_magnitude(deltas, sparsity)):
-            report["unstructured"][str(sparsity)] = score(model, x, y, value, batch_size)
-        with use_adapter(model, prune_factors(factors, sparsity)):
-            report["unstructured_factors"][str(sparsity)] = score(model, x, y, value, batch_size)
     if any(k.endswith(f"qkv.{DELTA}") for k in deltas):
-        report["qkv"] = {}
-        for part in "qkv":
-            with use_adapter(model, keep_qkv(deltas, part)):
-                report["qkv"][part] = score(model, x, y, value, batch_size)
+        report["qkv"] = {part: evaluate(keep_qkv(deltas, part)) for part in "qkv"}
     return report
 
 
@@ -734,13 +681,11 @@ def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", den
                 "fusion": combine([parts[t][0] for t in tasks], [1 / len(tasks)] * len(tasks)),
                 "delta_avg": combine(deltas, [1 / len(tasks)] * len(tasks)),
                 "ties": combine_ties(deltas, density)}
-    report = {}
-    for name, adapter in combined.items():
-        report[name] = {}
-        for t in tasks:
-            with use_adapter(model, {**(adapter or parts[t][0]), **parts[t][1]}):
-                report[name][t] = score(model, *eval_sets[t], value, batch_size)
-    return report
+
+    def evaluate(adapter, t):  # task t's value with `adapter` (its own if None) and its own head
+        with use_adapter(model, {**(adapter or parts[t][0]), **parts[t][1]}):
+            return score(model, *eval_sets[t], value, batch_size)
+    return {name: {t: evaluate(adapter, t) for t in tasks} for name, adapter in combined.items()}
 
 
 def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = "") -> list:
@@ -755,19 +700,26 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = [m for m in reports if any(reports[m].values())]
     written = []
 
     def spread(xs):  # (mean, standard deviation) over runs
         m = sum(xs) / len(xs)
         return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
-    def bars(ax, labels, runs, floor=None):  # runs: {method: [[one value per run] per label]}
-        width = 0.8 / len(runs)
+    def save(fig, name, title):
+        fig.suptitle(f"{title}\n{about}" if about else title, fontsize="medium")
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    def bars(name, title, ylabel, labels, runs, floor=None, width=7):  # runs: {method: [[value per run] per label]}
+        fig, ax = plt.subplots(figsize=(width, 3.5))
+        bar = 0.8 / len(runs)
         lows, highs = [], []
         for k, (m, per_label) in enumerate(runs.items()):
             means, errs = zip(*(spread(xs) for xs in per_label))
-            ax.bar([i + k * width for i in range(len(labels))], means, width, yerr=errs, capsize=2,
+            ax.bar([i + k * bar for i in range(len(labels))], means, bar, yerr=errs, capsize=2,
                    label=f"{m} ({len(per_label[0])} runs)")
             lows += [v - e for v, e in zip(means, errs)]
             highs += [v + e for v, e in zip(means, errs)]
@@ -777,27 +729,21 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = 
         pad = 0.1 * (max(highs) - min(lows)) or 0.01
         if min(lows) > 0:  # zoomed in, so gaps of a few points show; the label says so
             ax.set_ylim(min(lows) - pad, max(highs) + pad)
-            ax.set_ylabel(ax.get_ylabel() + " (axis not from 0)")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right")
+            ylabel += " (axis not from 0)"
+        ax.set_ylabel(ylabel)
+        ax.set_xticks([i + 0.4 - bar / 2 for i in range(len(labels))], labels, rotation=30, ha="right")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+        save(fig, name, title)
 
-    def save(fig, name, title):
-        fig.suptitle(f"{title}\n{about}" if about else title, fontsize="medium")
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        written.append(out_dir / name)
-
-    adapters = {m: reports[m]["adapters"] for m in methods if reports[m].get("adapters")}
+    adapters, pairs, combos = ({m: r[kind] for m, r in reports.items() if r.get(kind)}
+                               for kind in ("adapters", "pairs", "combinations"))
     shares = {m: [r["share"] for r in rs if r["share"] is not None] for m, rs in adapters.items()}
     shares = {m: s for m, s in shares.items() if s}  # adapters that gain nothing have no shares
     if shares:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
         n = len(next(iter(shares.values()))[0])
-        ax.set_ylabel("share of v(all) - v(none)")
-        bars(ax, [f"block {i}" for i in range(n)], {m: [[s[i] for s in ss] for i in range(n)]
-                                                   for m, ss in shares.items()})
-        save(fig, "shapley.png", "credit per block (exact Shapley; below 0: the block's adapters hurt)")
+        bars("shapley.png", "credit per block (exact Shapley; below 0: the block's adapters hurt)",
+             "share of v(all) - v(none)", [f"block {i}" for i in range(n)],
+             {m: [[s[i] for s in ss] for i in range(n)] for m, ss in shares.items()})
     if adapters:
         first = next(iter(adapters.values()))[0]
         parts = [("full", lambda r: r["full"]),
@@ -806,13 +752,9 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = 
                  *((f"{float(k):.0%} sparse dW", lambda r, k=k: r["unstructured"][k]) for k in first["unstructured"]),
                  *((f"{float(k):.0%} sparse A, B", lambda r, k=k: r["unstructured_factors"][k])
                    for k in first["unstructured_factors"])]
-        fig, ax = plt.subplots(figsize=(9, 3.5))
-        ax.set_ylabel(ylabel)
-        bars(ax, [name for name, _ in parts], {m: [[get(r) for r in rs] for _, get in parts]
-                                               for m, rs in adapters.items()},
-             floor=spread([r["none"] for rs in adapters.values() for r in rs])[0])
-        save(fig, "pruning.png", "pruning the adapters (structured: blocks kept; unstructured: delta W or A, B)")
-    pairs = {m: reports[m]["pairs"] for m in methods if reports[m].get("pairs")}
+        bars("pruning.png", "pruning the adapters (structured: blocks kept; unstructured: delta W or A, B)", ylabel,
+             [name for name, _ in parts], {m: [[get(r) for r in rs] for _, get in parts] for m, rs in adapters.items()},
+             floor=spread([r["none"] for rs in adapters.values() for r in rs])[0], width=9)
     if pairs:
         spaces = list(next(iter(pairs.values()))[0])  # factors, delta, factors_head_a
         fig, axes = plt.subplots(1, len(spaces), figsize=(4.5 * len(spaces), 3.5), sharey=True)
@@ -825,13 +767,11 @@ def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = 
             ax.set_title(f"interpolating {space.replace('_head_a', ', head of seed a held')}", fontsize="medium")
         axes[0].set_ylabel(ylabel), axes[-1].legend(loc="lower right", fontsize="small")
         save(fig, "interpolation.png", "interpolating two seeds' adapters")
-    combos = {m: reports[m]["combinations"] for m in methods if reports[m].get("combinations")}
     if combos:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
         kinds = list(next(iter(combos.values()))[0])
-        ax.set_ylabel(f"{ylabel}, mean over tasks")
-        bars(ax, kinds, {m: [[sum(r[k].values()) / len(r[k]) for r in rs] for k in kinds] for m, rs in combos.items()})
-        save(fig, "combining.png", "combining the tasks' adapters (each task with its own head)")
+        bars("combining.png", "combining the tasks' adapters (each task with its own head)",
+             f"{ylabel}, mean over tasks", kinds,
+             {m: [[sum(r[k].values()) / len(r[k]) for r in rs] for k in kinds] for m, rs in combos.items()})
     return written
 
 

@@ -1,5 +1,5 @@
-"""The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, several seeds, every
-analysis of games.py, and a markdown table with the paper's numbers (method.md section 5) beside.
+"""The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, with games.py's analyses.
+Several seeds per setting; a markdown table sets the paper's numbers (method.md section 5) beside.
 
     python reproduce.py --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
                                   # 20-step runs are too short for the verdicts to mean anything
@@ -8,9 +8,10 @@ analysis of games.py, and a markdown table with the paper's numbers (method.md s
 
 Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
 linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
-epochs), an LR sweep, the DoRA / HiRA variants (accuracy and wall-clock), ablations (p0, stage1
-ratio) and controls ("baselines": constant-rate layer drop, element-wise and progressive LoRA
-dropout, and LoRA rescaled to CoTo's size, each analysed like LoRA and CoTo and set against CoTo).
+epochs), "taskinit" (full, each task's adapters initialised apart), an LR sweep, the DoRA / HiRA
+variants (accuracy and wall-clock), ablations (p0, stage1 ratio, ramp shape), "dynamics" (one task
+trained 10x longer) and controls ("baselines": constant-rate layer drop, element-wise and progressive
+LoRA dropout, and LoRA rescaled to CoTo's size, each analysed like LoRA and CoTo and set against CoTo).
 Every comparison is at equal optimizer steps; the wall-clock row reports the time ratio itself.
 Intervals are 95 % t intervals over seeds (over disjoint seed pairs for interpolation); LoRA and
 CoTo share a seed's initialisation and data order, so the verdict uses the paired difference
@@ -36,6 +37,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +45,7 @@ import torch
 import games
 import train_vit
 from coto import block_groups, coto_prob
-from utils import (atomic_write_text, format_eta, parse_config, read_safetensors, read_safetensors_metadata,
+from utils import (atomic_write_text, format_eta, read_safetensors, read_safetensors_metadata, run_script,
                    write_safetensors)
 
 
@@ -77,11 +79,10 @@ class Config:
 
 
 def quick_config(cfg: Config) -> Config:
-    """--quick: the same table, smaller: two tasks (one for the side studies), shorter runs, a
-    two-point LR sweep, smaller test and held-out sets."""
+    """--quick: the same table, smaller (two tasks, shorter runs, smaller test and held-out sets)."""
     out_dir = cfg.out_dir if cfg.out_dir != Config.out_dir else Config.out_dir + "-quick"
-    return dataclasses.replace(cfg, out_dir=out_dir, tasks=",".join(cfg.tasks.split(",")[:2]), side_tasks=1,
-                               steps=20, fewshot_steps=30, long_steps=40, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
+    return dataclasses.replace(cfg, out_dir=out_dir, tasks=",".join(cfg.tasks.split(",")[:2]), side_tasks=1, steps=20,
+                               fewshot_steps=30, long_steps=40, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,46 +104,40 @@ def studies(cfg: Config) -> list:
     pair = lambda extra: {"lora": {**extra, "coto": False}, "coto": {**extra, "coto": True}}  # noqa: E731
     fewshot = dict(n_per_class=16, r=2, alpha=1.0, rslora=True, lr=cfg.fewshot_lr, steps=cfg.fewshot_steps,
                    batch_size=32, warmup=20)
-    out = [("full", pair({}), tasks, True),
-           ("probe", pair({"head": "probe"}), tasks[:max(2, cfg.side_tasks)], True),
-           ("fewshot", pair(fewshot), tasks, True)]
-    sweep = {}
-    for lr in [v for v in cfg.lrs.split(",") if float(v) != cfg.lr]:  # lr itself: the "full" runs
-        sweep.update({f"{m}@{float(lr):g}": {"lr": float(lr), "coto": m == "coto"} for m in ("lora", "coto")})
-    out.append(("lr", sweep, side, False))
-    variants = {}
-    for v in ("dora", "hira"):
-        variants.update({f"{v}-{m}": {"variant": v, "coto": m == "coto"} for m in ("lora", "coto")})
-    out.append(("variants", variants, side, False))
-    out.append(("ablations", {
-        "coto p0=0.1": {"coto": True, "p0": 0.1},
-        "coto stage1=0.5": {"coto": True, "stage1_ratio": 0.5},
-        "coto stage1=1.0": {"coto": True, "stage1_ratio": 1.0},
-        "coto shape=exp": {"coto": True, "shape": "exp"},
-        "coto shape=sine": {"coto": True, "shape": "sine"},
-    }, side, False))
-    # Controls, analysed like LoRA and CoTo of the "full" regime and set against its CoTo runs:
-    # does any drop do what CoTo does, or a smaller update? (all tasks: combining needs several)
-    out.append(("baselines", {
-        # stochastic depth for LoRA: each block's adapters on with CoTo's expected active fraction
-        # (method.md section 3) at every step, so only the schedule differs from CoTo
-        "layer drop p=0.625": {"coto": True, "shape": "constant", "p0": 0.625, "stage1_ratio": 1.0},
-        "lora dropout 0.1": {"coto": False, "lora_dropout": 0.1},
-        "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
-        RESCALED: {"coto": False},  # not trained: the "full" LoRA run, rescaled (rescale_job)
-    }, tasks, True))
-    # within a seed the full regime's tasks start from the same A: merging them may be easier than
-    # merging adapters that never shared an init
-    out.append(("taskinit", pair({"task_init": True}), tasks, True))
+    lrs = [float(v) for v in cfg.lrs.split(",") if float(v) != cfg.lr]  # lr itself: the "full" runs
     # training length: the full regime 10x longer on one task, test accuracy every long_steps / 15
     long = dict(steps=cfg.long_steps, eval_every=max(1, cfg.long_steps // 15), log_every=max(1, cfg.long_steps // 30))
-    out.append(("dynamics", {**pair(long), "coto shape=exp": {**long, "coto": True, "shape": "exp"},
-                             "coto shape=sine": {**long, "coto": True, "shape": "sine"}}, [cfg.long_task], False))
+    out = [("full", pair({}), tasks, True),
+           ("probe", pair({"head": "probe"}), tasks[:max(2, cfg.side_tasks)], True),
+           ("fewshot", pair(fewshot), tasks, True),
+           ("lr", {f"{m}@{lr:g}": {"lr": lr, "coto": m == "coto"}
+                   for lr in lrs for m in ("lora", "coto")}, side, False),
+           ("variants", {f"{v}-{m}": {"variant": v, "coto": m == "coto"}
+                         for v in ("dora", "hira") for m in ("lora", "coto")}, side, False),
+           ("ablations", {"coto p0=0.1": {"coto": True, "p0": 0.1},
+                          "coto stage1=0.5": {"coto": True, "stage1_ratio": 0.5},
+                          "coto stage1=1.0": {"coto": True, "stage1_ratio": 1.0},
+                          "coto shape=exp": {"coto": True, "shape": "exp"},
+                          "coto shape=sine": {"coto": True, "shape": "sine"}}, side, False),
+           # Controls, analysed like LoRA and CoTo of the "full" regime and set against its CoTo runs:
+           # does any drop do what CoTo does, or a smaller update? (all tasks: combining needs several)
+           ("baselines", {
+               # stochastic depth for LoRA: each block's adapters on with CoTo's expected active fraction
+               # (method.md section 3) at every step, so only the schedule differs from CoTo
+               "layer drop p=0.625": {"coto": True, "shape": "constant", "p0": 0.625, "stage1_ratio": 1.0},
+               "lora dropout 0.1": {"coto": False, "lora_dropout": 0.1},
+               "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
+               RESCALED: {"coto": False},  # not trained: the "full" LoRA run, rescaled (rescale_job)
+           }, tasks, True),
+           # within a seed the full regime's tasks start from the same A: merging them may be easier than
+           # merging adapters that never shared an init
+           ("taskinit", pair({"task_init": True}), tasks, True),
+           ("dynamics", {**pair(long), "coto shape=exp": {**long, "coto": True, "shape": "exp"},
+                         "coto shape=sine": {**long, "coto": True, "shape": "sine"}}, [cfg.long_task], False)]
     chosen = cfg.studies.split(",")
     unknown = set(chosen) - {name for name, *_ in out}
     if unknown:
-        raise ValueError(f"unknown studies {sorted(unknown)}: choose from "
-                         f"{', '.join(name for name, *_ in out)}")
+        raise ValueError(f"unknown studies {sorted(unknown)}: choose from {', '.join(name for name, *_ in out)}")
     if "baselines" in chosen and "full" not in chosen:
         raise ValueError("the baselines study is set against the full study's runs: add full to --studies")
     return [s for s in out if s[0] in chosen]
@@ -166,13 +161,12 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+@dataclass
 class Plan:
     """Jobs (label, kind, weight, cache path, fn) run in order, skipping cached ones, with one
     progress line each: the ETA uses the seconds per unit of weight measured for each kind. What a
     job prints (training logs) is kept back, and shown only if the job fails."""
-
-    def __init__(self):
-        self.jobs = []
+    jobs: list = dataclasses.field(default_factory=list)
 
     def add(self, label: str, kind: str, weight: float, path: Path, fn) -> None:
         self.jobs.append((label, kind, weight, path, fn))
@@ -180,7 +174,7 @@ class Plan:
     def run(self) -> None:
         todo = [j for j in self.jobs if not j[3].is_file()]
         print(f"{len(self.jobs)} jobs, {len(self.jobs) - len(todo)} cached, {len(todo)} to run", flush=True)
-        rate, t0 = {}, time.time()  # kind -> [seconds, weight]
+        seconds, weights, t0 = collections.Counter(), collections.Counter(), time.time()  # per kind
         for i, (label, kind, weight, path, fn) in enumerate(todo, 1):
             t, log = time.time(), io.StringIO()
             try:
@@ -190,10 +184,10 @@ class Plan:
                 print(log.getvalue(), end="", flush=True)
                 raise
             write_json(path, result)
-            s = rate.setdefault(kind, [0.0, 0.0])
-            s[0], s[1] = s[0] + time.time() - t, s[1] + weight
-            overall = sum(v[0] for v in rate.values()) / sum(v[1] for v in rate.values())
-            left = sum(w * (rate[k][0] / rate[k][1] if k in rate else overall) for _, k, w, _, _ in todo[i:])
+            seconds[kind] += time.time() - t
+            weights[kind] += weight
+            overall = sum(seconds.values()) / sum(weights.values())
+            left = sum(w * (seconds[k] / weights[k] if k in weights else overall) for _, k, w, _, _ in todo[i:])
             print(f"[{i}/{len(todo)}] {label} | {time.time() - t:.0f} s | elapsed "
                   f"{format_eta(time.time() - t0)} | eta {format_eta(left)}", flush=True)
 
@@ -218,9 +212,8 @@ class Context:
         draw per seed for few-shot (as few-shot benchmarks do); LoRA and CoTo of a seed share it."""
         key = (vcfg.n_train, vcfg.n_test, vcfg.n_per_class, vcfg.seed if vcfg.n_per_class else 0)
         if key not in self._tasks:
-            self._tasks[key] = train_vit.make_tasks(self.data, self.task_names, self.source,
-                                                    vcfg.patch_size, vcfg.n_train, vcfg.n_test,
-                                                    vcfg.n_per_class, seed=key[-1])
+            self._tasks[key] = train_vit.make_tasks(self.data, self.task_names, self.source, vcfg.patch_size,
+                                                    vcfg.n_train, vcfg.n_test, vcfg.n_per_class, seed=key[-1])
         return self._tasks[key]
 
     def probe_head(self, vcfg: train_vit.Config, task: train_vit.Task):
@@ -232,36 +225,59 @@ class Context:
         return self._probe[key]
 
     def eval_set(self, task: train_vit.Task) -> tuple:
-        """The held-out set of the analyses: the first n_eval test images (games.py moves each
-        batch to the model's device)."""
+        """The analyses' held-out set: the first n_eval test images (games.py moves each batch to the device)."""
         return train_vit.to_float(task.x_test[:self.n_eval]), task.y_test[:self.n_eval]
 
     def model(self, vcfg: train_vit.Config, task: train_vit.Task, folder: Path):
         return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.safetensors")
 
 
-def train_job(ctx: Context, vcfg, task, folder: Path):
-    def fn():
-        head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
-        _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, out_dir=folder)
-        keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
-        last = metrics["history"][-1]["loss"]  # the training loss over the last log interval
-        return {**{k: metrics[k] for k in keep}, "train_loss_last": last}
-    return fn
+def train_job(ctx: Context, vcfg, task, folder: Path) -> dict:
+    head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
+    _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, out_dir=folder)
+    keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
+    last = metrics["history"][-1]["loss"]  # the training loss over the last log interval
+    return {**{k: metrics[k] for k in keep}, "train_loss_last": last}
 
 
-def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_folder: Path):
+def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_folder: Path) -> dict:
     """Save LoRA's adapter rescaled to CoTo's per-layer delta-W norm (see RESCALED) in `folder`,
     like a trained run's, and return its test accuracy (the head stays LoRA's)."""
-    def fn():
-        path = lambda f: f / "adapters.safetensors"  # noqa: E731
-        model = ctx.model(vcfg, task, lora_folder)
-        state = games.rescale_to_norm(model, read_safetensors(path(lora_folder)), read_safetensors(path(coto_folder)))
-        write_safetensors(state, path(folder), metadata={**read_safetensors_metadata(path(lora_folder)),
-                                                         "method": RESCALED})
-        acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
-        return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
-    return fn
+    lora, coto = (f / "adapters.safetensors" for f in (lora_folder, coto_folder))
+    state = games.rescale_to_norm(ctx.model(vcfg, task, lora_folder), read_safetensors(lora), read_safetensors(coto))
+    metadata = {**read_safetensors_metadata(lora), "method": RESCALED}
+    write_safetensors(state, folder / "adapters.safetensors", metadata=metadata)
+    acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
+    return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
+
+
+def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str = "acc") -> dict:
+    return games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
+
+
+def pair_job(ctx: Context, vcfg, task, folder_a: Path, folder_b: Path, value: str = "acc") -> dict:
+    a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
+    return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
+
+
+def combine_job(ctx: Context, vcfg, tasks: dict, folders: dict, value: str = "acc") -> dict:
+    states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
+    first = next(iter(tasks))
+    model = ctx.model(vcfg, tasks[first], folders[first])
+    return games.combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
+
+
+def module_job(ctx: Context, vcfg, task, folder: Path, cfg: Config) -> dict:
+    """Shapley values with one player per adapted module: sampled (multilinear), 2^n is too many."""
+    model = ctx.model(vcfg, task, folder)
+    groups, (x, y) = block_groups(model, group_of=lambda name: name), ctx.eval_set(task)
+
+    def value_fn(S):
+        with games.coalition(groups, S):
+            return games.score(model, x, y, cfg.value)
+    phi, se = games.shapley_multilinear(value_fn, len(groups), cfg.num_samples,
+                                        generator=torch.Generator().manual_seed(vcfg.seed))
+    return {"names": list(groups), "shapley": phi.tolist(), "stderr": se.tolist()}
 
 
 def run_folder(cfg: Config, study: str, setting: str, task: str, seed: int) -> Path:
@@ -272,66 +288,45 @@ def run_folder(cfg: Config, study: str, setting: str, task: str, seed: int) -> P
 def plan(cfg: Config, ctx: Context) -> tuple:
     """(Plan, index): index lists what each cache file holds, for collect()."""
     p, index = Plan(), []
-    root = Path(cfg.out_dir)
     for study, settings, task_names, analyse in studies(cfg):
         for setting, overrides in settings.items():
             folder = lambda name, s: run_folder(cfg, study, setting, name, s)  # noqa: E731
-            for seed in range(cfg.seeds):
-                vcfg = vit_config(cfg, overrides, seed)
+            analysis = Path(cfg.out_dir) / "analysis" / study / setting
+            vcfgs = [vit_config(cfg, overrides, seed) for seed in range(cfg.seeds)]
+            for seed, vcfg in enumerate(vcfgs):
                 tasks = ctx.tasks(vcfg)
                 cost = vcfg.steps * vcfg.batch_size * {"lora": 1.0, "dora": 1.6, "hira": 1.3}[vcfg.variant]
                 for name in task_names:
                     here = folder(name, seed)
                     if setting == RESCALED:
                         sources = (run_folder(cfg, "full", m, name, seed) for m in ("lora", "coto"))
-                        kind, weight, job = "rescale", 1.0, rescale_job(ctx, vcfg, tasks[name], here, *sources)
+                        kind, weight, job = "rescale", 1.0, partial(rescale_job, ctx, vcfg, tasks[name], here, *sources)
                     else:
-                        kind, weight, job = "train", cost, train_job(ctx, vcfg, tasks[name], here)
+                        kind, weight, job = "train", cost, partial(train_job, ctx, vcfg, tasks[name], here)
                     p.add(f"{kind} {study}/{setting}/{name}/seed{seed}", kind, weight, here / "summary.json", job)
                     index.append(("train", study, setting, name, seed, here / "summary.json"))
             if not analyse:
                 continue
-            for seed in range(cfg.seeds):
-                vcfg = vit_config(cfg, overrides, seed)
+            for seed, vcfg in enumerate(vcfgs):
                 tasks = ctx.tasks(vcfg)
                 for name in task_names:
-                    out = root / "analysis" / study / setting / name / f"seed{seed}.json"
+                    out = analysis / name / f"seed{seed}.json"
                     p.add(f"games {study}/{setting}/{name}/seed{seed}", "adapter", cfg.n_eval, out,
-                          adapter_job(ctx, vcfg, tasks[name], folder(name, seed)))
+                          partial(adapter_job, ctx, vcfg, tasks[name], folder(name, seed)))
                     index.append(("adapter", study, setting, name, seed, out))
                     other = seed + 1  # disjoint pairs (0, 1), (2, 3), ...: independent, like the seeds
                     if seed % 2 or other == cfg.seeds:
                         continue
-                    out = root / "analysis" / study / setting / name / f"pair{seed}-{other}.json"
-                    p.add(f"interpolate {study}/{setting}/{name}/seeds {seed},{other}", "pair", cfg.n_eval,
-                          out, pair_job(ctx, vcfg, tasks[name], folder(name, seed), folder(name, other)))
+                    out = analysis / name / f"pair{seed}-{other}.json"
+                    p.add(f"interpolate {study}/{setting}/{name}/seeds {seed},{other}", "pair", cfg.n_eval, out,
+                          partial(pair_job, ctx, vcfg, tasks[name], folder(name, seed), folder(name, other)))
                     index.append(("pair", study, setting, name, seed, out))
-                out = root / "analysis" / study / setting / f"combine-seed{seed}.json"
+                out = analysis / f"combine-seed{seed}.json"
+                folders = {n: folder(n, seed) for n in task_names}
                 p.add(f"combine {study}/{setting}/seed{seed}", "combination", cfg.n_eval * len(task_names), out,
-                      combine_job(ctx, vcfg, {n: tasks[n] for n in task_names},
-                                  {n: folder(n, seed) for n in task_names}))
+                      partial(combine_job, ctx, vcfg, {n: tasks[n] for n in task_names}, folders))
                 index.append(("combination", study, setting, "all", seed, out))
     return p, index
-
-
-def adapter_job(ctx, vcfg, task, folder, value="acc"):
-    return lambda: games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
-
-
-def pair_job(ctx, vcfg, task, folder_a, folder_b, value="acc"):
-    def fn():
-        a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
-        return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
-    return fn
-
-
-def combine_job(ctx, vcfg, tasks: dict, folders: dict, value="acc"):
-    def fn():
-        states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
-        first = next(iter(tasks))
-        model = ctx.model(vcfg, tasks[first], folders[first])
-        return games.combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,20 +336,16 @@ def t_within(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with an integer number of degrees of freedom, exactly
     (Abramowitz & Stegun 26.7.3 and 26.7.4: finite sums in theta = atan(t / sqrt(df)))."""
     theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 0:  # sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2))
-        term = total = 1.0
-        for k in range(1, df // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        return math.sin(theta) * total
     if df == 1:
         return 2 * theta / math.pi
-    term = total = math.cos(theta)  # (2/pi)(theta + sin(theta)(c + 2/3 c^3 + ... up to c^(df-2)))
-    for k in range(1, (df - 1) // 2):
-        term *= c2 * (2 * k) / (2 * k + 1)
+    # even df: sin(theta) (1 + 1/2 c^2 + 1*3/(2*4) c^4 + ... up to c^(df-2));
+    # odd df: (2/pi)(theta + sin(theta)(c + 2/3 c^3 + 2*4/(3*5) c^5 + ... up to c^(df-2)))
+    c2, odd = math.cos(theta) ** 2, df % 2
+    term = total = math.cos(theta) if odd else 1.0
+    for k in range(1, (df - odd) // 2):
+        term *= c2 * (2 * k - 1 + odd) / (2 * k + odd)
         total += term
-    return 2 / math.pi * (theta + math.sin(theta) * total)
+    return 2 / math.pi * (theta + math.sin(theta) * total) if odd else math.sin(theta) * total
 
 
 def t_quantile(df: int, coverage: float = 0.95) -> float:
@@ -452,14 +443,10 @@ def row(claim: str, a: list, b: list, expect: int, paper: str = "", fmt: str = "
     """A table row: A (LoRA or a baseline) against B (CoTo), paired by seed. expect: the paper's
     direction of B - A (+1 higher, -1 lower, 0 none claimed)."""
     pairs = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]  # seeds with both values
-    n = len(pairs)
-    if not n:
-        return {"claim": claim, "a": None, "b": None, "diff": None, "n": 0, "p": float("nan"), "paper": paper,
-                "fmt": fmt, "verdict": missing}
     a, b, diffs = [x for x, _ in pairs], [y for _, y in pairs], [y - x for x, y in pairs]
-    diff = interval(diffs)
-    return {"claim": claim, "a": interval(a), "b": interval(b), "diff": diff, "n": n, "p": p_value(diffs),
-            "paper": paper, "fmt": fmt, "verdict": verdict(diff, expect)}
+    a, b, diff = (interval(xs) if pairs else None for xs in (a, b, diffs))  # no seed: no interval
+    return {"claim": claim, "a": a, "b": b, "diff": diff, "n": len(pairs), "p": p_value(diffs), "paper": paper,
+            "fmt": fmt, "verdict": verdict(diff, expect) if pairs else missing}
 
 
 REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear-probe head",
@@ -508,32 +495,43 @@ def claim_rows(res: dict, a: tuple, b: tuple) -> list:
         for sp in ("0.3", "0.5", "0.7"):
             out += pruned(f"4. unstructured pruning, {float(sp):.0%} of {what}", lambda r: r[key][sp],
                           "about +10 points at 50 %" if sp == "0.5" else "")
-    shares = {m: credit_shares(res, *s) for m, s in (("a", a), ("b", b))}
     top = lambda s: sum(s[i] for i in games.block_subsets(len(s))["high"])  # noqa: E731
     none = "n/a: the adapters add < 1 point, no credit to share"
-    out.append(row("5. Shapley share of the top third of blocks", share_stat(shares["a"], top),
-                   share_stat(shares["b"], top), -1, "LoRA: 69 % in the top 4 of 12 blocks", missing=none))
-    out.append(row("5. largest single block's Shapley share", share_stat(shares["a"], max),
-                   share_stat(shares["b"], max), -1, "CoTo: spread out (lower)", missing=none))
+    out.append(row("5. Shapley share of the top third of blocks", credit_stat(res, *a, top),
+                   credit_stat(res, *b, top), -1, "LoRA: 69 % in the top 4 of 12 blocks", missing=none))
+    out.append(row("5. largest single block's Shapley share", credit_stat(res, *a, max),
+                   credit_stat(res, *b, max), -1, "CoTo: spread out (lower)", missing=none))
     return out
 
 
-def credit_shares(res: dict, study: str, setting: str, min_gain: float = 0.01) -> list:
-    """Per seed: each block's share of the Shapley credit, summed over tasks (a ratio of sums), or
-    None where all credit, v(all) - v(none), is below min_gain (1 point of accuracy): adapters that
-    add nothing leave no credit to share, and the ratio would be noise over ~0."""
+def block_shares(phis: list, min_gain: float = 0.01) -> list | None:
+    """Each block's share of the Shapley credit of the runs `phis`, summed over them (a ratio of
+    sums), or None where all credit, v(all) - v(none), is below min_gain (1 point of accuracy):
+    adapters that add nothing leave no credit to share, and the ratio would be noise over ~0."""
+    total = sum(sum(phi) for phi in phis)
+    return [sum(col) / total for col in zip(*phis)] if total >= min_gain else None
+
+
+def credit_stat(res: dict, study: str, setting: str, stat) -> list:
+    """Per seed: stat of the block_shares of the seed's runs (one per task); nan where the seed has
+    no credit to share."""
     runs = res.get("adapter", {}).get(study, {}).get(setting, {})
     out = []
     for seed in sorted({s for t in runs for s in runs[t]}, key=int):
-        phis = [runs[t][seed]["shapley"] for t in runs if seed in runs[t]]
-        total = sum(sum(phi) for phi in phis)
-        out.append([sum(col) / total for col in zip(*phis)] if total >= min_gain else None)
+        shares = block_shares([runs[t][seed]["shapley"] for t in runs if seed in runs[t]])
+        out.append(stat(shares) if shares is not None else float("nan"))
     return out
 
 
-def share_stat(shares: list, stat) -> list:
-    """stat(shares of one seed) per seed; nan where the seed has no credit to share."""
-    return [stat(s) if s is not None else float("nan") for s in shares]
+def shapley_profiles(res: dict) -> dict:
+    """The block_shares of all runs (tasks and seeds) per regime and method, where both have credit to share."""
+    out = {}
+    for study, settings in res.get("adapter", {}).items():
+        prof = {m: block_shares([r["shapley"] for runs in settings.get(m, {}).values() for r in runs.values()])
+                for m in ("lora", "coto")}
+        if None not in prof.values():
+            out[study] = prof
+    return out
 
 
 def sections(res: dict, cfg: Config) -> list:
@@ -543,47 +541,41 @@ def sections(res: dict, cfg: Config) -> list:
     for setting in res.get("train", {}).get("baselines", {}):  # the paper's numbers are LoRA's: not shown here
         rows = [{**r, "paper": ""} for r in claim_rows(res, ("baselines", setting), ("full", "coto"))]
         out.append((f"Control: {setting}, against CoTo ({REGIMES['full']})", setting, "CoTo", rows))
-    acc, ms = (lambda r: r["acc"]), (lambda r: r["ms_per_step"])  # noqa: E731
+    acc, ms, loss = (lambda r: r["acc"]), (lambda r: r["ms_per_step"]), (lambda r: r["train_loss_last"])  # noqa: E731
     side = cfg.tasks.split(",")[:cfg.side_tasks]
+
+    def ab(study, a, b, get=acc, tasks=side):  # settings a and b of one study, one value per seed
+        return per_seed(res, "train", study, a, get, tasks), per_seed(res, "train", study, b, get, tasks)
     cost = []
     for variant, study, paper in (("lora", "full", "0.93"), ("dora", "variants", "0.76"), ("hira", "variants", "0.76")):
         lora, coto = ("lora", "coto") if variant == "lora" else (f"{variant}-lora", f"{variant}-coto")
-        a, b = per_seed(res, "train", study, lora, ms, side), per_seed(res, "train", study, coto, ms, side)
-        ratio = [y / x for x, y in zip(a, b)]
+        ratio = [y / x for x, y in zip(*ab(study, lora, coto, ms))]
         cost.append(row(f"6. wall-clock per step, CoTo / LoRA, {variant}", [1.0] * len(ratio), ratio, -1,
                         f"1.00 → {paper}", fmt="ratio"))
         if variant != "lora":
-            cost.append(row(f"   accuracy, {variant}", per_seed(res, "train", study, lora, acc, side),
-                            per_seed(res, "train", study, coto, acc, side), +1))
+            cost.append(row(f"   accuracy, {variant}", *ab(study, lora, coto), +1))
     out.append(("Training cost (time per step at equal steps) and variants", "without CoTo", "with CoTo", cost))
-    ablation = []
+    # the paper's direction and words, by the parameter an ablation changes ("coto p0=0.1": p0)
+    claims = {"p0": (0, "the snippet uses p0 = 0.1, the figure 0"), "shape": (0, "linear in the paper's figure"),
+              "stage1": (+1, "stage1 0.75 best")}
     default = per_seed(res, "train", "full", "coto", acc, side)  # CoTo with p0 0, stage1 0.75
+    ablation = []
     for setting in res.get("train", {}).get("ablations", {}):
         vals = per_seed(res, "train", "ablations", setting, acc, side)
-        if "p0" in setting:
-            ablation.append(row(f"7. {setting}", vals, default, 0, "the snippet uses p0 = 0.1, the figure 0"))
-        elif "shape" in setting:
-            ablation.append(row(f"7. {setting}", vals, default, 0, "linear in the paper's figure"))
-        else:
-            ablation.append(row(f"7. {setting}", vals, default, +1, "stage1 0.75 best"))
+        ablation.append(row(f"7. {setting}", vals, default, *claims[setting.split()[1].split("=")[0]]))
     out.append(("Ablations (accuracy, full data)", "the setting", "CoTo (p0 0, stage1 0.75)", ablation))
     lrs = sorted({float(v) for v in cfg.lrs.split(",")} | {cfg.lr})
     sweep = []
     for lr in lrs:  # the sweep's runs, and the "full" runs at cfg.lr
         study, lora, coto = ("full", "lora", "coto") if lr == cfg.lr else ("lr", f"lora@{lr:g}", f"coto@{lr:g}")
-        sweep.append(row(f"accuracy at lr {lr:g}", per_seed(res, "train", study, lora, acc, side),
-                         per_seed(res, "train", study, coto, acc, side), +1,
+        sweep.append(row(f"accuracy at lr {lr:g}", *ab(study, lora, coto), +1,
                          "CoTo's advantage grows with the LR, LoRA degrades" if lr == lrs[-1] else ""))
     out.append(("Learning-rate sweep (accuracy, full data)", "LoRA", "CoTo", sweep))
-    runs = res.get("train", {}).get("dynamics", {})
     long = []
-    for setting in [s for s in runs if s != "lora"]:
-        get = lambda k: lambda r: r[k]  # noqa: E731
-        long += [row(f"accuracy, {setting}", per_seed(res, "train", "dynamics", "lora", acc),
-                     per_seed(res, "train", "dynamics", setting, acc), +1),
+    for setting in [s for s in res.get("train", {}).get("dynamics", {}) if s != "lora"]:
+        long += [row(f"accuracy, {setting}", *ab("dynamics", "lora", setting, acc, None), +1),
                  row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}",
-                     per_seed(res, "train", "dynamics", "lora", get("train_loss_last")),
-                     per_seed(res, "train", "dynamics", setting, get("train_loss_last")), 0, fmt="ratio")]
+                     *ab("dynamics", "lora", setting, loss, None), 0, fmt="ratio")]
     out.append((f"Training length: {cfg.long_task}, {cfg.long_steps} steps (full data, learned head)",
                 "LoRA", "CoTo", long))
     return [(title, a, b, holm_rows(rs)) for title, a, b, rs in out if rs]
@@ -595,15 +587,6 @@ def fmt(x: tuple | None, kind: str) -> str:
     m, h = x if kind == "ratio" else (100 * x[0], 100 * x[1])
     digits = 2 if kind == "ratio" else 1
     return f"{m:.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
-
-
-def fmt_p(r: dict) -> str:
-    return "–" if math.isnan(r["p"]) else f"{r['p']:.3f} ({r['p_holm']:.3f})"
-
-
-SHARES = ("A block's Shapley share is its Shapley value over v(all) − v(none), summed over tasks and seeds: "
-          "the shares add up to 100 %; a negative share is a block whose adapters lower the accuracy on "
-          "average over coalitions (the other blocks then hold more than 100 %).")
 
 
 def markdown(table: list, profile: dict, cfg: Config) -> str:
@@ -623,11 +606,15 @@ def markdown(table: list, profile: dict, cfg: Config) -> str:
         lines += [f"#### {title}", "", f"Rows tested: {tested(rs)} (Holm's correction over them).", "",
                   f"| claim | A: {a} | B: {b} | B − A | n | p (Holm) | paper (A → B) | verdict here |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | {fmt(r['diff'], r['fmt'])} "
-                  f"| {r['n']} | {fmt_p(r)} | {r['paper']} | {r['verdict']} |" for r in rs]
+        for r in rs:
+            p = "–" if math.isnan(r["p"]) else f"{r['p']:.3f} ({r['p_holm']:.3f})"
+            lines.append(f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | "
+                         f"{fmt(r['diff'], r['fmt'])} | {r['n']} | {p} | {r['paper']} | {r['verdict']} |")
         lines.append("")
     if profile:
-        lines += [SHARES, ""]
+        lines += ["A block's Shapley share is its Shapley value over v(all) − v(none), summed over tasks and seeds: "
+                  "the shares add up to 100 %; a negative share is a block whose adapters lower the accuracy on "
+                  "average over coalitions (the other blocks then hold more than 100 %).", ""]
     for study, prof in profile.items():
         n = len(prof["lora"])
         lines += [f"#### Shapley share per block, {REGIMES[study]} (block 0 is the lowest)", "",
@@ -635,22 +622,6 @@ def markdown(table: list, profile: dict, cfg: Config) -> str:
         lines += [f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in shares) + " |" for m, shares in prof.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-def shapley_profiles(res: dict) -> dict:
-    """Share of the Shapley credit per block, per regime and method: each block's credit over all
-    credit, summed over tasks and seeds."""
-    out = {}
-    for study, settings in res.get("adapter", {}).items():
-        prof = {}
-        for method in ("lora", "coto"):
-            phis = [r["shapley"] for runs in settings.get(method, {}).values() for r in runs.values()]
-            total = sum(sum(phi) for phi in phis)
-            if phis and total >= 0.01:  # as credit_shares: no profile of credit that is not there
-                prof[method] = [sum(col) / total for col in zip(*phis)]
-        if len(prof) == 2:
-            out[study] = prof
-    return out
 
 
 def plot_dynamics(cfg: Config, path: Path) -> dict:
@@ -664,11 +635,9 @@ def plot_dynamics(cfg: Config, path: Path) -> dict:
     settings = studies(dataclasses.replace(cfg, studies="dynamics"))[0][1]
     curves = {}
     for setting in settings:
-        records = []
-        for seed in range(cfg.seeds):
-            f = run_folder(cfg, "dynamics", setting, cfg.long_task, seed) / "metrics.jsonl"
-            if f.is_file() and (f.parent / "result.json").is_file():  # finished runs only
-                records.append([json.loads(line) for line in f.read_text().splitlines()])
+        files = [run_folder(cfg, "dynamics", setting, cfg.long_task, s) / "metrics.jsonl" for s in range(cfg.seeds)]
+        records = [[json.loads(line) for line in f.read_text().splitlines()]
+                   for f in files if f.is_file() and (f.parent / "result.json").is_file()]  # finished runs only
         if not records:
             continue
         curves[setting] = {"runs": len(records)}
@@ -689,12 +658,10 @@ def plot_dynamics(cfg: Config, path: Path) -> dict:
                          color=f"C{i}")
     n = sorted({c["runs"] for c in curves.values()})
     axes[0].set_title(f"{cfg.long_task}, full data, {cfg.long_steps} steps at lr {cfg.lr}: mean of "
-                      f"{'-'.join(map(str, n))} seeds",
-                      loc="left")
-    axes[0].set_ylabel("test accuracy")
+                      f"{'-'.join(map(str, n))} seeds", loc="left")
     axes[0].legend(fontsize=8)
-    axes[1].set_ylabel("training loss")
-    axes[2].set_ylabel("CoTo p(t)")
+    for ax, label in zip(axes, ("test accuracy", "training loss", "CoTo p(t)")):
+        ax.set_ylabel(label)
     axes[2].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -719,8 +686,8 @@ def main(cfg: Config) -> dict:
     root = Path(cfg.out_dir)
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
-    mine = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("out_dir", "seeds", "studies", "device", *ANALYSE_FIELDS)}
+    ignored = ("out_dir", "seeds", "studies", "device", "analyse", "methods", "value", "players", "num_samples")
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
     mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
     if saved is not None and saved != mine:
@@ -756,13 +723,9 @@ def main(cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 # --analyse: games.py's reports on the runs another train_vit.py command saved
 
-ANALYSE_FIELDS = ("analyse", "methods", "value", "players", "num_samples")
-
-
 def saved_runs(root: Path, methods: list) -> dict:
-    """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root: a folder
-    with adapters.safetensors and result.json, whose task, method, seed and configuration are read
-    from result.json (never from the folder names)."""
+    """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root (adapters.safetensors
+    beside a result.json), read from its result.json, never from the folder names."""
     if not root.is_dir():
         raise FileNotFoundError(f"--analyse {root}: no such folder (give a train_vit.py --out-dir)")
     runs = {}
@@ -808,29 +771,28 @@ def analyse(cfg: Config) -> dict:
     cache = out / ("cache-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8])
     p, index = Plan(), []
 
-    def add(kind: str, label: str, path: Path, fn) -> None:  # one cached report
-        p.add(label, kind, 1.0, cache / path, fn)
+    def add(kind: str, label: str, path: Path, job, *args) -> None:  # one cached report: job(ctx, *args)
+        p.add(label, kind, 1.0, cache / path, partial(job, ctx, *args))
         index.append((kind, path.parts[0], cache / path))
     for m in methods:
         keys = sorted(k for k in runs if k[0] == m)
         for _, t, s in keys:
             vcfg, folder = runs[m, t, s]
             add("adapters", f"shapley and pruning {m}/{t}/seed{s}", Path(m, t, f"seed{s}.json"),
-                adapter_job(ctx, vcfg, tasks[t], folder, cfg.value))
+                adapter_job, vcfg, tasks[t], folder, cfg.value)
             if cfg.players == "module":
                 add("modules", f"per-module shapley {m}/{t}/seed{s}", Path(m, t, f"modules-seed{s}.json"),
-                    module_job(ctx, vcfg, tasks[t], folder, cfg))
+                    module_job, vcfg, tasks[t], folder, cfg)
         for t in sorted({t for _, t, _ in keys}):
             seeds = sorted(s for _, u, s in keys if u == t)
             for a, b in zip(seeds[::2], seeds[1::2]):  # disjoint pairs: independent, like the seeds
                 add("pairs", f"interpolation {m}/{t}/seeds {a},{b}", Path(m, t, f"pair{a}-{b}.json"),
-                    pair_job(ctx, runs[m, t, a][0], tasks[t], runs[m, t, a][1], runs[m, t, b][1], cfg.value))
+                    pair_job, runs[m, t, a][0], tasks[t], runs[m, t, a][1], runs[m, t, b][1], cfg.value)
         for s in sorted({s for _, _, s in keys}):
             ts = [t for t in task_names if (m, t, s) in runs]
             if len(ts) > 1:
-                add("combinations", f"combination {m}/seed{s}", Path(m, f"combine-seed{s}.json"),
-                    combine_job(ctx, runs[m, ts[0], s][0], {t: tasks[t] for t in ts},
-                                {t: runs[m, t, s][1] for t in ts}, cfg.value))
+                add("combinations", f"combination {m}/seed{s}", Path(m, f"combine-seed{s}.json"), combine_job,
+                    runs[m, ts[0], s][0], {t: tasks[t] for t in ts}, {t: runs[m, t, s][1] for t in ts}, cfg.value)
     count = collections.Counter((m, t) for m, t, _ in runs)  # seeds per method and task
     single = [f"{m}/{t}" for (m, t), k in sorted(count.items()) if k == 1]
     if single:
@@ -841,7 +803,7 @@ def analyse(cfg: Config) -> dict:
     results = {m: {kind: [] for kind in ("adapters", "pairs", "combinations", "modules")} for m in methods}
     for kind, m, path in index:
         results[m][kind].append(json.loads(path.read_text()))
-    atomic_write_text(out / "games.json", json.dumps({"config": dataclasses.asdict(cfg), "results": results}, indent=1))
+    write_json(out / "games.json", {"config": dataclasses.asdict(cfg), "results": results})
     paths = games.plot_reports({m: {k: v for k, v in r.items() if k != "modules"} for m, r in results.items()}, out,
                                "accuracy" if cfg.value == "acc" else "minus cross-entropy",
                                about=f"{root}: tasks {', '.join(task_names)}; {len(runs)} runs")
@@ -857,25 +819,5 @@ def analyse(cfg: Config) -> dict:
     return results
 
 
-def module_job(ctx, vcfg, task, folder, cfg: Config):
-    """Shapley values with one player per adapted module: sampled (multilinear), 2^n is too many."""
-    def fn():
-        model = ctx.model(vcfg, task, folder)
-        groups, (x, y) = block_groups(model, group_of=lambda name: name), ctx.eval_set(task)
-
-        def value_fn(S):
-            with games.coalition(groups, S):
-                return games.score(model, x, y, cfg.value)
-        phi, se = games.shapley_multilinear(value_fn, len(groups), cfg.num_samples,
-                                            generator=torch.Generator().manual_seed(vcfg.seed))
-        return {"names": list(groups), "shapley": phi.tolist(), "stderr": se.tolist()}
-    return fn
-
-
 if __name__ == "__main__":
-    try:
-        main(parse_config(Config, description=__doc__.split("\n\n")[0]))
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: run the same command again to continue (finished jobs are cached)")
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad flags, data or files: what to do
-        raise SystemExit(f"reproduce.py: error: {e}")
+    run_script(main, Config, __doc__, __file__, "run the same command again to continue (finished jobs are cached)")

@@ -310,6 +310,11 @@ def test_callback_events_and_arguments():
         CoToCallback(list(block_groups(peft_gpt2()).values()))
     with pytest.raises(ValueError, match=r"p0=2 is a probability"):
         CoToCallback(block_groups(peft_gpt2()), p0=2)
+    with pytest.raises(TypeError, match=r"seed=1.0 must be an integer"):
+        CoToCallback(block_groups(peft_gpt2()), seed=1.0)
+    model = peft_gpt2()
+    CoToCallback(block_groups(model))  # checks without staying: a CoTo can still drive the layers
+    CoTo(block_groups(model), 10).step(0)
 
 
 def test_readme_peft_snippet_runs_as_written(tmp_path, monkeypatch):

@@ -413,6 +413,22 @@ def test_use_adapter_takes_another_tasks_head_and_gives_it_back(device):
             pass
 
 
+def test_use_adapter_gives_everything_back_after_an_error():
+    model, a, _ = two_adapters()
+    x, _ = data()
+    own_head, layers = model.head, lora_layers(model).values()
+    with torch.no_grad():
+        before = model(x)
+    state = {**delta_state(model, a), "head.weight": torch.randn(5, 16), "head.bias": torch.randn(5)}
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with use_adapter(model, state):
+            assert model.head is not own_head and not any(layer.active for layer in layers)
+            raise RuntimeError("an error inside the block")
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # W, the head and every active flag are the model's own again
+    assert model.head is own_head and all(layer.active for layer in layers)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the argument, never a silent wrong answer
 

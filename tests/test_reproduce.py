@@ -189,7 +189,7 @@ def test_change_rows_and_controls_from_the_cached_reports(table_run):
     folder = lambda study, m: reproduce.run_folder(tiny(path), study, m, "rot90", 1)  # noqa: E731
     files = {m: reproduce.read_safetensors(folder(study, m) / "adapters.safetensors")
              for study, m in (("full", "lora"), ("full", "coto"), ("baselines", reproduce.RESCALED))}
-    lora, coto, rescaled = files["lora"], files["coto"], files[reproduce.RESCALED]
+    lora, rescaled = files["lora"], files[reproduce.RESCALED]
     assert torch.equal(rescaled["head.weight"], lora["head.weight"])
     for key in (k for k in lora if k.endswith("lora_A")):
         layer = key[:-len("lora_A")]
