@@ -520,6 +520,8 @@ def main(cfg: Config) -> dict:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     res = {"config": dataclasses.asdict(cfg), "device": device.type, "threads": torch.get_num_threads()}
+    print(f"bench.py on {device.type}, {res['threads']} thread{'s' * (res['threads'] > 1)}; "
+          f"bench.json and bench.md go to {cfg.out}", flush=True)
     t0 = time.perf_counter()
 
     def log(line):
@@ -547,6 +549,7 @@ def main(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "bench.json", json.dumps(res, indent=1))
     atomic_write_text(out / "bench.md", res["table"] + "\n")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'} ({format_eta(time.perf_counter() - t0)} in all)")
     return res
 
 

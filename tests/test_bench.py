@@ -94,7 +94,7 @@ def test_coto_masks_follow_the_schedule():
     assert not all(all(m) for t, m in zip(steps, masks) if t < 75)
 
 
-def test_main_tiny(tmp_path, device):
+def test_main_tiny(tmp_path, device, capsys):
     cfg = bench.Config(**TINY, device=str(device), large_embed_dim=16, large_depth=4, large_num_heads=2,
                        r=2, batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks=(3,),
                        shapley_batch=8, naive_samples=8, layer_shape=(68, 16, 64), out=str(tmp_path),
@@ -122,3 +122,6 @@ def test_main_tiny(tmp_path, device):
         assert r["peak_mb"] * 2 ** 20 >= 4 * n + 12 * r["trainable"], r
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["table"] == res["table"] and "5. Peak memory" in res["table"]
+    lines = capsys.readouterr().out.splitlines()
+    assert f"bench.json and bench.md go to {tmp_path}" in lines[0]
+    assert lines[-1].startswith(f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.md'}")
