@@ -3,7 +3,8 @@ Several seeds per setting; a markdown table sets the paper's numbers (method.md 
 
     python reproduce.py --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
                                   # 20-step runs are too short for the verdicts to mean anything
-    python reproduce.py           # about an hour and a quarter there; rerun the same command to resume
+    python reproduce.py           # 401 jobs, ~1.5 h there as 2-4 processes split by --studies (README);
+                                  # rerun the same command to resume
     python reproduce.py --analyse runs/vit   # only games.py's reports on runs train_vit.py saved
 
 Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
