@@ -674,6 +674,21 @@ QUICK = ("--quick is a smoke test of the whole pipeline: its runs are too short 
          "small for its verdicts to mean anything")
 
 
+def check(cfg: Config) -> None:
+    """Bad flags are an error now, not after pretraining: this script's own, then every run's
+    train_vit.Config as train_vit.py checks it."""
+    unknown = [t for t in [*cfg.tasks.split(","), cfg.long_task] if t not in train_vit.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r} in --tasks / --long-task: choose from "
+                         f"{', '.join(train_vit.TASKS)}")
+    if min(cfg.steps, cfg.fewshot_steps, cfg.long_steps) < 1:
+        raise ValueError(f"--steps {cfg.steps}, --fewshot-steps {cfg.fewshot_steps} and --long-steps {cfg.long_steps} "
+                         "must be at least 1")
+    for _, settings, task_names, _ in studies(cfg):
+        for overrides in settings.values():
+            train_vit.check_config(dataclasses.replace(vit_config(cfg, overrides, 0), tasks=",".join(task_names)))
+
+
 def main(cfg: Config) -> dict:
     if cfg.analyse:
         return analyse(cfg)
@@ -682,7 +697,7 @@ def main(cfg: Config) -> dict:
         print(QUICK, flush=True)
     if cfg.seeds < 2:
         raise ValueError(f"seeds={cfg.seeds}: intervals and seed interpolation need at least 2 (3 or more advised)")
-    studies(cfg)  # bad --studies: an error now, not after pretraining
+    check(cfg)
     t0 = time.time()
     root = Path(cfg.out_dir)
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder

@@ -5,6 +5,7 @@ then --analyse on its saved runs, checked against the table's own cached reports
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -94,6 +95,12 @@ def test_plan_pairs_seeds_disjointly_and_rescales_after_training():
     assert not any(label.startswith(f"train baselines/{reproduce.RESCALED}") for label in labels)
     with pytest.raises(ValueError, match="add full to --studies"):
         reproduce.main(Config(studies="baselines", out_dir="/nonexistent/never-written"))  # before any work
+    for bad, message in (({"long_task": "rot91"}, "unknown task 'rot91' in --tasks / --long-task"),
+                         ({"tasks": "new5,inverted"}, "unknown task 'inverted'"),
+                         ({"long_steps": 0}, "--long-steps 0 must be at least 1"),
+                         ({"vit": '{"variant": "lorra"}'}, "--variant 'lorra'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            reproduce.main(Config(out_dir="/nonexistent/never-written", **bad))
 
 
 def test_plan_resumes_where_it_stopped_and_keeps_job_output_back(tmp_path, capsys):
