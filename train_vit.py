@@ -44,7 +44,7 @@ from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata,
 from utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
                    get_lr, method_name, pick_device, print_speed, rank_world, read_safetensors,
                    read_safetensors_metadata, resume, run_script, save_checkpoint, save_result, seed_runs,
-                   seed_table, skip_finished, write_results, write_safetensors)
+                   seed_bars, seed_table, seed_values, skip_finished, write_results, write_safetensors)
 from vit import VisionTransformer, load_pretrained, load_pretrained_file, reset_head
 
 TASKS = ("new5", "rot90", "invert", "shuffle", "coarse")
@@ -709,22 +709,14 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     rows = tasks + ["mean"] if len(tasks) > 1 else tasks
-
-    def per_seed(name, row):  # [accuracy in % per seed (probe: one value)]; "mean": a seed's mean over tasks
-        if name == "linear probe":
-            return [100 * statistics.fmean(a for task, a in results["probe"].items() if row in ("mean", task))]
-        return [100 * statistics.fmean(r["acc"] for r in runs if r["method"] == name and r["seed"] == s
-                                       and row in ("mean", r["task"])) for s in seeds]
+    probe = [[statistics.fmean(a for task, a in results["probe"].items() if row in ("mean", task))] for row in rows]
+    values = {"linear probe": probe, **seed_values(runs, "task", lambda r: r["acc"], rows)}
+    values = {name: [[100 * a for a in v] for v in vs] for name, vs in values.items()}  # accuracy in %
 
     def mean_curve(task, method):  # (logged steps, training loss at each, mean over seeds)
         hs = [r["history"] for r in runs if r["task"] == task and r["method"] == method]
         return [e["step"] for e in hs[0]], [statistics.fmean(e["loss"] for e in step) for step in zip(*hs)]
 
-    acc, err = {}, {}
-    for name in ["linear probe", *methods]:
-        v = [per_seed(name, row) for row in rows]
-        acc[name] = [statistics.fmean(x) for x in v]
-        err[name] = [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v]
     curves = {task: {m: mean_curve(task, m) for m in methods} for task in tasks}
     with_coto = any(m.endswith("coto") for m in methods)
     p = (list(range(cfg.steps + 1)), [coto_prob(t, cfg.steps, cfg.p0, cfg.stage1_ratio, cfg.shape)
@@ -734,18 +726,9 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
     fig = plt.figure(figsize=(max(9.0, 3.2 * len(tasks) + 1), 8.5 if with_coto else 7.0))
     grid = fig.add_gridspec(3 if with_coto else 2, len(tasks), height_ratios=[3, 2, 0.8][:3 if with_coto else 2])
     ax = fig.add_subplot(grid[0, :])
-    width = 0.8 / len(acc)
-    for j, (name, means) in enumerate(acc.items()):
-        x = [i + (j - (len(acc) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(x, means, width, yerr=err[name] if len(seeds) > 1 and name in methods else None,
-               capsize=3, color="0.7" if name == "linear probe" else f"C{methods.index(name)}", label=name)
-        for xi, v, e in zip(x, means, err[name]):  # above the error bar, not across it
-            ax.annotate(f"{v:.1f}", (xi, v + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
-    lows = [a - e for name in acc for a, e in zip(acc[name], err[name])]
-    highs = [a + e for name in acc for a, e in zip(acc[name], err[name])]
-    bottom = 5 * math.floor((min(lows) - 5) / 5) if min(lows) > 25 else 0
-    ax.set_ylim(bottom, min(100, max(highs)) + 0.12 * (min(100, max(highs)) - bottom))
-    ax.set_xticks(range(len(rows)), rows)
+    acc, err, low, high = seed_bars(ax, rows, values, "{:.1f}")
+    bottom = 5 * math.floor((low - 5) / 5) if low > 25 else 0
+    ax.set_ylim(bottom, min(100, high) + 0.12 * (min(100, high) - bottom))
     ax.set_ylabel("test accuracy (%)" + (f"\naxis from {bottom}, not 0" if bottom else ""))
     ax.set_title(f"{cfg.dataset} ViT, LoRA r={cfg.r} on tasks {', '.join(tasks)}; {seed_text}", loc="left")
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(acc), frameon=False, fontsize=8)

@@ -574,27 +574,51 @@ def seed_table(title: str, runs: list, key: str, baseline: dict, baseline_name: 
     and method: the mean over seeds, ± the standard deviation (n - 1) with several seeds; beside them
     the `baseline` ({row: value}) and, with two methods, the second minus the first, seed by seed.
     The last row averages the rows, seed by seed."""
-    methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     title += f", seed {seeds[0]}" if len(seeds) == 1 else f", seeds {', '.join(map(str, seeds))}: mean ± std"
-
-    def per_seed(method, row):  # [value of each seed], a seed's value averaged over rows for "mean"
-        return [statistics.fmean(value(r) for r in runs if r["method"] == method and r["seed"] == seed
-                                 and row in (None, r[key])) for seed in seeds]
+    baseline = {**baseline, "mean": statistics.fmean(baseline.values())}
+    values = seed_values(runs, key, value, list(baseline))
+    methods = list(values)
 
     def cell(v):
         return fmt.format(statistics.fmean(v)) + (f" ± {fmt.format(statistics.stdev(v))}" if len(v) > 1 else "")
 
     head = [key, baseline_name, *methods] + ([f"{methods[1]} - {methods[0]} per seed"] if len(methods) == 2 else [])
     lines = [title, "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for row in [*baseline, None]:
-        v = {m: per_seed(m, row) for m in methods}
-        cells = [row or "mean", fmt.format(baseline[row] if row else statistics.fmean(baseline.values()))]
-        cells += [cell(v[m]) for m in methods]
+    for i, row in enumerate(baseline):
+        cells = [row, fmt.format(baseline[row]), *(cell(values[m][i]) for m in methods)]
         if len(methods) == 2:
-            cells.append(" ".join(fmt.format(b - a) for a, b in zip(v[methods[0]], v[methods[1]])))
+            cells.append(" ".join(fmt.format(b - a) for a, b in zip(values[methods[0]][i], values[methods[1]][i])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_values(runs: list, key: str, value, rows: list) -> dict:
+    """{method: [[value(run) of each seed] per row]}, a row being a task or domain (run[key]) or "mean",
+    where each seed's value is averaged over every row."""
+    seeds = sorted({r["seed"] for r in runs})
+    return {m: [[statistics.fmean(value(r) for r in runs if r["method"] == m and r["seed"] == s
+                                  and row in ("mean", r[key])) for s in seeds] for row in rows]
+            for m in dict.fromkeys(r["method"] for r in runs)}
+
+
+def seed_bars(ax, rows: list, values: dict, fmt: str) -> tuple:
+    """Grouped bars on a matplotlib axis, a group per row and a bar per name of `values` ({name: [[value
+    of each seed] per row]}, the first a baseline, in grey): the mean over seeds, with one standard
+    deviation (n - 1) as error bars for names with several seeds and the mean written above the error
+    bar. Returns ({name: [mean per row]}, {name: [std per row]}, lowest mean - std, highest mean + std)."""
+    means = {name: [statistics.fmean(x) for x in v] for name, v in values.items()}
+    err = {name: [statistics.stdev(x) if len(x) > 1 else 0.0 for x in v] for name, v in values.items()}
+    width = 0.8 / len(values)
+    for j, name in enumerate(values):
+        x = [i + (j - (len(values) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(x, means[name], width, yerr=err[name] if len(values[name][0]) > 1 else None, capsize=3,
+               color=f"C{j - 1}" if j else "0.7", label=name)
+        for xi, v, e in zip(x, means[name], err[name]):  # above the error bar, not across it
+            ax.annotate(fmt.format(v), (xi, v + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks(range(len(rows)), rows)
+    ends = [(a - e, a + e) for name in means for a, e in zip(means[name], err[name])]
+    return means, err, min(low for low, _ in ends), max(high for _, high in ends)
 
 
 def print_speed(runs: list) -> None:

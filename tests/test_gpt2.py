@@ -315,6 +315,8 @@ def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
         r = next(r for r in runs if (r["domain"], r["method"], r["seed"]) == (s["domain"], s["method"], s["seed"]))
         gain = res["base"][s["domain"]]["val_loss"] - r["val_loss"]
         assert math.isclose(sum(s["phi"]), gain, rel_tol=1e-3, abs_tol=1e-5)
+        total = sum(s["phi"])  # = v(all) - v(none) of the coalition table: the shares divide by it
+        assert s["share"] == (pytest.approx([p / total for p in s["phi"]]) if total > 0 else None)
     assert len(g["interpolation"]) == 4 and len(g["fusion"]) == 4
     # the adapter folder is a PEFT adapter of the cached base model
     root = train_gpt2.base_folder(cfg)  # every run of every seed lives under the base model's folder
@@ -403,3 +405,7 @@ def test_games_table_is_the_mean_over_seeds_with_the_spread():
     assert lines[4] == f"| milton | lora | 0.110 | 2.100 ± {sd} | 2.500 ± 0.000 | - | 0.50 ± {0.2 / 2 ** 0.5:.2f} |"
     assert lines[5] == f"| milton | coto | 0.040 | 1.900 ± 0.000 | 2.500 ± {sd} | - | 0.30 ± 0.00 |"
     assert lines[-2:] == ["  milton lora   0.50  0.50", "  milton coto   0.70  0.30"]
+    for s in res["shapley"]:  # CoTo's adapters remove no validation loss: no credit to share, no share shown
+        s["share"] = None if s["method"] == "coto" else s["share"]
+    lines = train_gpt2.games_table(res).splitlines()
+    assert lines[5].endswith("| - |") and lines[-1] == "  milton coto  -: the adapters remove no validation loss"

@@ -75,6 +75,7 @@ def test_p_value_and_holm_by_hand():
 
 class PlanOnly:
     """A Context that builds nothing: enough for plan() to list the jobs."""
+    n_eval = 500
 
     def tasks(self, vcfg):
         return dict.fromkeys(("new5", "rot90"))
