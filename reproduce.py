@@ -619,7 +619,7 @@ def command(cfg: Config) -> str:
     default = quick_config(Config(quick=True)) if cfg.quick else Config()
     flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in dataclasses.asdict(cfg).items()
              if v != getattr(default, k) and k not in ("out_dir", "data_dir", "device")]
-    return " ".join(["python reproduce.py", *["--quick"] * cfg.quick, *flags])
+    return " ".join(["python reproduce.py", *(["--quick"] if cfg.quick else []), *flags])
 
 
 def markdown(table: list, profile: dict, cfg: Config) -> str:
