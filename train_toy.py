@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from coto import CoTo, active_mask, block_groups
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
-from utils import TrainLog, check_finite, get_lr, method_name, pick_device, run_script
+from lab.utils import TrainLog, check_finite, get_lr, method_name, pick_device, run_script
 
 
 @dataclass

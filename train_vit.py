@@ -41,7 +41,7 @@ from coto import SHAPES, CoTo, block_groups, coto_prob
 from games import block_subsets, coalition, interpolate, use_adapter
 from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
-from utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
+from lab.utils import (TrainLog, atomic_write_text, check_finite, ddp_wrap, distributed, finished_run, format_eta,
                    get_lr, method_name, pick_device, print_speed, rank_world, read_safetensors,
                    read_safetensors_metadata, resume, run_script, save_checkpoint, save_result, seed_runs,
                    seed_bars, seed_table, seed_values, skip_finished, write_results, write_safetensors)

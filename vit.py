@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import load_weights
+from lab.utils import load_weights
 
 
 class PatchEmbed(nn.Module):

@@ -15,8 +15,8 @@ Every figure is a ratio measured in the same run: the compared cases alternate c
 the drift of a busy machine hits them alike), warm-up calls are excluded, and each ratio is the
 median over repeats. On CUDA the steps run in bf16 autocast (the layer table adds fp32).
 
-    python bench.py            # a few minutes on a 2-core CPU; prints the table, writes runs/bench/
-    python bench.py --quick    # about a minute, one ViT, noisier
+    python -m lab.bench            # a few minutes on a 2-core CPU; prints the table, writes runs/bench/
+    python -m lab.bench --quick    # about a minute, one ViT, noisier
 """
 import contextlib
 import copy
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import games
 from coto import CoTo, block_groups, set_active
 from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from utils import atomic_write_text, format_eta, parse_config, pick_device
+from lab.utils import atomic_write_text, format_eta, parse_config, pick_device
 from vit import VisionTransformer
 
 

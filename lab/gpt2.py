@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import lora_layers
-from utils import atomic_write_text, load_weights, write_safetensors
+from lab.utils import atomic_write_text, load_weights, write_safetensors
 
 CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # HF stores these (in, out)
 

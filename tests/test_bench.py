@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-import bench
+from lab import bench
 from coto import block_groups, set_active
 
 TINY = dict(embed_dim=16, depth=3, num_heads=2)

@@ -12,9 +12,9 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           TrainingArguments)
 
 from coto import CoTo, CoToCallback, block_groups
-from gpt2 import GPT, load_hf, save_hf
+from lab.gpt2 import GPT, load_hf, save_hf
 from lora import inject_lora, lora_layers, mark_only_lora_as_trainable
-from peft_io import load_peft_adapter, save_peft_adapter
+from lab.peft_io import load_peft_adapter, save_peft_adapter
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 

@@ -14,11 +14,11 @@ import torch
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # test-only, .ci/run installs it
 
-import bpe
-import train_gpt2
-import utils
-from gpt2 import GPT, load_hf, save_hf, state_from_hf
-from utils import write_safetensors
+from lab import bpe
+from lab import train_gpt2
+from lab import utils
+from lab.gpt2 import GPT, load_hf, save_hf, state_from_hf
+from lab.utils import write_safetensors
 
 
 def random_hf(seed: int, **kw) -> GPT2LMHeadModel:

@@ -8,9 +8,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model  # test-only, .ci/run installs them
 from transformers import GPT2LMHeadModel
 
-from gpt2 import GPT, load_hf, save_hf
+from lab.gpt2 import GPT, load_hf, save_hf
 from lora import inject_lora, lora_layers
-from peft_io import load_peft_adapter, save_peft_adapter
+from lab.peft_io import load_peft_adapter, save_peft_adapter
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -85,7 +85,7 @@ def test_silent_peft_failures_are_errors_here(tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**conf, "target_modules": None}))
     with pytest.raises(ValueError, match="target_modules"):
         load_peft_adapter(small_gpt(), bad)
-    from utils import read_safetensors, write_safetensors
+    from lab.utils import read_safetensors, write_safetensors
     wrong = tmp_path / "wrong_prefix"
     wrong.mkdir()
     state = read_safetensors(tmp_path / "good" / "adapter_model.safetensors")

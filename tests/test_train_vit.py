@@ -25,7 +25,7 @@ import train_vit
 from lora import lora_state_dict
 from train_vit import (Batches, Config, evaluate, finetune, load_adapters, load_cifar10,
                        load_data, load_fashion_mnist, main, make_task, make_tasks, pretrain)
-from utils import parse_config, write_safetensors
+from lab.utils import parse_config, write_safetensors
 
 TINY = Config(dataset="synthetic", embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6,
               batch_size=32, n_train=200, n_test=100, tasks="new5,rot90", warmup=2, log_every=3,

@@ -13,8 +13,8 @@ import safetensors
 import safetensors.torch  # the reference (requirements-test.txt)
 import torch
 
-import utils
-from utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, get_lr, load_checkpoint,
+from lab import utils
+from lab.utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, get_lr, load_checkpoint,
                    load_weights, method_name, parse_config, read_safetensors, read_safetensors_metadata,
                    save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
