@@ -12,7 +12,11 @@ It writes runs/toy/toy.png: these accuracies, the loss curves, CoTo's active blo
     python train_toy.py            # ~1 minute on 2 CPU cores
     python train_toy.py --device cuda
 """
+import argparse
+import dataclasses
+import inspect
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 
 from coto import CoTo, active_mask, block_groups
 from lora import inject_lora, load_lora_state_dict, lora_state_dict, mark_only_lora_as_trainable
-from lab.utils import TrainLog, check_finite, get_lr, method_name, pick_device, run_script
+from lab.utils import TrainLog, check_finite, method_name, run_script
 
 
 @dataclass
@@ -52,6 +56,43 @@ class Config:
     device: str = "auto"       # auto | cpu | cuda | mps
     out_dir: str = "runs/toy"
     plot: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Three helpers every script shares (train_vit.py and the lab import them from here)
+
+
+def parse_args(cls, doc: str, example: str, argv=None):
+    """A `cls` (a Config dataclass) from the command line: one --flag per field, its `# comment`
+    as the help, --flag / --no-flag for booleans. A value the Config refuses is a one-line error."""
+    comments = dict(re.findall(r"^ +(\w+): [^#\n]*# *(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=doc, epilog=f"example:\n  {example}\n", allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {"action": argparse.BooleanOptionalAction} if f.type in (bool, "bool") else {"type": type(f.default)}
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind,
+                            help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+    try:
+        return cls(**vars(parser.parse_args(argv)))
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; a device this machine lacks is an error that says so."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available() or device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: this torch sees no such device here; use --device cpu (or auto)")
+    return device
+
+
+def get_lr(step: int, total_steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to 0 (a pure function of the step, like coto_prob)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
 
 
 class Block(nn.Module):
