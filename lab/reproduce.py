@@ -47,6 +47,7 @@ import torch
 import games
 import train_vit
 from coto import block_groups, coto_prob
+from lab.reports import adapter_report, combine_report, pair_report, plot_reports, rescale_to_norm
 from lab.utils import (atomic_write_text, format_eta, read_safetensors, read_safetensors_metadata, run_script,
                    write_safetensors)
 
@@ -94,7 +95,7 @@ def quick_config(cfg: Config) -> Config:
 # The "less-trained adapter" control. CoTo updates each adapter on ~62.5 % of the steps, and a
 # smaller update might combine and prune better by itself. This setting is the "full" regime's
 # LoRA adapter with each layer's delta W rescaled to the Frobenius norm of CoTo's (same task and
-# seed; games.rescale_to_norm): LoRA's directions at CoTo's size. Chosen over "LoRA with as many
+# seed; lab.reports.rescale_to_norm): LoRA's directions at CoTo's size. Chosen over "LoRA with as many
 # adapter updates as CoTo" because that one also changes the LR schedule and the data seen.
 RESCALED = "lora rescaled to coto"
 
@@ -246,7 +247,7 @@ def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_
     """Save LoRA's adapter rescaled to CoTo's per-layer delta-W norm (see RESCALED) in `folder`,
     like a trained run's, and return its test accuracy (the head stays LoRA's)."""
     lora, coto = (f / "adapters.safetensors" for f in (lora_folder, coto_folder))
-    state = games.rescale_to_norm(ctx.model(vcfg, task, lora_folder), read_safetensors(lora), read_safetensors(coto))
+    state = rescale_to_norm(ctx.model(vcfg, task, lora_folder), read_safetensors(lora), read_safetensors(coto))
     metadata = {**read_safetensors_metadata(lora), "method": RESCALED}
     write_safetensors(state, folder / "adapters.safetensors", metadata=metadata)
     acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
@@ -254,19 +255,19 @@ def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_
 
 
 def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str) -> dict:
-    return games.adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
+    return adapter_report(ctx.model(vcfg, task, folder), *ctx.eval_set(task), value)
 
 
 def pair_job(ctx: Context, vcfg, task, folder_a: Path, folder_b: Path, value: str) -> dict:
     a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
-    return games.pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
+    return pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
 
 
 def combine_job(ctx: Context, vcfg, tasks: dict, folders: dict, value: str) -> dict:
     states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
     first = next(iter(tasks))
     model = ctx.model(vcfg, tasks[first], folders[first])
-    return games.combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
+    return combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
 
 
 def module_job(ctx: Context, vcfg, task, folder: Path, value: str, num_samples: int) -> dict:
@@ -449,7 +450,7 @@ def collect(index: list) -> dict:
 
 def reports(res: dict, *group, kinds=("adapter", "pair", "combination")) -> dict:
     """{"adapters": [...], "pairs": [...], "combinations": [...]}: collect()'s reports of one setting
-    (group: study, setting) or method over its tasks and seeds, as games.plot_reports takes them."""
+    (group: study, setting) or method over its tasks and seeds, as lab.reports.plot_reports takes them."""
     found = {kind: reduce(lambda d, key: d.get(key, {}), (kind, *group), res) for kind in kinds}
     return {kind + "s": [r for seeds in runs.values() for r in seeds.values()] for kind, runs in found.items()}
 
@@ -753,8 +754,8 @@ def main(cfg: Config) -> dict:
     write_json(root / "results.json", {"config": dataclasses.asdict(cfg), "runs": res, "table": table,
                                        "shapley_profile": profile, "wall_s": time.time() - t0})
     (root / "table.md").write_text(text + "\n")
-    games.plot_reports({m: reports(res, "full", m) for m in ("lora", "coto")}, root,
-                       about=f"{REGIMES['full']}; tasks {cfg.tasks}; {cfg.seeds} seeds; {cfg.steps} steps")
+    plot_reports({m: reports(res, "full", m) for m in ("lora", "coto")}, root,
+                 about=f"{REGIMES['full']}; tasks {cfg.tasks}; {cfg.seeds} seeds; {cfg.steps} steps")
     if "dynamics" in res.get("train", {}):
         plot_dynamics(cfg, root / "dynamics.png")
     print(text)
@@ -827,9 +828,9 @@ def analyse(cfg: Config) -> dict:
     res = collect(index)
     results = {m: reports(res, m, kinds=("adapter", "pair", "combination", "module")) for m in methods}
     write_json(out / "games.json", {"config": dataclasses.asdict(cfg), "results": results})
-    paths = games.plot_reports({m: reports(res, m) for m in methods}, out,
-                               "accuracy" if cfg.value == "acc" else "minus cross-entropy",
-                               about=f"{root}: tasks {', '.join(task_names)}; {len(runs)} runs")
+    paths = plot_reports({m: reports(res, m) for m in methods}, out,
+                         "accuracy" if cfg.value == "acc" else "minus cross-entropy",
+                         about=f"{root}: tasks {', '.join(task_names)}; {len(runs)} runs")
     for m, r in results.items():  # means over the runs
         mean = lambda rs, get: statistics.fmean(get(x) for x in rs)  # noqa: E731
         if r["adapters"]:

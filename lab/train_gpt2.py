@@ -44,6 +44,7 @@ from lab.gpt2 import GPT, generate, load_hf, save_hf
 from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
 from lab.peft_io import load_peft_adapter, save_peft_adapter
+from lab.reports import connectivity
 from lab.utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
                    pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
                    save_checkpoint, save_result, seed_bars, seed_runs, seed_table, seed_values, skip_finished,
@@ -408,8 +409,8 @@ def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tenso
     for (domain, method, seed), model in models.items():
         twin = models.get((domain, method, seed + 1))
         if twin is not None and (seed - cfg.seed) % 2 == 0:  # disjoint pairs (s, s + 1), (s + 2, s + 3), ...
-            res = games.connectivity(model, lambda m: -evaluate(m, *vals[domain], nbytes)[1],
-                                     lora_state_dict(model), lora_state_dict(twin))
+            res = connectivity(model, lambda m: -evaluate(m, *vals[domain], nbytes)[1],
+                               lora_state_dict(model), lora_state_dict(twin))
             out["interpolation"].append({"domain": domain, "method": method, "seeds": [seed, seed + 1], **res})
     domains = sorted({d for d, _, _ in models})
     methods = sorted({m for _, m, _ in models}) if len(domains) > 1 else []  # fusion needs several domains
