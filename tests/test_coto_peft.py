@@ -1,6 +1,7 @@
-"""CoTo driving HF PEFT's own LoRA / DoRA layers and transformers' Trainer, against this project's
+"""lab.peft_coto: CoTo driving HF PEFT's own LoRA / DoRA layers and transformers' Trainer, against this project's
 LoRALinear and explicit base-layer outputs. Tiny randomly initialised GPT-2 and LLaMA configs (no
 download); peft and transformers are test-only dependencies."""
+import copy
 import re
 from pathlib import Path
 
@@ -11,10 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model  # test-only, .ci/run ins
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer,
                           TrainingArguments)
 
-from coto import CoTo, CoToCallback, block_groups
+from coto import CoTo, block_groups
 from lab.gpt2 import GPT, load_hf, save_hf
-from lora import inject_lora, lora_layers, mark_only_lora_as_trainable
+from lab.peft_coto import CoToCallback, peft_block_groups
 from lab.peft_io import load_peft_adapter, save_peft_adapter
+from lora import inject_lora, lora_layers, mark_only_lora_as_trainable
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -58,7 +60,7 @@ def lora_params(layer):
 def test_peft_layers_are_grouped_per_block(arch):
     build, per_block = MODELS[arch]
     model = build()
-    groups = block_groups(model)
+    groups = peft_block_groups(model)
     prefix = {"gpt2": "base_model.model.transformer.h", "llama": "base_model.model.model.layers"}[arch]
     assert list(groups) == [f"{prefix}.{i}" for i in range(3)]
     named = {id(m): n for n, m in model.named_modules()}
@@ -69,7 +71,7 @@ def test_peft_layers_are_grouped_per_block(arch):
     base = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=24, n_layer=2, n_head=3))
     with_head = get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
                                                 modules_to_save=["lm_head"]))
-    assert [len(v) for v in block_groups(with_head).values()] == [1, 1]
+    assert [len(v) for v in peft_block_groups(with_head).values()] == [1, 1]
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -82,7 +84,7 @@ def test_bypassed_peft_layers_give_the_base_output_and_no_grad(arch, use_dora, d
     model.eval()
     with torch.no_grad():
         all_on = model(idx).logits
-    groups = block_groups(model)
+    groups = peft_block_groups(model)
     seen = {}  # layer -> (its output, its base layer's output on the same input)
 
     def record(layer, args, output):
@@ -118,7 +120,7 @@ def test_peft_switch_and_an_optimizer_built_before_training():
     that require grad, before training, holds every adapter; bypassed ones get grad None and AdamW
     leaves them exactly as they were; weights a user froze stay frozen."""
     model = peft_gpt2()
-    layer = block_groups(model)["base_model.model.transformer.h.0"][0]
+    layer = peft_block_groups(model)["base_model.model.transformer.h.0"][0]
     layer.enable_adapters(False)
     assert not any(p.requires_grad for p in lora_params(layer).values())  # PEFT's own switch does this
     layer.enable_adapters(True)
@@ -126,9 +128,9 @@ def test_peft_switch_and_an_optimizer_built_before_training():
     frozen = model.base_model.model.transformer.h[1].attn.c_attn.lora_A["default"].weight
     frozen.requires_grad_(False)  # e.g. a user training only B in one layer
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
-    n_adapter = sum(len(lora_params(l)) for layers in block_groups(model).values() for l in layers)
+    n_adapter = sum(len(lora_params(l)) for layers in peft_block_groups(model).values() for l in layers)
     assert len(opt.param_groups[0]["params"]) == n_adapter - 1
-    groups = block_groups(model)
+    groups = peft_block_groups(model)
     coto = CoTo(groups, total_steps=20, p0=0.0, seed=0)
     idx = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
     model.train()
@@ -170,10 +172,10 @@ def native_and_peft_pair(tmp_path, variant):
     return ours, theirs
 
 
-def train_with_coto(model, logits_of, steps=8):
+def train_with_coto(model, groups, logits_of, steps=8):
     """AdamW with CoTo (p0 = 0, seed 0) on fixed random token batches; returns the masks."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    coto = CoTo(block_groups(model), total_steps=steps, p0=0.0, seed=0)
+    coto = CoTo(groups, total_steps=steps, p0=0.0, seed=0)
     g = torch.Generator().manual_seed(5)
     masks = []
     model.train()
@@ -191,8 +193,8 @@ def train_with_coto(model, logits_of, steps=8):
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_coto_under_peft_equals_coto_with_lora_py_and_the_adapters_cross_over(tmp_path, variant):
     ours, theirs = native_and_peft_pair(tmp_path, variant)
-    masks = train_with_coto(ours, lambda m, idx: m(idx))
-    assert torch.equal(train_with_coto(theirs, lambda m, idx: m(idx).logits), masks)
+    masks = train_with_coto(ours, block_groups(ours), lambda m, idx: m(idx))
+    assert torch.equal(train_with_coto(theirs, peft_block_groups(theirs), lambda m, idx: m(idx).logits), masks)
     assert not masks.all() and masks.any(dim=1).all()
     worst = 0.0
     for name, layer in lora_layers(ours).items():
@@ -221,6 +223,75 @@ def test_coto_under_peft_equals_coto_with_lora_py_and_the_adapters_cross_over(tm
         torch.testing.assert_close(there(idx).logits, expected, rtol=0, atol=1e-9)
 
 
+def test_active_flag_and_draw_on_peft_layers_and_hooks_attached_once():
+    """peft_block_groups gives PEFT's layers what coto.py drives: `active` (every mode) and
+    `coto_on` (training mode only), honoured by hooks attached once however often it is called."""
+    model = peft_gpt2()
+    randomize_B(model)
+    idx = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    groups = peft_block_groups(model)
+    assert peft_block_groups(model) == groups
+    layer = groups["base_model.model.transformer.h.1"][0]
+    assert len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, m.base_layer(args[0]))))
+    model.eval()
+    layer.coto_on = False  # CoTo's draw: ignored in eval mode
+    model(idx)
+    layer.active = False  # the user's switch: honoured in eval mode
+    model(idx)
+    layer.active, layer.coto_on = True, False
+    model.train()
+    model(idx)
+    assert seen == [False, True, True] and not layer.disable_adapters
+
+
+def test_a_peft_model_with_every_adapter_disabled_is_refused(tmp_path):
+    model = peft_gpt2()
+    model.disable_adapter_layers()
+    with pytest.raises(ValueError, match=r"disable_adapter_layers\(\).*call model.enable_adapter_layers\(\) first"):
+        peft_block_groups(model)
+    model.enable_adapter_layers()
+    callback = CoToCallback(peft_block_groups(model))
+    model.disable_adapter_layers()  # after the callback was made: refused when training starts
+    args = TrainingArguments(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, report_to="none",
+                             use_cpu=True, disable_tqdm=True, logging_strategy="no", save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(4, 1), callbacks=[callback])
+    with pytest.raises(ValueError, match=r"call model.enable_adapter_layers\(\) first"):
+        trainer.train()
+
+
+def test_a_forward_that_raised_in_a_bypassed_peft_layer_switches_it_back_on():
+    model = peft_gpt2()
+    groups = peft_block_groups(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    coto = CoTo(groups, total_steps=10, p0=0.0, seed=0)
+    mask = coto.step(0)
+    layer = list(groups.values())[int((~mask).nonzero()[0])][0]
+    model.train()
+    with pytest.raises(RuntimeError):  # switched off, then its base layer raises (wrong width)
+        layer(torch.randn(2, 5))
+    assert not layer.disable_adapters and not layer.coto_switched_off
+    assert {p: p.requires_grad for p in model.parameters()} == flags
+
+
+def test_a_deep_copy_of_a_peft_model_takes_a_coto_of_its_own():
+    model = peft_gpt2()
+    coto = CoTo(peft_block_groups(model), total_steps=10, p0=0.0, seed=0)
+    mask = coto.step(0)
+    twin = copy.deepcopy(model)
+    assert [l.coto_on for layers in peft_block_groups(twin).values() for l in layers] == \
+        [bool(m) for m in mask for _ in range(4)]  # the copy keeps the last draw ...
+    own = CoTo(peft_block_groups(twin), total_steps=10)  # ... until a CoTo of its own takes over
+    own.remove()
+    twin.train()
+    before = [l.disable_adapters for layers in own.groups.values() for l in layers]
+    twin(torch.randint(0, 40, (1, 8)))
+    assert before == [False] * 12
+    assert all(l.coto_on is True for l in own.layers)
+    assert [l.coto_on for l in coto.layers] == [bool(m) for m in mask for _ in range(4)]  # the original's own
+
+
 class TokenData(torch.utils.data.Dataset):
     def __init__(self, n, seed):
         self.idx = torch.randint(0, 40, (n, 12), generator=torch.Generator().manual_seed(seed))
@@ -235,7 +306,7 @@ class TokenData(torch.utils.data.Dataset):
 def test_trainer_draws_one_mask_per_optimizer_step_and_evaluates_with_every_adapter(tmp_path, monkeypatch):
     model = peft_gpt2()
     randomize_B(model)
-    groups = block_groups(model)
+    groups = peft_block_groups(model)
     runs = []  # per forward pass: (training?, per group: did its adapters run?)
     current = {}
 
@@ -267,7 +338,7 @@ def test_trainer_draws_one_mask_per_optimizer_step_and_evaluates_with_every_adap
     evals = [on for training, on in runs if not training]
     assert len(train) == 12 and len(evals) == 2
     other = peft_gpt2()  # the same structure: the same masks from the same seed
-    reference = CoTo(block_groups(other), total_steps=6, p0=0.0, seed=0)
+    reference = CoTo(peft_block_groups(other), total_steps=6, p0=0.0, seed=0)
     expected = [reference.step(t).tolist() for t in range(6)]
     assert train == [m for m in expected for _ in range(2)]  # both micro-batches share the draw
     assert not all(all(m) for m in expected)
@@ -276,7 +347,7 @@ def test_trainer_draws_one_mask_per_optimizer_step_and_evaluates_with_every_adap
     model.train()
     model(torch.randint(0, 40, (1, 8)))
     assert runs == [(True, [True] * 3)]  # after training: CoTo is off, every adapter runs
-    assert not any(hasattr(l, "coto_on") for layers in groups.values() for l in layers)
+    assert all(l.coto_on is True for layers in groups.values() for l in layers)
 
 
 def test_trainer_resumed_from_a_checkpoint_draws_the_uninterrupted_masks(tmp_path, monkeypatch):
@@ -290,7 +361,7 @@ def test_trainer_resumed_from_a_checkpoint_draws_the_uninterrupted_masks(tmp_pat
         args = TrainingArguments(tmp_path / "out", max_steps=6, per_device_train_batch_size=2, save_steps=3,
                                  report_to="none", use_cpu=True, disable_tqdm=True, logging_strategy="no")
         return Trainer(model=model, args=args, train_dataset=TokenData(24, 1),
-                       callbacks=[CoToCallback(block_groups(model), p0=0.0, seed=3)])
+                       callbacks=[CoToCallback(peft_block_groups(model), p0=0.0, seed=3)])
 
     trainer().train()
     full = {t: masks[0] for t, masks in draws.items()}
@@ -302,19 +373,21 @@ def test_trainer_resumed_from_a_checkpoint_draws_the_uninterrupted_masks(tmp_pat
 
 
 def test_callback_events_and_arguments():
-    callback = CoToCallback(block_groups(peft_gpt2()))
+    callback = CoToCallback(peft_block_groups(peft_gpt2()))
     assert callback.on_log(None, None, None, logs={}) is None  # events CoTo does not need are no-ops
     with pytest.raises(AttributeError):
         callback.not_an_event
-    with pytest.raises(TypeError, match=r"groups must be a dict"):
-        CoToCallback(list(block_groups(peft_gpt2()).values()))
-    with pytest.raises(ValueError, match=r"p0=2 is a probability"):
-        CoToCallback(block_groups(peft_gpt2()), p0=2)
-    with pytest.raises(TypeError, match=r"seed=1.0 must be an integer"):
-        CoToCallback(block_groups(peft_gpt2()), seed=1.0)
+    with pytest.raises(TypeError, match=r"groups must be a non-empty dict"):
+        CoToCallback({"h.0": [torch.nn.Linear(2, 2)]})
+    with pytest.raises(ValueError, match=r"p0=2 and stage1_ratio=0.75 must both be in \[0, 1\]"):
+        CoToCallback(peft_block_groups(peft_gpt2()), p0=2)
+    with pytest.raises(TypeError, match=r"'float' object cannot be interpreted as an integer"):
+        CoToCallback(peft_block_groups(peft_gpt2()), seed=1.0)
+    with pytest.raises(ValueError, match=r"no PEFT LoRA layers: wrap it with peft.get_peft_model"):
+        peft_block_groups(GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=24, n_layer=1, n_head=3)))
     model = peft_gpt2()
-    CoToCallback(block_groups(model))  # checks without staying: a CoTo can still drive the layers
-    CoTo(block_groups(model), 10).step(0)
+    CoToCallback(peft_block_groups(model))  # checks without staying: a CoTo can still drive the layers
+    CoTo(peft_block_groups(model), 10).step(0)
 
 
 def test_readme_peft_snippet_runs_as_written(tmp_path, monkeypatch):
@@ -332,4 +405,4 @@ def test_readme_peft_snippet_runs_as_written(tmp_path, monkeypatch):
     exec(compile(after, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 100
     assert (tmp_path / "runs/peft-coto/adapter/adapter_model.safetensors").is_file()
-    assert not any(hasattr(m, "coto_on") for m in scope["model"].modules())  # CoTo is off after training
+    assert all(m.coto_on is True for m in scope["model"].modules() if hasattr(m, "coto_on"))  # CoTo is off
