@@ -21,7 +21,7 @@ from lora import lora_layers, lora_state_dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Adapters: another task's head, the control's rescaled adapter, q/k/v only
+# Adapters and paths: another task's head, the control's rescaled adapter, q/k/v only, interpolation
 
 
 def _other_head(module, weight, bias) -> nn.Linear | None:
