@@ -34,10 +34,10 @@ SEPARATOR = re.compile(r"\|?(\s*:?-{3,}:?\s*\|)+\s*(:?-{3,}:?)?\s*")
 class Config:
     add: str = ""  # record results/<ADD>.json from a script's output piped in (its markdown tables), then rewrite --out
     command: str = ""  # with --add: the command that printed the output, as a user types it (thread setting included)
-    title: str = ""  # with --add: the section's title (default: the title results/<ADD>.json already has)
-    machine: str = ""  # with --add: where it ran (default: this machine's CPU model, cores, OS and torch version)
-    commit: str = ""  # with --add: the commit that ran (default: git rev-parse --short HEAD, '+changes' if code differs)
-    date: str = ""  # with --add: the day it ran, YYYY-MM-DD (default: today, UTC)
+    title: str = ""  # with --add: the section's title; empty: the title results/<ADD>.json already has
+    machine: str = ""  # with --add: where it ran; empty: this machine's CPU model, cores, OS and torch version
+    commit: str = ""  # with --add: the commit that ran; empty: git rev-parse --short HEAD, '+changes' if code differs
+    date: str = ""  # with --add: the day it ran, YYYY-MM-DD; empty: today (UTC)
     results: str = "results"  # the folder of JSON summaries
     out: str = "RESULTS.md"  # the markdown file written from them
     check: bool = False  # write nothing; exit 1 if --out differs from what the summaries give (CI)
@@ -133,7 +133,7 @@ def render(summaries: list) -> str:
     out = ["# Results", "",
            "<!-- Written by `python -m lab.results` from results/*.json: edit those, not this file. -->", "",
            "Every table below is what the command of its section printed, at the commit and on the date "
-           "the section names; the notes under a title read those numbers. `python -m lab.results` writes this "
+           "the section names (a note says where cells were gathered by hand); the notes read those numbers. `python -m lab.results` writes this "
            "file from the summaries in `results/`, and `python -m lab.results --add NAME --command \"...\" "
            "< output.txt` records a script's printed tables as a new summary. Another CPU or thread count "
            "changes the last digits (see the README).", ""]
@@ -191,7 +191,10 @@ def main(cfg: Config) -> None:
     if cfg.add:
         if sys.stdin.isatty():
             raise SystemExit(f"pipe the script's output in: python -m lab.results --add {cfg.add} --command ... < output.txt")
-        print(f"wrote {add(cfg, sys.stdin.read())}")
+        try:
+            print(f"wrote {add(cfg, sys.stdin.read())}")
+        except ValueError as e:
+            raise SystemExit(f"lab.results: error: {e}") from None
     text = render(load(Path(cfg.results)))
     out = Path(cfg.out)
     if cfg.check:
