@@ -9,27 +9,31 @@ The factors have this project's layout (lora_A (r, in), lora_B (out, r)) also fo
 HF layers are Conv1D with (in, out) weights: PEFT's `fan_in_fan_out=True` only transposes the
 merged product B A, never the factors. Two ways to lose an adapter without an error in PEFT, both
 guarded here: a config without `target_modules` (PEFT then wraps nothing) and keys without the
-"base_model.model." prefix (PEFT warns and keeps the base model).
+"base_model.model." prefix (PEFT warns and keeps the base model). The safetensors header also
+carries lora.lora_metadata (variant, r, alpha, scaling), checked against the config on loading.
 
-    save_peft_adapter(model, "runs/milton")            # here
+    save_peft_adapter(model, "runs/milton", task_type="CAUSAL_LM")   # here
     base = GPT2LMHeadModel.from_pretrained("runs/base")   # there (gpt2.save_hf wrote it)
     peft_model = PeftModel.from_pretrained(base, "runs/milton")
 """
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch.nn as nn
 
-from lora import inject_lora, load_lora_state_dict, lora_layers
-from lab.utils import atomic_write_text, read_safetensors, write_safetensors
+from lora import inject_lora, load_lora_state_dict, lora_layers, lora_metadata
+from lab.utils import atomic_write_text, read_safetensors, read_safetensors_metadata, write_safetensors
 
 PREFIX = "base_model.model."
 FILE_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector"}
 
 
-def save_peft_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None) -> None:
-    """Write the model's adapters as adapter_config.json + adapter_model.safetensors."""
+def save_peft_adapter(model: nn.Module, folder, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> None:
+    """Write the model's adapters as adapter_config.json + adapter_model.safetensors. task_type is
+    PEFT's ("CAUSAL_LM" for GPT-2, "SEQ_CLS", ...; None: a plain PeftModel, for any model)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to export (inject_lora first)")
@@ -48,16 +52,16 @@ def save_peft_adapter(model: nn.Module, folder, base_model_name_or_path: str | N
                 tensors[f"{PREFIX}{name}.{key}"] = getattr(layer, pname).detach()
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
         "use_rslora": not math.isclose(first.scaling, first.alpha / first.r),
         "use_dora": first.variant == "dora",
         "target_modules": sorted(layers),  # full names: PEFT matches exactly these modules
-        "fan_in_fan_out": True,  # GPT-2's HF layers are Conv1D (in, out)
+        "fan_in_fan_out": True,  # GPT-2's HF layers are Conv1D (in, out); PEFT turns it off for nn.Linear
         "bias": "none", "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
     folder = Path(folder)
-    write_safetensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_safetensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt", **lora_metadata(model)})
     atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
 
 
@@ -79,13 +83,19 @@ def load_peft_adapter(model: nn.Module, folder) -> list:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key} (a different r or alpha per module) is not supported")
+    defaults = {"r": 8, "lora_alpha": 8, "use_rslora": False, "use_dora": False}  # PEFT's LoraConfig's
+    if missing := [key for key in defaults if key not in cfg]:  # the adapter's scale depends on them
+        warnings.warn(f"{cfg_path} lacks {', '.join(missing)}: PEFT's defaults are used "
+                      f"({', '.join(f'{k}={defaults[k]}' for k in missing)}); if the adapter was trained "
+                      f"with others, it loads at the wrong scale")
+    cfg = defaults | cfg
     raw = read_safetensors(st_path)
     bad = [k for k in raw if not k.startswith(PREFIX)]
     if bad:
         raise ValueError(f"{st_path}: key {bad[0]!r} lacks the {PREFIX!r} prefix PEFT expects "
                          f"(PEFT itself would silently keep the base model)")
     names = inject_lora(model, targets, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
-                        "dora" if cfg.get("use_dora") else "lora", cfg.get("use_rslora", False))
+                        "dora" if cfg["use_dora"] else "lora", cfg["use_rslora"])
     state = {}
     for name, layer in lora_layers(model).items():
         for pname, key in FILE_KEYS.items():
@@ -93,5 +103,6 @@ def load_peft_adapter(model: nn.Module, folder) -> list:
                 state[f"{name}.{pname}"] = raw.pop(PREFIX + f"{name}.{key}")
     if raw:
         raise ValueError(f"{st_path}: {len(raw)} tensors fit no adapted module, e.g. {next(iter(raw))!r}")
-    load_lora_state_dict(model, state)  # names any module whose tensors are missing
+    # names any module whose tensors are missing, and a file saved with another variant, r or alpha
+    load_lora_state_dict(model, state, metadata=read_safetensors_metadata(st_path))
     return names

@@ -5,12 +5,14 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model  # test-only, .ci/run installs them
 from transformers import GPT2LMHeadModel
 
 from lab.gpt2 import GPT, load_hf, save_hf
-from lora import inject_lora, lora_layers
 from lab.peft_io import load_peft_adapter, save_peft_adapter
+from lab.utils import read_safetensors, read_safetensors_metadata, write_safetensors
+from lora import inject_lora, lora_layers, lora_metadata
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -35,13 +37,15 @@ def test_exported_adapter_gives_same_logits_in_peft(tmp_path, variant, rslora):
     save_hf(model, tmp_path / "base")
     inject_lora(model, TARGETS, r=4, alpha=8.0, variant=variant, rslora=rslora)
     randomize_adapters(model)
-    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"),
+                      task_type="CAUSAL_LM")
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():
         base_logits = hf(idx).logits
         peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
         theirs, ours = peft_model(idx).logits, model(idx)
+    assert type(peft_model).__name__ == "PeftModelForCausalLM"  # the task_type given
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert (theirs - base_logits).abs().max() > 0.1  # the adapter really is applied (not silently dropped)
     # and it comes back: the imported model gives the same logits
@@ -85,7 +89,6 @@ def test_silent_peft_failures_are_errors_here(tmp_path):
     (bad / "adapter_config.json").write_text(json.dumps({**conf, "target_modules": None}))
     with pytest.raises(ValueError, match="target_modules"):
         load_peft_adapter(small_gpt(), bad)
-    from lab.utils import read_safetensors, write_safetensors
     wrong = tmp_path / "wrong_prefix"
     wrong.mkdir()
     state = read_safetensors(tmp_path / "good" / "adapter_model.safetensors")
@@ -98,3 +101,69 @@ def test_silent_peft_failures_are_errors_here(tmp_path):
     inject_lora(hira, TARGETS, r=2, alpha=4.0, variant="hira")
     with pytest.raises(ValueError, match=r"PEFT has no HiRA layer.*lora\.merge_and_unload"):
         save_peft_adapter(hira, tmp_path / "hira")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_an_adapter_of_a_model_that_is_no_language_model_loads_in_peft(tmp_path):
+    """task_type is the caller's (default None: PEFT's plain PeftModel), not always CAUSAL_LM,
+    which PEFT cannot wrap around a model without generate()."""
+    torch.manual_seed(0)
+    base, model = MLP(), MLP()
+    model.load_state_dict(base.state_dict())
+    inject_lora(model, ["fc1", "fc2"], r=2, alpha=4.0)
+    randomize_adapters(model)
+    save_peft_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] is None
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model.eval()(x), atol=1e-6, rtol=0)
+        with theirs.disable_adapter():
+            assert (theirs(x) - model(x)).abs().max() > 0.1  # the adapter really is applied
+
+
+def test_the_file_carries_the_adapter_settings_and_a_config_without_them_warns(tmp_path):
+    model = small_gpt()
+    inject_lora(model, TARGETS, r=2, alpha=4.0, rslora=True)
+    randomize_adapters(model)
+    save_peft_adapter(model, tmp_path / "good")
+    st = tmp_path / "good" / "adapter_model.safetensors"
+    assert read_safetensors_metadata(st) == {"format": "pt", **lora_metadata(model)}
+    conf = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+
+    def folder(name, config, metadata):
+        (tmp_path / name).mkdir()
+        write_safetensors(read_safetensors(st), tmp_path / name / "adapter_model.safetensors", metadata=metadata)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        return tmp_path / name
+
+    edited = folder("edited", {**conf, "lora_alpha": 8}, read_safetensors_metadata(st))
+    with pytest.raises(ValueError, match=r"saved as alpha=4.0.*this model has alpha=8.0"):
+        load_peft_adapter(small_gpt(), edited)  # the file knows its own scale
+    bare = {k: v for k, v in conf.items() if k not in ("lora_alpha", "use_rslora")}
+    warned = r"lacks lora_alpha, use_rslora: PEFT's defaults are used \(lora_alpha=8, use_rslora=False\)"
+    with pytest.warns(UserWarning, match=warned), pytest.raises(ValueError, match="saved as alpha=4.0"):
+        load_peft_adapter(small_gpt(), folder("bare", bare, read_safetensors_metadata(st)))
+    # a file without the settings (as PEFT writes it) and a config without them: a warning, and
+    # PEFT's defaults, which are right here (alpha 8, no rsLoRA), so the logits are the adapter's
+    plain = small_gpt()
+    inject_lora(plain, TARGETS, r=2, alpha=8.0)
+    randomize_adapters(plain)
+    save_peft_adapter(plain, tmp_path / "plain")
+    st = tmp_path / "plain" / "adapter_model.safetensors"
+    conf = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    back = small_gpt()
+    with pytest.warns(UserWarning, match="lacks lora_alpha: PEFT's defaults are used"):
+        load_peft_adapter(back, folder("peft_like", {k: v for k, v in conf.items() if k != "lora_alpha"},
+                                       {"format": "pt"}))
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx), plain(idx), atol=1e-6, rtol=0)
