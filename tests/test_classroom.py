@@ -2,6 +2,7 @@
 matplotlib and each other; lora.py and coto.py each work copied alone; the product cites no file
 a user does not have."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,14 @@ def test_the_product_cites_no_file_users_do_not_have():
     cites = [f"{p.relative_to(ROOT)}:{i}" for p in product if p.is_file()
              for i, line in enumerate(p.read_text().splitlines(), 1) if any(n in line for n in names)]
     assert not cites, f"cite the paper (arXiv 2506.05713, its section) or the README instead: {cites}"
+
+
+def test_every_readme_command_carries_its_thread_setting():
+    """Two threads on two busy cores spin against each other (GPT-2 took 11.5 min without the
+    setting, 5 with it), and the numbers in RESULTS.md were printed with one thread."""
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"(\S*) *python (?:-m )?(?:train_toy\.py|train_vit\.py|pytest|lab\.(?:train_gpt2|reproduce|bench))"
+                          r"([^\n`]*)", readme)
+    assert len(commands) >= 10
+    bare = [f"python ...{rest}" for before, rest in commands if before.lstrip("`(") != "OMP_NUM_THREADS=1" and "--device cuda" not in rest]
+    assert not bare, f"prefix OMP_NUM_THREADS=1: {bare}"
