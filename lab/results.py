@@ -136,7 +136,8 @@ def render(summaries: list) -> str:
            "the section names (a note says where cells were gathered by hand); the notes read those numbers. `python -m lab.results` writes this "
            "file from the summaries in `results/`, and `python -m lab.results --add NAME --command \"...\" "
            "< output.txt` records a script's printed tables as a new summary. Another CPU or thread count "
-           "changes the last digits (see the README).", ""]
+           "moves the digits (by up to 2.2 points in the main job's cells on an AVX-512 Xeon; see the README); "
+           "reruns on one machine are bit-identical.", ""]
     out += [f"- [{s['title']}](#{name})" for name, s in summaries] + [""]
     for name, s in summaries:
         ran = f" (run as `{s['command_as_run']}`)" if s.get("command_as_run") else ""
