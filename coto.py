@@ -1,4 +1,4 @@
-"""CoTo (Zhuang et al., "Come Together, But Not Right Now", ICML 2025, arXiv 2506.05713, section 3):
+"""CoTo (Zhuang et al., "Come Together, But Not Right Now", ICML 2025, arXiv 2506.05713, Fig. 1):
 before every optimizer step each transformer block's adapters are switched on together with
 probability p(t), rising from p0 to 1 over the first 75 % of the steps, then plain LoRA. CoTo writes
 the draw on each adapter layer (a module with a boolean `active`, e.g. lora.LoRALinear) as `coto_on`,
@@ -39,11 +39,11 @@ def coto_prob(step, total_steps, p0=0.0, stage1_ratio=0.75, shape="linear") -> f
 
 
 def block_of(name: str) -> str:
-    """A layer's block: its path up to the last index ("3", "encoder_layer_3") above the layer itself:
-    timm blocks.3.attn.qkv, GPT-2 transformer.h.3.mlp.c_fc, LLaMA model.layers.3.self_attn.q_proj,
+    """A layer's block: its path up to the last index ("3", "encoder_layer_3") above the layer itself
+    (else its own): timm blocks.3.attn.qkv, GPT-2 transformer.h.3.mlp.c_fc, LLaMA model.layers.3.q_proj,
     torchvision encoder.layers.encoder_layer_3.mlp.0, Swin layers.0.blocks.3.attn.qkv: up to "3"."""
     parts = name.split(".")
-    for i in reversed(range(len(parts) - 1)):  # the layer's own name ("mlp.0", "fc1") is no block
+    for i in [*reversed(range(len(parts) - 1)), len(parts) - 1]:  # parents inside out, then the layer ("mlp.0")
         if parts[i].rpartition("_")[2].isdigit():
             return ".".join(parts[:i + 1])
     raise ValueError(f"no index in {name!r} to tell its block: pass block_groups group_of=callable(name) -> group")

@@ -169,7 +169,8 @@ def test_grouping_rule_and_override():
     assert block_of("blocks.3.mlp.fc1") == "blocks.3"  # fc1 is the layer's own name, not an index
     assert block_of("transformer.h.11.mlp.c_fc") == "transformer.h.11"
     assert block_of("base_model.model.transformer.h.5.attn.c_attn") == "base_model.model.transformer.h.5"
-    for name in ("mlp.fc1", "0", "head"):
+    assert block_of("layers.2") == "layers.2" and block_of("0") == "0"  # a list of adapted layers: one each
+    for name in ("mlp.fc1", "head", "attn2.to_q"):
         with pytest.raises(ValueError, match=r"no index in .* pass block_groups group_of=callable\(name\)"):
             block_of(name)
     model = toy_model()
@@ -197,7 +198,7 @@ def test_any_module_with_an_active_flag_is_an_adapter_layer():
             on = self.active and (not self.training or self.coto_on)
             return x + self.delta(x) if on else x
 
-    model = nn.Sequential(nn.Sequential(Gated()), nn.Sequential(Gated()))
+    model = nn.Sequential(Gated(), Gated())
     groups = block_groups(model)
     assert list(groups) == ["0", "1"]
     coto = CoTo(groups, total_steps=10, p0=0.0, seed=0)
@@ -205,8 +206,8 @@ def test_any_module_with_an_active_flag_is_an_adapter_layer():
     assert mask.sum() == 1
     x = torch.randn(4, 2)
     expected = x
-    for on, block in zip(mask, model):
-        expected = expected + block[0].delta(expected) if on else expected
+    for on, layer in zip(mask, model):
+        expected = expected + layer.delta(expected) if on else expected
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
