@@ -1,5 +1,6 @@
 """RESULTS.md is what `python -m lab.results` writes from results/*.json, and --add records a script's tables."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,7 @@ def test_a_row_with_a_missing_cell_is_an_error_naming_the_file(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_the_commit_is_marked_when_code_differs_from_it(tmp_path, monkeypatch):
     git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
     git("init", "-q")
