@@ -5,8 +5,8 @@ mode. PEFT's layers read neither flag, so `peft_block_groups` gives each PEFT Lo
 and a pair of forward hooks that honour them through PEFT's public per-layer switch
 (`enable_adapters`); coto.CoTo then drives them unchanged:
 
-    groups = peft_block_groups(model)                   # one group per transformer block
-    coto = CoTo(groups, total_steps)                    # a loop of your own: coto.step(step) per optimizer step
+    groups = peft_block_groups(model)                          # one group per transformer block
+    coto = CoTo(groups, total_steps)                           # your own loop: coto.step(step) per step
     trainer = Trainer(..., callbacks=[CoToCallback(groups)])   # or transformers' Trainer
 
 No import of peft or transformers: layers and Trainer events are duck-typed.
