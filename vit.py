@@ -3,27 +3,18 @@
 Pre-norm ViT (Dosovitskiy et al., 2021) as timm's `VisionTransformer` computes it: a patchifying
 convolution, a class token, a learned positional embedding over [class, patches], `depth` blocks of
 `x + attn(norm1(x))`, `x + mlp(norm2(x))` (GELU, LayerNorm eps 1e-6), a final LayerNorm, the class
-token's features, a linear head. The parameter names are timm's (`patch_embed.proj`, `cls_token`,
-`pos_embed`, `blocks.{i}.norm1`, `blocks.{i}.attn.qkv`, `blocks.{i}.attn.proj`, `blocks.{i}.norm2`,
-`blocks.{i}.mlp.fc1`, `blocks.{i}.mlp.fc2`, `norm`, `head`), so a timm checkpoint of the same shape
-loads with `strict=True` and LoRA targets read like every other ViT codebase: qkv, proj, fc1, fc2.
+token's features, a linear head. The parameter names are timm's (`blocks.{i}.attn.qkv`, ...), so a
+timm checkpoint of the same shape loads with `strict=True` and LoRA targets read as everywhere.
 
-The forward pass is split in three so that analyses can run the blocks one at a time
-(games.py evaluates adapter coalitions block by block):
+The forward pass is three pieces, so that analyses can run the blocks one at a time:
 
-    h = model.embed(x)            # (B, C, H, W) -> (B, N+1, D)  tokens with class token and positions
-    for blk in model.blocks:      # nn.ModuleList of Block
-        h = blk(h)                # (B, N+1, D)
+    h = model.embed(x)              # (B, C, H, W) -> (B, N+1, D): class token first, positions added
+    h = model.blocks(h)             # nn.Sequential of Block, (B, N+1, D)
     logits = model.forward_head(h)  # final norm, class token, head -> (B, num_classes)
-
-(timm puts the final norm in forward_features; here it belongs to forward_head so that the three
-pieces above are all there is.)
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from lab.utils import load_weights
 
 
 class PatchEmbed(nn.Module):
@@ -94,21 +85,20 @@ class VisionTransformer(nn.Module):
                                       embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.Sequential(*(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """timm's default init: truncated normal (std 0.02) weights, zero biases, tiny class token."""
+        """timm's init: truncated normal (std 0.02) weights, zero biases, tiny class token; the conv keeps torch's."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # the patch conv keeps PyTorch's default (lecun-like) init, as timm's does
 
     def embed(self, x):
         """(B, C, H, W) images -> (B, N+1, D) tokens: class token first, positions added."""
@@ -121,10 +111,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(h)[:, 0])
 
     def forward(self, x):
-        h = self.embed(x)
-        for blk in self.blocks:
-            h = blk(h)
-        return self.forward_head(h)
+        return self.forward_head(self.blocks(self.embed(x)))
 
 
 def reset_head(model: VisionTransformer, num_classes: int, generator=None) -> None:
@@ -137,53 +124,27 @@ def reset_head(model: VisionTransformer, num_classes: int, generator=None) -> No
 
 
 def load_pretrained(model: VisionTransformer, state: dict, ignore_head: bool = True) -> None:
-    """Load a timm-format state dict into `model`, or stop with an error naming each bad key.
-
-    Every backbone tensor must be present with exactly the model's shape. With ignore_head the
-    file's `head.*` (another task's classifier, any number of classes) is skipped and the model's
-    own head is kept; otherwise it must match too.
-    """
+    """Load a timm-format state dict into `model`, or stop with an error naming each bad key. With
+    ignore_head the state's `head.*` (another task's classifier) is skipped and the model's own kept."""
     own = model.state_dict()
     skip = ("head.",) if ignore_head else ()
     missing = [k for k in own if k not in state and not k.startswith(skip)]
     unexpected = [k for k in state if k not in own and not k.startswith(skip)]
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and not k.startswith(skip) and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = []
-        if missing:
-            lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
-        if unexpected:
-            lines.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}"
-                         + (" ..." if len(unexpected) > 8 else ""))
-        if wrong:
-            lines.append("shape mismatches: " + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
-        raise ValueError("these weights do not fit this ViT:\n  " + "\n  ".join(lines) +
-                         "\n  The file must be a timm-format VisionTransformer state dict with the same "
-                         "img_size, patch_size, in_chans, embed_dim, depth and mlp_ratio as the model "
-                         "(set them in the Config / on the command line to match the file).")
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:8])}{' ...' * (len(keys) > 8)}"
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+                if keys]
+    if problems:
+        raise ValueError("these weights do not fit this ViT:\n  " + "\n  ".join(problems) + "\n  They must be a "
+                         "timm-format VisionTransformer state dict with the model's img_size, patch_size, in_chans, "
+                         "embed_dim, depth and mlp_ratio (set those flags to match the file).")
     keep = {k: v for k, v in state.items() if not k.startswith(skip)}
     model.load_state_dict({**own, **keep}, strict=True)
-
-
-def load_pretrained_file(model: VisionTransformer, path, ignore_head: bool = True) -> None:
-    """load_pretrained from a local .safetensors / .pth / .pt / .bin file."""
-    state = load_weights(path)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
-    try:
-        load_pretrained(model, state, ignore_head=ignore_head)
-    except ValueError as e:
-        raise ValueError(f"cannot load {path}: {e}") from None
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 if __name__ == "__main__":
     m = VisionTransformer()
     x = torch.randn(2, 1, 28, 28)
-    print(m(x).shape, f"{num_params(m) / 1e6:.2f}M params,",
+    print(m(x).shape, f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params,",
           f"{m.patch_embed.num_patches + 1} tokens of width {m.embed_dim}, {len(m.blocks)} blocks")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lab.utils import write_safetensors
-from vit import VisionTransformer, load_pretrained, load_pretrained_file
+from lab.vit_weights import load_pretrained_file
+from vit import VisionTransformer, load_pretrained
 
 KW = dict(img_size=8, patch_size=4, in_chans=2, num_classes=3, embed_dim=12, depth=2, num_heads=3, mlp_ratio=2.0)
 
