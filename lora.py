@@ -55,6 +55,7 @@ class LoRALinear(nn.Module):
         self.active = True  # the user's switch, every mode
         self.coto_on = True  # CoTo's draw, training mode only; None: a CoTo is attached, not stepped yet
         self.merged = False  # saved in the state dict (get_extra_state), so a load restores it
+        self.train(base.training)  # a new layer follows the mode of the model it goes into
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.coto_on is None:

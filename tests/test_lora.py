@@ -472,6 +472,18 @@ def test_coto_on_none_raises_in_a_training_forward_only():
     torch.testing.assert_close(layer.eval()(x), reference(layer, x), rtol=1e-12, atol=1e-12)
 
 
+def test_new_layers_follow_the_mode_of_the_model():
+    """inject_lora into a model in eval mode: the adapters' dropout is off, two forwards agree."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    inject_lora(model, ["0", "2"], r=2, alpha=4.0, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    for layer in lora_layers(model).values():
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    assert LoRALinear(nn.Linear(4, 4), r=1, alpha=1.0).training  # a training base: a training layer
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_merge_unmerge_cycles_do_not_drift(variant):
     """The merge arithmetic runs in float32: W is rounded to bf16 once per merge and once per
