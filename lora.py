@@ -156,7 +156,11 @@ def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout=0.0, va
         raise ValueError(f"targets {[t for t, n in matches.items() if not n] or targets} match no nn.Linear; "
                          f"the linear layers are: {', '.join(linears) or '(none)'}")
     names = [n for n in linears if any(n in found for found in matches.values())]
+    direct = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
     for name in names:
+        if any(isinstance(m, direct) and linears[name] in m.modules() for m in model.modules()):
+            raise ValueError(f"cannot adapt {name}: nn.MultiheadAttention (out_proj) and nn.Transformer*Layer (eval "
+                             f"fast path) read the weight directly, skipping the adapter")
         check_lora_args(linears[name], r, alpha, dropout, variant, rslora)
     for name in names:
         model.set_submodule(name, LoRALinear(linears[name], r, alpha, dropout, variant, rslora))

@@ -484,6 +484,24 @@ def test_new_layers_follow_the_mode_of_the_model():
     assert LoRALinear(nn.Linear(4, 4), r=1, alpha=1.0).training  # a training base: a training layer
 
 
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+
+
+@pytest.mark.parametrize("model, target", [
+    (Attention(), "out_proj"),  # MHA reads out_proj.weight itself: the adapter would never run
+    (nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), "linear1"),  # eval fast path reads the weights
+    (nn.TransformerDecoderLayer(8, 2, dim_feedforward=16), "linear2"),
+    (nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)), "self_attn.out_proj"),
+])
+def test_layers_whose_weights_torch_reads_directly_are_refused(model, target):
+    with pytest.raises(ValueError, match=r"cannot adapt \S*" + target + r": nn.MultiheadAttention .* skipping"):
+        inject_lora(model, [target], r=2, alpha=4.0)
+    assert not lora_layers(model)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_merge_unmerge_cycles_do_not_drift(variant):
     """The merge arithmetic runs in float32: W is rounded to bf16 once per merge and once per
