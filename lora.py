@@ -21,6 +21,9 @@ def check_lora_args(base: nn.Linear, r, alpha, dropout, variant, rslora) -> None
     """Raise, naming the argument, for anything that would make a LoRALinear silently wrong."""
     if not isinstance(base, nn.Linear):  # GPT-2's Conv1D, say, keeps W as (in, out)
         raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+    if nn.utils.parametrize.is_parametrized(base) or base._forward_pre_hooks:  # weight_norm, spectral_norm
+        raise ValueError("cannot adapt a parametrized (e.g. weight_norm'd) nn.Linear: its weight is recomputed "
+                         "at every call, so merge() could not fold the adapter in; remove the parametrization")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 0 < r <= min(base.weight.shape):

@@ -502,6 +502,47 @@ def test_layers_whose_weights_torch_reads_directly_are_refused(model, target):
     assert not lora_layers(model)
 
 
+class RoundedLinear(nn.Linear):
+    """A fake-quantised layer: its own forward rounds W to quarters."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, torch.round(self.weight * 4) / 4, self.bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_linear_subclass_keeps_its_forward_unmerged_and_merged(variant):
+    torch.manual_seed(0)
+    base = RoundedLinear(7, 5).double()
+    layer = LoRALinear(copy.deepcopy(base), r=3, alpha=6.0, variant=variant)
+    x = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)  # B = 0: exactly the subclass
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    W_eff = layer.base.weight + layer.delta_weight()
+    if variant == "lora":  # unmerged: the subclass's output plus the low-rank term
+        torch.testing.assert_close(layer(x), base(x) + x @ (W_eff - base.weight).T, rtol=1e-12, atol=1e-12)
+    layer.merge()
+    expected = nn.functional.linear(x, torch.round(W_eff * 4) / 4, base.bias)  # the subclass on the merged W
+    torch.testing.assert_close(layer.eval()(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda m: nn.utils.parametrizations.weight_norm(m),
+    lambda m: nn.utils.parametrizations.spectral_norm(m),
+    lambda m: torch.nn.utils.weight_norm(m),  # the old form: a forward pre-hook
+])
+def test_parametrized_linears_are_refused(wrap):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        model = nn.Sequential(wrap(nn.Linear(6, 4)))
+    with pytest.raises(ValueError, match=r"parametrized .* merge\(\) could not fold .* remove the parametrization"):
+        LoRALinear(model[0], r=2, alpha=4.0)
+    with pytest.raises(ValueError, match="parametrized"):
+        inject_lora(model, ["0"], r=2, alpha=4.0)
+    assert not lora_layers(model)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_merge_unmerge_cycles_do_not_drift(variant):
     """The merge arithmetic runs in float32: W is rounded to bf16 once per merge and once per
