@@ -164,6 +164,10 @@ def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout=0.0, va
         if any(isinstance(m, direct) and linears[name] in m.modules() for m in model.modules()):
             raise ValueError(f"cannot adapt {name}: nn.MultiheadAttention (out_proj) and nn.Transformer*Layer (eval "
                              f"fast path) read the weight directly, skipping the adapter")
+        tied = [n for n, p in model.named_parameters(remove_duplicate=False) if p is linears[name].weight]
+        if len(tied) > 1:
+            raise ValueError(f"cannot adapt {name}: {' and '.join(tied)} are one tensor, which merging would rewrite; "
+                             f"untie first ({name}.weight = nn.Parameter(its weight.detach().clone()))")
         check_lora_args(linears[name], r, alpha, dropout, variant, rslora)
     for name in names:
         model.set_submodule(name, LoRALinear(linears[name], r, alpha, dropout, variant, rslora))

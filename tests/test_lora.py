@@ -543,6 +543,22 @@ def test_parametrized_linears_are_refused(wrap):
     assert not lora_layers(model)
 
 
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(10, 6)
+        self.lm_head = nn.Linear(6, 10, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2 does
+
+
+def test_a_tied_weight_is_refused_naming_both_and_the_fix():
+    model = TiedLM()
+    with pytest.raises(ValueError, match=r"cannot adapt lm_head: wte.weight and lm_head.weight are one tensor.*untie"):
+        inject_lora(model, ["lm_head"], r=2, alpha=4.0)
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+    assert inject_lora(model, ["lm_head"], r=2, alpha=4.0) == ["lm_head"]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_merge_unmerge_cycles_do_not_drift(variant):
     """The merge arithmetic runs in float32: W is rounded to bf16 once per merge and once per
