@@ -54,6 +54,7 @@ class LoRALinear(nn.Module):
         if variant == "dora":
             self.lora_magnitude = nn.Parameter(base.weight.detach().norm(dim=1))  # (out,)
             self.register_buffer("lora_merged_norm", _at_least_f32(base.weight.new_zeros(base.out_features)))  # ||V||
+        self.register_buffer("lora_merged_adapter", None, persistent=False)  # what merge() folded in
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = True  # the user's switch, every mode
         self.coto_on = True  # CoTo's draw, training mode only; None: a CoTo is attached, not stepped yet
@@ -128,20 +129,24 @@ class LoRALinear(nn.Module):
                 raise ValueError("cannot merge this DoRA layer reversibly: a row with magnitude 0 becomes a zero "
                                  "row of W that unmerge() cannot restore; merge_and_unload(model) folds it for good")
         self.base.weight.copy_(self._effective_weight(W))
-        self.merged = True
+        self.merged, self.lora_merged_adapter = True, nn.utils.parameters_to_vector(self.parameters(recurse=False))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo merge(): W recomputed from the merged weight and the adapter (as PEFT does). Idempotent."""
         if self.merged:
+            if self.lora_merged_adapter is not None and not torch.equal(
+                    self.lora_merged_adapter, nn.utils.parameters_to_vector(self.parameters(recurse=False))):
+                raise RuntimeError("this layer's adapter changed while merged (an optimizer step?), so W cannot be "
+                                   "recovered: unmerge before stepping, or keep the weights: merge_and_unload(model)")
             self.base.weight.copy_(self._unmerged_weight(_at_least_f32(self.base.weight)))
-        self.merged = False
+        self.merged, self.lora_merged_adapter = False, None
 
     def get_extra_state(self) -> dict:  # the state dict says whether its weights are merged
         return {"merged": self.merged}
 
     def set_extra_state(self, state: dict) -> None:
-        self.merged = bool(state["merged"])
+        self.merged, self.lora_merged_adapter = bool(state["merged"]), None
 
 
 def lora_layers(model: nn.Module) -> dict:

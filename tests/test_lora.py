@@ -579,6 +579,19 @@ def test_bf16_merge_unmerge_cycles_do_not_drift(variant):
     assert drift[100] <= 1.25 * drift[1] and drift[100] <= 2 ** -8, drift
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_optimizer_step_while_merged_is_refused_at_unmerge(variant):
+    model, _ = two_block_model(variant)
+    opt = torch.optim.SGD([p for layer in lora_layers(model).values() for p in layer.parameters(recurse=False)], lr=0.1)
+    model(torch.randn(5, 6, dtype=torch.float64)).square().sum().backward()
+    merge_lora(model)
+    merged = {n: l.base.weight.clone() for n, l in lora_layers(model).items()}
+    opt.step()  # the adapter moves while W holds the old one
+    with pytest.raises(RuntimeError, match=r"adapter changed while merged \(an optimizer step\?\)"):
+        unmerge_lora(model)
+    assert all(torch.equal(l.base.weight, merged[n]) and l.merged for n, l in lora_layers(model).items())
+
+
 def test_numpy_integers_are_integers():
     np = pytest.importorskip("numpy")
     model = nn.Sequential(nn.Linear(6, 4))
