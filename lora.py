@@ -156,6 +156,8 @@ def lora_layers(model: nn.Module) -> dict:
 def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout=0.0, variant="lora", rslora=False) -> list:
     """Wrap in a LoRALinear every nn.Linear named `<target>` or `...<target>`, all or none; returns the names."""
     targets = [targets] if isinstance(targets, str) else list(targets)
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise ValueError("inject_lora before wrapping the model in DistributedDataParallel (it syncs what it saw)")
     if lora_layers(model):
         raise ValueError("model already has LoRA layers: unload(model) or merge_and_unload(model) first")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -592,6 +592,20 @@ def test_an_optimizer_step_while_merged_is_refused_at_unmerge(variant):
     assert all(torch.equal(l.base.weight, merged[n]) and l.merged for n, l in lora_layers(model).items())
 
 
+def test_inject_after_ddp_is_refused(tmp_path):
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch built without torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4)))
+        with pytest.raises(ValueError, match="inject_lora before wrapping the model in DistributedDataParallel"):
+            inject_lora(ddp, ["0"], r=2, alpha=4.0)
+        assert not lora_layers(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_numpy_integers_are_integers():
     np = pytest.importorskip("numpy")
     model = nn.Sequential(nn.Linear(6, 4))
