@@ -20,12 +20,12 @@ CoTo - LoRA, and for interpolation, combining and pruning also the change each c
 before). Each section of the table is one family of tests, with Holm's adjusted p.
 
 Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<study>/<task>/
-<setting>/seed<k>/ holds train_vit.py's adapters.safetensors and result.json; analysis/ holds the
+<setting>/seed<k>/ holds train_vit.py's adapters.pt and result.json; analysis/ holds the
 games.py reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
 numbers), out_dir/table.md (the README table) and the games.py plots of the "full" regime.
 
 This is the file that knows where runs are saved: --analyse finds every run folder (a result.json
-beside an adapters.safetensors) under a train_vit.py --out-dir, reads the run's task, method, seed
+beside an adapters.pt) under a train_vit.py --out-dir, reads the run's task, method, seed
 and configuration from its result.json, and writes games.json and the plots to <that folder>/games/.
 """
 import collections
@@ -46,10 +46,10 @@ import torch
 
 import games
 import train_vit
+from train_toy import pick_device
 from coto import block_groups, coto_prob
 from lab.reports import adapter_report, combine_report, pair_report, plot_reports, rescale_to_norm
-from lab.utils import (atomic_write_text, format_eta, read_safetensors, read_safetensors_metadata, run_script,
-                   write_safetensors)
+from lab.utils import atomic_write_text, format_eta, run_script
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Config:
     steps: int = 150  # fine-tuning steps in the full-data regimes
     lr: float = 1e-2  # fine-tuning LR in the full-data regimes (train_vit.py's default)
     fewshot_steps: int = 300  # 16 per class, batch 32: ~60 epochs on the 10-class tasks
-    fewshot_lr: float = 2e-3
+    fewshot_lr: float = 2e-3  # fine-tuning LR of the few-shot regime (16 images per class, r=2)
     lrs: str = "3e-3,3e-2,1e-1"  # LR sweep besides `lr` (full data); up to where LoRA degrades
     long_task: str = "rot90"  # the "dynamics" study: one task trained long, test accuracy along the way
     long_steps: int = 1500  # its steps (10x the full regime's)
@@ -72,13 +72,38 @@ class Config:
     studies: str = "full,probe,fewshot,lr,variants,ablations,baselines,taskinit,dynamics"  # parts of the table to run
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
     data_dir: str = ""  # Fashion-MNIST folder ("" = train_vit.py's search path)
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     # instead of the table: games.py's reports on the runs another train_vit.py command saved
     analyse: str = ""  # a train_vit.py --out-dir: only the reports on its saved runs, into <it>/games/ (cached)
     methods: str = "lora,coto"  # --analyse: the methods compared side by side (result.json's "method")
     value: str = "acc"  # --analyse: acc (accuracy) | neg_loss (minus the cross-entropy)
     players: str = "block"  # --analyse: block (exact Shapley per block) | module (also per module, sampled)
     num_samples: int = 16  # --analyse, players=module: multilinear samples (each 2 (n + 1) evaluations)
+
+    def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+        problems = [f"{flag(k)} {getattr(self, k)}: must be an integer >= {low}" for k, low in (
+            ("seeds", 1), ("side_tasks", 1), ("steps", 1), ("fewshot_steps", 1), ("long_steps", 1), ("n_test", 0),
+            ("n_eval", 1), ("pretrain_steps", 1), ("num_samples", 1)) if getattr(self, k) < low]
+        problems += [f"{flag(k)} {getattr(self, k)}: must be > 0" for k in ("lr", "fewshot_lr") if not getattr(self, k) > 0]
+        problems += [f"--n-eval {self.n_eval}: at most --n-test {self.n_test} (the held-out set is the first n_eval "
+                     "test images)"] * (0 < self.n_test < self.n_eval)
+        problems += [f"{flag(k)} {getattr(self, k)!r}: unknown task {t!r}; choose from {', '.join(train_vit.TASKS)}"
+                     for k in ("tasks", "long_task") for t in getattr(self, k).split(",") if t not in train_vit.TASKS]
+        problems += [f"--{k} {getattr(self, k)!r}: choose {' or '.join(c)}" for k, c in (
+            ("value", ("acc", "neg_loss")), ("players", ("block", "module"))) if getattr(self, k) not in c]
+        try:
+            assert all(float(v) > 0 for v in self.lrs.split(","))
+        except (ValueError, AssertionError):
+            problems.append(f"--lrs {self.lrs!r}: write learning rates > 0 separated by commas, e.g. 3e-3,3e-2")
+        try:
+            assert isinstance(json.loads(self.vit or "{}"), dict)
+        except (ValueError, AssertionError):
+            problems.append(f"--vit {self.vit!r}: write a JSON object of train_vit.Config fields, e.g. '{{\"depth\": 4}}'")
+        problems += ["--out-dir '': name a folder"] * (not self.out_dir) + ["--methods '': name at least one method"] * (
+            not self.methods)
+        if problems:
+            raise ValueError(problems[0])
 
 
 def quick_config(cfg: Config) -> Config:
@@ -164,6 +189,19 @@ def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
+def read_json(path: Path):
+    """A JSON file this script or train_vit.py wrote; a damaged one is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is damaged ({e}); delete it and run again to recompute it") from None
+
+
+def read_adapters(folder: Path) -> dict:
+    """{"state": adapter and head tensors, "metadata"}: a run's adapters.pt (train_vit.py's finetune writes it)."""
+    return torch.load(folder / "adapters.pt", map_location="cpu", weights_only=True)
+
+
 @dataclass
 class Plan:
     """Jobs (label, kind, weight, cache path, fn) run in order, skipping cached ones, with one
@@ -203,9 +241,9 @@ class Context:
     """Data, backbone, tasks and probe heads, built once from one run's train_vit.Config and shared
     by every job (the runs share them)."""
 
-    def __init__(self, base: train_vit.Config, task_names: list, n_eval: int):
+    def __init__(self, base: train_vit.Config, task_names: list, n_eval: int, data: dict | None = None):
         self.task_names, self.n_eval = task_names, n_eval
-        self.data = train_vit.load_data(base)
+        self.data = data or train_vit.load_data(base)
         self.backbone = train_vit.pretrain(base, self.data)
         self.source = train_vit.parse_classes(base.source_classes)
         self._tasks, self._probe = {}, {}
@@ -232,7 +270,7 @@ class Context:
         return train_vit.to_float(task.x_test[:self.n_eval]), task.y_test[:self.n_eval]
 
     def model(self, vcfg: train_vit.Config, task: train_vit.Task, folder: Path):
-        return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.safetensors")
+        return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.pt")
 
 
 def train_job(ctx: Context, vcfg, task, folder: Path) -> dict:
@@ -246,10 +284,9 @@ def train_job(ctx: Context, vcfg, task, folder: Path) -> dict:
 def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_folder: Path) -> dict:
     """Save LoRA's adapter rescaled to CoTo's per-layer delta-W norm (see RESCALED) in `folder`,
     like a trained run's, and return its test accuracy (the head stays LoRA's)."""
-    lora, coto = (f / "adapters.safetensors" for f in (lora_folder, coto_folder))
-    state = rescale_to_norm(ctx.model(vcfg, task, lora_folder), read_safetensors(lora), read_safetensors(coto))
-    metadata = {**read_safetensors_metadata(lora), "method": RESCALED}
-    write_safetensors(state, folder / "adapters.safetensors", metadata=metadata)
+    lora, coto = (read_adapters(f) for f in (lora_folder, coto_folder))
+    state = rescale_to_norm(ctx.model(vcfg, task, lora_folder), lora["state"], coto["state"])
+    train_vit.save({"state": state, "metadata": {**lora["metadata"], "method": RESCALED}}, folder / "adapters.pt")
     acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
     return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
 
@@ -259,12 +296,12 @@ def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str) -> dict:
 
 
 def pair_job(ctx: Context, vcfg, task, folder_a: Path, folder_b: Path, value: str) -> dict:
-    a, b = (read_safetensors(f / "adapters.safetensors") for f in (folder_a, folder_b))
+    a, b = (read_adapters(f)["state"] for f in (folder_a, folder_b))
     return pair_report(ctx.model(vcfg, task, folder_a), a, b, *ctx.eval_set(task), value)
 
 
 def combine_job(ctx: Context, vcfg, tasks: dict, folders: dict, value: str) -> dict:
-    states = {n: read_safetensors(folders[n] / "adapters.safetensors") for n in tasks}
+    states = {n: read_adapters(folders[n])["state"] for n in tasks}
     first = next(iter(tasks))
     model = ctx.model(vcfg, tasks[first], folders[first])
     return combine_report(model, states, {n: ctx.eval_set(t) for n, t in tasks.items()}, value)
@@ -306,6 +343,8 @@ def plan(cfg: Config, ctx: Context) -> tuple:
                         kind, weight, job = "rescale", 1.0, partial(rescale_job, ctx, vcfg, tasks[name], here, *sources)
                     else:
                         kind, weight, job = "train", cost, partial(train_job, ctx, vcfg, tasks[name], here)
+                    if not (here / "adapters.pt").is_file():  # a finished run whose adapters were deleted: again
+                        (here / "summary.json").unlink(missing_ok=True)
                     p.add(f"{kind} {study}/{setting}/{name}/seed{seed}", kind, weight, here / "summary.json", job)
                     index.append(("train", study, setting, name, seed, here / "summary.json"))
             if analyse:
@@ -444,7 +483,7 @@ def collect(index: list) -> dict:
     for kind, *keys, seed, path in index:
         if path.is_file():
             seeds = reduce(lambda d, key: d.setdefault(key, {}), (kind, *keys), out)
-            seeds[str(seed)] = json.loads(path.read_text())
+            seeds[str(seed)] = read_json(path)
     return out
 
 
@@ -707,21 +746,14 @@ QUICK = ("--quick is a smoke test of the whole pipeline: its runs are too short 
 
 
 def check(cfg: Config) -> None:
-    """Bad flags are an error now, not after pretraining: this script's own, then every run's
-    train_vit.Config as train_vit.py checks it."""
-    unknown = [t for t in [*cfg.tasks.split(","), cfg.long_task] if t not in train_vit.TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r} in --tasks / --long-task: choose from "
-                         f"{', '.join(train_vit.TASKS)}")
-    if min(cfg.steps, cfg.fewshot_steps, cfg.long_steps) < 1:
-        raise ValueError(f"--steps {cfg.steps}, --fewshot-steps {cfg.fewshot_steps} and --long-steps {cfg.long_steps} "
-                         "must be at least 1")
+    """Every run's train_vit.Config made now, so that its flags are checked before any work."""
     for _, settings, task_names, _ in studies(cfg):
         for overrides in settings.values():
-            train_vit.check_config(dataclasses.replace(vit_config(cfg, overrides, 0), tasks=",".join(task_names)))
+            dataclasses.replace(vit_config(cfg, overrides, 0), tasks=",".join(task_names))
 
 
 def main(cfg: Config) -> dict:
+    pick_device(cfg.device)  # a device this machine lacks: one line now, not after pretraining
     if cfg.analyse:
         return analyse(cfg)
     if cfg.quick:
@@ -733,18 +765,20 @@ def main(cfg: Config) -> dict:
     t0 = time.time()
     root = Path(cfg.out_dir)
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
-    saved = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    saved = read_json(root / "config.json") if (root / "config.json").is_file() else None
+    data = train_vit.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
     ignored = ("out_dir", "seeds", "studies", "device", "analyse", "methods", "value", "players", "num_samples")
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
     mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
+    mine["data_sha1"] = data["sha1"]
     if saved is not None and saved != mine:
         flat = lambda d: {**d, **{f"train_vit.{k}": v for k, v in d.get("train_vit", {}).items()}}  # noqa: E731
         changed = sorted(k for k, v in flat(mine).items() if flat(saved).get(k) != v and k != "train_vit")
         raise ValueError(f"{root} holds results of another configuration (differs in {changed}): "
                          f"pass another --out-dir, or delete {root} to start over")
     write_json(root / "config.json", mine)
-    ctx = Context(vit_config(cfg, {}, 0), list(dict.fromkeys([*cfg.tasks.split(","), cfg.long_task])), cfg.n_eval)
+    ctx = Context(vit_config(cfg, {}, 0), list(dict.fromkeys([*cfg.tasks.split(","), cfg.long_task])), cfg.n_eval, data)
     p, index = plan(cfg, ctx)
     p.run()
     print(f"tabulating {sum(path.is_file() for *_, path in index)} results and drawing the plots", flush=True)
@@ -769,15 +803,15 @@ def main(cfg: Config) -> dict:
 # --analyse: games.py's reports on the runs another train_vit.py command saved
 
 def saved_runs(root: Path, methods: list) -> dict:
-    """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root (adapters.safetensors
+    """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root (adapters.pt
     beside a result.json), read from its result.json, never from the folder names."""
     if not root.is_dir():
         raise FileNotFoundError(f"--analyse {root}: no such folder (give a train_vit.py --out-dir)")
     runs = {}
     for path in sorted(root.rglob("result.json")):
-        if not (path.parent / "adapters.safetensors").is_file():
+        if not (path.parent / "adapters.pt").is_file():
             continue
-        res = json.loads(path.read_text())
+        res = read_json(path)
         try:
             vcfg = train_vit.Config(**res["config"])
         except (KeyError, TypeError) as e:
@@ -791,9 +825,9 @@ def saved_runs(root: Path, methods: list) -> dict:
                              f"--analyse at a folder that holds one set of runs (one train_vit.py --out-dir)")
         runs[key] = (vcfg, path.parent)
     if not runs:
-        raise FileNotFoundError(f"no finished {'/'.join(methods)} runs (result.json beside adapters.safetensors) "
+        raise FileNotFoundError(f"no finished {'/'.join(methods)} runs (result.json beside adapters.pt) "
                                 f"under {root}: run `python train_vit.py --out-dir {root}` first")
-    backbones = {train_vit.pretrain_key(c) if not c.init else c.init for c, _ in runs.values()}
+    backbones = {folder.parents[2] for _, folder in runs.values()}  # train_vit.py's <out-dir>/<backbone>/<task>/...
     if len(backbones) > 1:
         raise ValueError(f"the runs under {root} fine-tuned {len(backbones)} different backbones: point "
                          f"--analyse at the --out-dir of one train_vit.py configuration")
