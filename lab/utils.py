@@ -1,5 +1,6 @@
-"""Small helpers shared by the scripts: the command line, device choice, atomic checkpoints, weight files,
-and the training machinery of the three trainers (LR schedule, logging, resume, DDP, divergence check).
+"""Small helpers shared by the lab's scripts: the command line, atomic checkpoints, weight files, and the
+training machinery of train_gpt2 (logging, resume, DDP, divergence check) and the seed tables.
+(The device choice and the LR schedule are the classroom's: train_toy.pick_device, train_toy.get_lr.)
 
 safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
@@ -7,7 +8,6 @@ checkpoint needs nothing beyond torch.
 """
 import argparse
 import dataclasses
-import glob
 import inspect
 import io
 import json
@@ -96,25 +96,14 @@ def _field_comments(cls) -> dict:
     return {name: text for name, text in comments.items() if text}
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def _atomic_write(path, write) -> None:
     """Write to a temporary file in the target folder, then rename: a crash never leaves half a file.
+    The temporary file's name is this write's own (mkstemp), so processes writing into one folder never
+    touch each other's; one killed mid-write leaves its .tmp file behind, harmless, for the user to delete.
     The file gets the user's normal permissions (0666 minus the umask, as open() gives), not
     mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -361,14 +350,7 @@ def format_eta(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training machinery shared by train_vit.py, train_gpt2.py and train_toy.py
-
-
-def get_lr(step: int, total_steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup for `warmup` steps, then cosine decay to 0 (a pure function of the step)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1)))
+# Training machinery of the lab's trainers (train_gpt2.py)
 
 
 def method_name(variant: str, coto: bool) -> str:
@@ -527,8 +509,7 @@ def save_result(folder, metrics: dict, config: dict) -> None:
     run's file is the same). It marks the run finished, so its checkpoint goes."""
     config = {k: v for k, v in config.items() if k != "resume"}
     atomic_write_text(Path(folder) / "result.json", json.dumps({**metrics, "config": config}, indent=1))
-    for f in [Path(folder) / "ckpt.pt", *Path(folder).glob("ckpt.pt.*.tmp")]:  # .tmp: a write killed midway
-        f.unlink(missing_ok=True)
+    (Path(folder) / "ckpt.pt").unlink(missing_ok=True)
 
 
 def finished_run(folder, config: dict, not_in_result=()):

@@ -14,7 +14,8 @@ import safetensors.torch  # the reference (requirements-test.txt)
 import torch
 
 from lab import utils
-from lab.utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, get_lr, load_checkpoint,
+from train_toy import get_lr
+from lab.utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, load_checkpoint,
                    load_weights, method_name, parse_config, read_safetensors, read_safetensors_metadata,
                    save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
@@ -138,7 +139,6 @@ def test_reading_safetensors_takes_no_more_memory_than_the_file(tmp_path):
 
 def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "ckpt.pt"
-    (tmp_path / "ckpt.pt.x1y2.tmp").write_bytes(b"half a file")  # left by a process killed mid-write
     atomic_save({"step": 1}, path)
 
     class Unpicklable:
@@ -151,6 +151,18 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left
     atomic_write_text(tmp_path / "r.json", '{"acc": 0.5}')
     assert (tmp_path / "r.json").read_text() == '{"acc": 0.5}'
+
+
+def test_atomic_writes_leave_other_processes_temporary_files_alone(tmp_path):
+    """Processes sharing a folder: another's write in flight (its .tmp file) survives this one's writes of
+    the same file, and both writers' files are whole."""
+    (tmp_path / "ckpt.pt.x1y2.tmp").write_bytes(b"another process's write, in flight")
+    for step in range(3):
+        atomic_save({"step": step}, tmp_path / "ckpt.pt")
+        atomic_write_text(tmp_path / "r.json", f'{{"step": {step}}}')
+    assert (tmp_path / "ckpt.pt.x1y2.tmp").read_bytes() == b"another process's write, in flight"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.x1y2.tmp", "r.json"]
+    assert torch.load(tmp_path / "ckpt.pt") == {"step": 2} and json.loads((tmp_path / "r.json").read_text()) == {"step": 2}
 
 
 @dataclass
@@ -396,7 +408,6 @@ def test_seed_table_against_hand_computed_statistics():
 
 def test_finished_runs_are_kept_only_with_their_configuration(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"x")
-    (tmp_path / "ckpt.pt.ab12.tmp").write_bytes(b"half")  # a checkpoint write that was killed
     assert finished_run(tmp_path, {"r": 2}) is None
     save_result(tmp_path, {"acc": 0.5}, {"r": 2, "resume": True, "log_every": 5})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # finished: no checkpoint
