@@ -138,7 +138,12 @@ def generate(model: GPT, idx, max_new_tokens: int, temperature: float = 1.0, top
 # HF checkpoints: a folder with config.json and model.safetensors or pytorch_model.bin
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder) -> dict:
+    """The GPT(**kwargs) of an HF GPT-2 folder's config.json; settings this model cannot reproduce are refused."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--init {folder}: no such folder (expected a local HF GPT-2 folder "
+                                f"with config.json plus model.safetensors or pytorch_model.bin)")
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: --init expects a local HF GPT-2 folder "
@@ -176,10 +181,7 @@ def state_from_hf(hf_state: dict) -> dict:
 def load_hf(folder) -> GPT:
     """A GPT from a local HF GPT-2 folder (e.g. a snapshot of openai-community/gpt2)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--init {folder}: no such folder (expected a local HF GPT-2 folder "
-                                f"with config.json plus model.safetensors or pytorch_model.bin)")
-    config = _read_config(folder)
+    config = read_config(folder)
     files = [folder / f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin "

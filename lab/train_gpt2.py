@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import games
 from coto import SHAPES, CoTo, block_groups
 from lab.bpe import BPETokenizer
-from lab.gpt2 import GPT, generate, load_hf, save_hf
+from lab.gpt2 import GPT, generate, load_hf, read_config, save_hf
 from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lora_state_dict,
                   mark_only_lora_as_trainable)
 from lab.peft_io import load_peft_adapter, save_peft_adapter
@@ -137,6 +137,21 @@ class Config:
 # how a run is carried out, logged or listed, not what it computes: --resume allows other values
 NOT_IN_RESULT = ("data", "device", "out_dir", "resume", "ckpt_every", "log_every", "domains", "seeds", "compare",
                  "games", "plot")
+
+
+def check_targets(cfg: Config) -> None:
+    """--targets, --r, --alpha, --variant ... tried on the model's modules on the meta device (no memory, no time)
+    before any text is read: a target matching nothing, a rank too large, lm_head (tied to wte) refused now."""
+    config = read_config(cfg.init) if cfg.init else dict(vocab_size=256, n_positions=cfg.block_size,
+                                                          n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
+    with torch.device("meta"):
+        skeleton = GPT(**config)
+    try:
+        inject_lora(skeleton, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                    variant=cfg.variant, rslora=cfg.rslora)
+    except ValueError as e:
+        tied = "lm_head" in str(e) and "one tensor" in str(e)  # GPT-2's output layer is its token embedding
+        raise ValueError(f"--targets {cfg.targets} --r {cfg.r}: {e}" + tied * "; here: leave lm_head out of --targets") from None
 
 
 def run_config(cfg: Config) -> dict:
@@ -496,6 +511,7 @@ def games_table(res: dict) -> str:
 def main(cfg: Config) -> dict:
     """Pretrain (or load) the base, then for every domain and seed: LoRA and CoTo. Returns the results."""
     t0 = time.time()
+    check_targets(cfg)
     names = cfg.domains.split(",")
     data_sha256 = sdist_sha256(cfg.data, cfg.data_sha256)  # the text's own hash keys the caches and runs
     root = base_folder(cfg, data_sha256)

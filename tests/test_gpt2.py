@@ -362,6 +362,23 @@ def test_the_command_line_ends_in_one_line_that_says_what_to_do(tmp_path, monkey
     assert message == "\ninterrupted: run the same command with --resume to continue from the last checkpoints"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (dict(targets="c_attn,lm_head"), r"--targets c_attn,lm_head --r 2: cannot adapt lm_head: transformer.wte.weight "
+                                     r"and lm_head.weight are one tensor.*; here: leave lm_head out of --targets"),
+    (dict(targets="lm_head", init=True), r"cannot adapt lm_head: .* one tensor"),  # an HF GPT-2 ties them too
+    (dict(targets="c_atn"), r"--targets c_atn --r 2: targets \['c_atn'\] match no nn.Linear; the linear layers are: "
+                            r"transformer.h.0.attn.c_attn"),
+    (dict(r=17), r"--targets c_attn,c_proj,c_fc --r 17: rank r=17 must be an integer in 1..16"),
+])
+def test_targets_are_tried_on_the_models_skeleton_before_any_text_is_read(flags, message, tmp_path, monkeypatch):
+    if flags.pop("init", False):
+        random_hf(0).save_pretrained(tmp_path / "gpt2")
+        flags["init"] = str(tmp_path / "gpt2")
+    monkeypatch.setattr(train_gpt2, "sdist_sha256", lambda *a: pytest.fail("read the text before checking --targets"))
+    with pytest.raises(ValueError, match=message):
+        train_gpt2.main(tiny_config(tmp_path, "", **flags))
+
+
 def test_help_explains_every_flag_lists_the_domains_and_ends_with_an_example(monkeypatch, capsys):
     assert run_main(monkeypatch, "--help") == "0"
     out = capsys.readouterr().out
