@@ -45,15 +45,15 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout=0.0, variant="lora", rslora=False):
         super().__init__()
         check_lora_args(base, r, alpha, dropout, variant, rslora)
-        self.base = base.requires_grad_(False)
+        self.base, self.in_features, self.out_features = base.requires_grad_(False), base.in_features, base.out_features
         self.r, self.alpha, self.variant = int(r), alpha, variant
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: arXiv 2312.03732
-        self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features))  # W's dtype and device
+        self.lora_A = nn.Parameter(base.weight.new_empty(r, self.in_features))  # W's dtype and device
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and loralib
-        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r))
+        self.lora_B = nn.Parameter(base.weight.new_zeros(self.out_features, r))
         if variant == "dora":
             self.lora_magnitude = nn.Parameter(base.weight.detach().norm(dim=1))  # (out,)
-            self.register_buffer("lora_merged_norm", _at_least_f32(base.weight.new_zeros(base.out_features)))  # ||V||
+            self.register_buffer("lora_merged_norm", _at_least_f32(base.weight.new_zeros(self.out_features)))  # ||V||
         self.register_buffer("lora_merged_adapter", None, persistent=False)  # what merge() folded in
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = True  # the user's switch, every mode

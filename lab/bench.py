@@ -1,13 +1,14 @@
 """Speed and memory of LoRA / DoRA / HiRA, with and without CoTo, measured side by side.
 
 CoTo shortens training because a bypassed adapter costs nothing and backward stops below the
-lowest active block (method.md section 3). This script measures how much of that saving is real,
+lowest active block (CoTo, arXiv 2506.05713). This script measures how much of that saving is real,
 next to what the FLOP arithmetic allows, plus the other costs a user asks about:
 
     1. training steps over a CoTo schedule vs always-on adapters (lora, dora, hira; two ViTs)
     2. backward truncation: step time vs the lowest active block
-    3. one LoRALinear forward+backward vs the frozen nn.Linear it wraps, beside PEFT's LoRA and
-       DoRA layers (when peft is installed); merged and unmerged inference vs base
+    3. the layer race: one adapted layer's forward+backward vs the frozen nn.Linear it wraps, for
+       lora.py's classroom layer, lab/kernels.py's hand-written one and PEFT's LoRA and DoRA layers
+       (when peft is installed); merged and unmerged inference vs base
     4. exact Shapley: the table of all 2^n coalition values, prefix-sharing vs naive (games.py)
     5. peak memory of a LoRA step vs full fine-tuning, beside PEFT's
 
@@ -15,8 +16,9 @@ Every figure is a ratio measured in the same run: the compared cases alternate c
 the drift of a busy machine hits them alike), warm-up calls are excluded, and each ratio is the
 median over repeats. On CUDA the steps run in bf16 autocast (the layer table adds fp32).
 
-    python -m lab.bench            # a few minutes on a 2-core CPU; prints the table, writes runs/bench/
-    python -m lab.bench --quick    # about a minute, one ViT, noisier
+    OMP_NUM_THREADS=1 python -m lab.bench               # a few minutes on a 2-core CPU; writes runs/bench/
+    OMP_NUM_THREADS=1 python -m lab.bench --quick       # about a minute, one ViT, noisier
+    OMP_NUM_THREADS=1 python -m lab.bench --layer-only  # the layer race alone, seconds
 """
 import contextlib
 import copy
@@ -36,9 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import games
-from coto import CoTo, block_groups, set_active
+from coto import CoTo, block_groups
+from lab.kernels import FastLoRALinear, use_fast_kernels
 from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from lab.utils import atomic_write_text, format_eta, parse_config, pick_device
+from lab.utils import atomic_write_text, format_eta, parse_config
+from train_toy import pick_device
 from vit import VisionTransformer
 
 
@@ -69,6 +73,7 @@ class Config:
     layer_shape: tuple = (2048, 384, 1536)  # tokens, in, out of the layer table (a ViT-S fc1)
     peft: bool = True  # PEFT's LoRA and DoRA beside ours in the layer and memory tables (if installed)
     quick: bool = False  # one ViT, fewer steps and coalitions: about a minute
+    layer_only: bool = False  # only section 3's layer race (nn.Linear, classroom, lab kernels, PEFT): seconds
     seed: int = 0
     out: str = "runs/bench"  # bench.json and bench.md are written here
 
@@ -107,31 +112,34 @@ def alternate(cases: dict, calls: int, repeats: int, warmup: int, device=torch.d
             for name, t in total.items()}
 
 
-# The FLOP model: matmul FLOPs, as lora.py computes each variant (tests/test_bench.py checks it
-# against torch's FlopCounterMode). Elementwise work (norms, GELU, the adapters' adds and scales)
-# is not counted: on a CPU it is where measured and predicted part ways.
+# The FLOP model: matmul FLOPs, as lora.py (or lab/kernels.py, fast) computes each variant
+# (tests/test_bench.py checks it against torch's FlopCounterMode). Elementwise work (norms, GELU,
+# the adapters' adds and scales) is not counted: on a CPU it is where measured and predicted part ways.
 
 
-def linear_flops(T: int, i: int, o: int, r: int, variant: str, active: bool, grad_in: bool) -> int:
+def linear_flops(T: int, i: int, o: int, r: int, variant: str, active: bool, grad_in: bool,
+                 fast: bool = False) -> int:
     """Forward + backward matmul FLOPs of one frozen (o, i) linear layer on T tokens, its adapter
     active or bypassed. The frozen W needs no weight gradient: backward computes only dX, and only
     when the layer's input requires grad (grad_in)."""
     flops = 2 * T * i * o + (2 * T * i * o if grad_in else 0)  # W x; dX = dY W
     if not active:
         return flops
-    if variant in ("lora", "dora"):  # forward: A x, then B (A x), or B A when lora.py folds it
-        thin = T * (i + o) < i * o  # into W (from i o / (i + o) tokens on)
-        flops += 2 * T * r * i + (2 * T * r * o if thin else 2 * o * r * i)
+    if variant in ("lora", "dora"):  # forward: A x, then B (A x); the fast kernel (no dropout)
+        fused = fast and T * (i + o) >= i * o  # folds B A into W from i o / (i + o) tokens on
+        flops += 2 * T * r * i + (2 * o * r * i if fused else 2 * T * r * o)
         flops += 2 * T * r * (2 * o + i) + (2 * T * r * i if grad_in else 0)  # dy B, dB, dA; dX via A
     if variant == "dora":  # B A inside the row norm ||W + s B A||, which is detached: no backward
         flops += 2 * o * r * i
-    if variant == "hira":  # B A; (W + W * s B A) x replaces W x; dW_eff = dY^T x; dB and dA of B A
+    if variant == "hira":  # B A; dD = dY^T x for D = s W * (B A); dB and dA of B A
         flops += 2 * o * r * i + 2 * T * i * o + 4 * o * r * i
+        if not fast:  # the classroom runs x D^T beside W x (and dY D beside dY W); the fast one W + D
+            flops += 2 * T * i * o + (2 * T * i * o if grad_in else 0)
     return flops
 
 
 def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, mask,
-                   targets: str = "qkv,proj,fc1,fc2") -> int:
+                   targets: str = "qkv,proj,fc1,fc2", fast: bool = False) -> int:
     """Matmul FLOPs of one training step of `model` (frozen backbone, adapters on `targets`, a
     trainable head) with block l's adapters on where mask[l] is true.
 
@@ -146,7 +154,7 @@ def vit_step_flops(model: VisionTransformer, batch: int, r: int, variant: str, m
         H = blk.mlp.fc1.out_features
         for t, i, o in (("qkv", D, 3 * D), ("proj", D, D), ("fc1", D, H), ("fc2", H, D)):
             active = bool(on) and t in targets.split(",")
-            flops += linear_flops(T, i, o, r, variant, active, grad)
+            flops += linear_flops(T, i, o, r, variant, active, grad, fast)
             grad = grad or active  # an active adapter makes everything above it require grad
             if t == "qkv":  # attention between qkv and proj: q k^T and a v, and their backward
                 flops += 4 * batch * N * N * D + (8 * batch * N * N * D if grad else 0)
@@ -164,6 +172,13 @@ def coto_masks(depth: int, total_steps: int, points: int, p0: float, stage1_rati
 
 
 # Models and steps
+
+
+def set_mask(groups: dict, mask) -> None:
+    """Group l's adapters on where mask[l] is true: the user's `active` switch, until set again."""
+    for on, layers in zip(mask, groups.values(), strict=True):
+        for layer in layers:
+            layer.active = bool(on)
 
 
 def vit_sizes(cfg: Config) -> dict:
@@ -240,7 +255,7 @@ def masked_steps(size: dict, variant: str, cfg: Config, device: torch.device):
     x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
 
     def step(mask):
-        set_active(groups, mask)
+        set_mask(groups, mask)
         train_step(model, opt, x, y, device)
     return model, x, step
 
@@ -288,16 +303,17 @@ def bench_truncation(variant: str, cfg: Config, device: torch.device) -> list:
     flops = [vit_step_flops(model, cfg.batch_size, cfg.r, variant, m, cfg.targets) for m in masks]
     rows = []
     for l, m in enumerate(masks):
-        set_active(block_groups(model), m)
+        set_mask(block_groups(model), m)
         rows.append({"variant": variant, "lowest": l, "ms": 1e3 * res[l]["s"] / 2, "ratio": res[l]["ratio"],
                      "predicted": flops[l] / flops[0], "no_grad_below": not any(grad_per_block(model, x)[:l])})
     return rows
 
 
 def bench_layer(cfg: Config, device: torch.device) -> list:
-    """Section 3a: one adapted layer (cfg.layer_shape) forward + backward vs its frozen nn.Linear,
-    the input requiring grad as inside a network; ours beside PEFT's, in the dtype training uses on
-    this device (fp32 on a CPU, bf16 autocast on CUDA) and, on CUDA, in fp32 too."""
+    """Section 3a, the layer race: one adapted layer (cfg.layer_shape) forward + backward vs its
+    frozen nn.Linear, the input requiring grad as inside a network; the classroom layer (lora.py)
+    beside the hand-written kernels (lab/kernels.py, "fast") and PEFT's, in the dtype training uses
+    on this device (fp32 on a CPU, bf16 autocast on CUDA) and, on CUDA, in fp32 too."""
     T, D, H = cfg.layer_shape
     torch.manual_seed(cfg.seed)
     base = nn.Linear(D, H).requires_grad_(False).to(device)
@@ -308,6 +324,9 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
     for v in cfg.variants:
         layers[v] = LoRALinear(copy.deepcopy(base), cfg.r, cfg.alpha, variant=v)
         nn.init.normal_(layers[v].lora_B, std=0.02)
+    for v in cfg.variants:  # the same adapters, run by the hand-written kernels
+        layers[f"fast {v}"] = copy.deepcopy(layers[v])
+        layers[f"fast {v}"].__class__ = FastLoRALinear
     if use_peft(cfg):
         for v in ("lora", "dora"):
             layers[f"PEFT {v}"] = peft_adapt(nn.Sequential(copy.deepcopy(base)), ["0"], v, cfg)[0]
@@ -325,7 +344,8 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
         res = alternate({k: lambda i, m=m: run(m, dtype != "fp32") for k, m in layers.items()}, 10,
                         3 * cfg.repeats, cfg.warmup, device)  # sums of 10 calls: steadier
         rows += [{"layer": k, "dtype": dtype, "ms": 1e3 * res[k]["s"] / 10, "ratio": res[k]["ratio"],
-                  "flop_ratio": linear_flops(T, D, H, cfg.r, k.split()[-1], k != "nn.Linear", True) / f0}
+                  "flop_ratio": linear_flops(T, D, H, cfg.r, k.split()[-1], k != "nn.Linear", True,
+                                             fast=k.startswith("fast")) / f0}
                  for k in layers]
     return rows
 
@@ -345,32 +365,10 @@ def bench_merged(cfg: Config, device: torch.device) -> list:
     return [{"model": k, "ms": 1e3 * v["s"] / 4, "ratio": v["ratio"]} for k, v in res.items()]
 
 
-@torch.no_grad()
-def coalition_values_batched(model: VisionTransformer, x, y, max_rows: int = 8192):
-    """Every coalition of block adapters, breadth-first: at block l the 2^l prefixes are stacked
-    along the batch and run through the block twice (adapters off, then on), `max_rows` images per
-    call. Same prefix evaluations as games.coalition_values, far fewer (and larger) calls.
-    Returns (values (2^L,) float64 minus the mean cross-entropy, indexed by bitmask; calls)."""
-    groups = block_groups(model)
-    h, calls = model.embed(x)[None], 0  # (prefixes, B, N+1, D); prefix m: bit l = block l on
-    for l, blk in enumerate(model.blocks):
-        halves = []
-        for on in (False, True):  # off first: the new prefix index is m + on * 2^l
-            set_active(groups, [k == l and on for k in range(len(groups))])
-            chunk = max(1, max_rows // x.shape[0])
-            halves += [blk(c.flatten(0, 1)).view_as(c) for c in h.split(chunk)]
-            calls += -(-h.shape[0] // chunk)
-        h = torch.cat(halves)
-    set_active(groups, [True] * len(groups))
-    logits = model.forward_head(h.flatten(0, 1)).unflatten(0, h.shape[:2])  # (2^L, B, classes)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(h.shape[0]), reduction="none")
-    return -loss.view(h.shape[:2]).double().mean(1), calls
-
-
 def bench_shapley(cfg: Config, device: torch.device) -> list:
     """Section 4: the table of all 2^L coalition values (one player per block): naive (a full
-    forward per coalition, timed on `naive_samples` coalitions and scaled to 2^L), games.py's
-    depth-first prefix sharing, and the batched breadth-first form above."""
+    forward per coalition, timed on `naive_samples` coalitions and scaled to 2^L) and games.py's
+    depth-first prefix sharing."""
     rows = []
     for depth in cfg.shapley_blocks:
         model = lora_vit({**vit_sizes(cfg)["default"], "depth": depth}, "lora", cfg, device).eval()
@@ -387,10 +385,9 @@ def bench_shapley(cfg: Config, device: torch.device) -> list:
 
         cases = {"naive": naive_run,
                  "prefix": lambda i: out.update(prefix=games.coalition_values(
-                     model.embed, model.blocks, model.forward_head, x, y, value="neg_loss")),
-                 "batched": lambda i: out.update(batched=coalition_values_batched(model, x, y))}
+                     model.embed, model.blocks, model.forward_head, x, y, value="neg_loss"))}
         res = alternate(cases, 1, max(1, cfg.repeats // 3), 0, device)  # seconds each: few repeats
-        (prefix, evals), (batched, calls) = out["prefix"], out["batched"]
+        prefix, evals = out["prefix"]
         diff_prefix = max(abs(prefix[m].item() - v) for m, v in naive.items())  # vs naive, float32
         scale = n / len(sample)  # the naive time is per coalition: measured on a sample, times 2^L
         rows += [{"blocks": depth, "method": "naive (n forward passes per coalition)",
@@ -398,11 +395,7 @@ def bench_shapley(cfg: Config, device: torch.device) -> list:
                   "vs_naive": 1.0, "max_abs_diff": None},
                  {"blocks": depth, "method": "prefix sharing, depth-first (games.py)",
                   "block_evals": evals, "calls": evals, "s": res["prefix"]["s"],
-                  "vs_naive": res["prefix"]["ratio"] / scale, "max_abs_diff": diff_prefix},
-                 {"blocks": depth, "method": "prefix sharing, batched breadth-first",
-                  "block_evals": 2 * n - 2, "calls": calls, "s": res["batched"]["s"],
-                  "vs_naive": res["batched"]["ratio"] / scale,
-                  "max_abs_diff": (prefix.to(batched) - batched).abs().max().item()}]
+                  "vs_naive": res["prefix"]["ratio"] / scale, "max_abs_diff": diff_prefix}]
     return rows
 
 
@@ -464,33 +457,37 @@ def bench_memory(cfg: Config, device: torch.device) -> list:
 
 
 def table(res: dict) -> str:
+    """The tables of the sections that ran, as markdown."""
     cfg = res["config"]
     threads = f"{res['threads']} thread" + ("s" if res["threads"] != 1 else "")
     L = [f"bench.py on {res['device']} ({threads}), torch {torch.__version__}, "
-         f"batch {cfg['batch_size']}, r {cfg['r']}, targets {cfg['targets'].replace(',', '/')}",
-         "", "1. Training step over a CoTo schedule (p0 %g, %d steps evenly spaced over it) vs "
-             "always-on adapters; saving = 1 - time ratio" % (cfg["p0"], cfg["schedule_points"]), "",
-         "| model | variant | ms/step on | img/s on | active | CoTo / on | saving | predicted (FLOPs) | of predicted |",
-         "|---|---|---|---|---|---|---|---|---|"]
-    L += [f"| {r['model']} ({r['depth']} blocks, {r['params'] / 1e6:.1f}M) | {r['variant']} | "
-          f"{r['ms_on']:.1f} | {r['images_per_s_on']:.0f} | {r['active_fraction']:.0%} | "
-          f"{r['ratio']:.3f} | {r['saving']:.1%} | {r['predicted_saving']:.1%} | {r['of_predicted']:.0%} |"
-          for r in res["coto"]]
-    L += ["", "2. Backward truncation: only block l's adapters on (default ViT)", "",
-          "| variant | lowest active block | ms/step | vs l=0 | predicted (FLOPs) | nothing below requires grad |",
-          "|---|---|---|---|---|---|"]
-    L += [f"| {r['variant']} | {r['lowest']} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['predicted']:.3f} | "
-          f"{'yes' if r['no_grad_below'] else 'NO'} |" for r in res["truncation"]]
+         f"batch {cfg['batch_size']}, r {cfg['r']}, targets {cfg['targets'].replace(',', '/')}"]
+    if res.get("coto"):
+        L += ["", "1. Training step over a CoTo schedule (p0 %g, %d steps evenly spaced over it) vs "
+                  "always-on adapters; saving = 1 - time ratio" % (cfg["p0"], cfg["schedule_points"]), "",
+              "| model | variant | ms/step on | img/s on | active | CoTo / on | saving | predicted (FLOPs) | of predicted |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        L += [f"| {r['model']} ({r['depth']} blocks, {r['params'] / 1e6:.1f}M) | {r['variant']} | "
+              f"{r['ms_on']:.1f} | {r['images_per_s_on']:.0f} | {r['active_fraction']:.0%} | "
+              f"{r['ratio']:.3f} | {r['saving']:.1%} | {r['predicted_saving']:.1%} | {r['of_predicted']:.0%} |"
+              for r in res["coto"]]
+    if res.get("truncation"):
+        L += ["", "2. Backward truncation: only block l's adapters on (default ViT)", "",
+              "| variant | lowest active block | ms/step | vs l=0 | predicted (FLOPs) | nothing below requires grad |",
+              "|---|---|---|---|---|---|"]
+        L += [f"| {r['variant']} | {r['lowest']} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['predicted']:.3f} | "
+              f"{'yes' if r['no_grad_below'] else 'NO'} |" for r in res["truncation"]]
     T, D, H = cfg["layer_shape"]
-    L += ["", f"3. LoRA overhead: one layer, {T} tokens, {D} -> {H}, forward + backward, input "
-              f"requiring grad", "",
+    L += ["", f"3. The layer race: one layer, {T} tokens, {D} -> {H}, forward + backward, input requiring "
+              f"grad; lora / dora / hira: lora.py (classroom), fast: lab/kernels.py, PEFT: peft's layers", "",
           "| layer | dtype | ms | vs nn.Linear | FLOP ratio |", "|---|---|---|---|---|"]
     L += [f"| {r['layer']} | {r['dtype']} | {r['ms']:.2f} | {r['ratio']:.2f} | {r['flop_ratio']:.2f} |"
           for r in res["layer"]]
-    L += ["", f"   Inference of the default ViT, batch {4 * cfg['batch_size']}, no grad", "",
-          "| model | ms | vs base |", "|---|---|---|"]
-    L += [f"| {r['model']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in res["merged"]]
-    if res["shapley"]:
+    if res.get("merged"):
+        L += ["", f"   Inference of the default ViT, batch {4 * cfg['batch_size']}, no grad", "",
+              "| model | ms | vs base |", "|---|---|---|"]
+        L += [f"| {r['model']} | {r['ms']:.2f} | {r['ratio']:.3f} |" for r in res["merged"]]
+    if res.get("shapley"):
         L += ["", f"4. Exact Shapley: all 2^L coalition values of block adapters, {cfg['shapley_batch']} "
                   "images (naive time: measured per coalition x 2^L)", "",
               "| blocks | method | block evaluations | calls | s | vs naive | max abs diff to the row above |",
@@ -499,11 +496,12 @@ def table(res: dict) -> str:
             diff = "-" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
             L.append(f"| {r['blocks']} | {r['method']} | {r['block_evals']:,} | {r['calls']:,} | "
                      f"{r['s']:.2f} | {r['vs_naive']:.3f} | {diff} |")
-    L += ["", "5. Peak memory of one training step (AdamW)", "",
-          "| model | method | trainable params | peak MB | vs full |", "|---|---|---|---|---|"]
-    full = {r["model"]: r["peak_mb"] for r in res["memory"] if r["method"] == "full"}
-    L += [f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['peak_mb']:.1f} | "
-          f"{r['peak_mb'] / full[r['model']]:.2f} |" for r in res["memory"]]
+    if res.get("memory"):
+        L += ["", "5. Peak memory of one training step (AdamW)", "",
+              "| model | method | trainable params | peak MB | vs full |", "|---|---|---|---|---|"]
+        full = {r["model"]: r["peak_mb"] for r in res["memory"] if r["method"] == "full"}
+        L += [f"| {r['model']} | {r['method']} | {r['trainable']:,} | {r['peak_mb']:.1f} | "
+              f"{r['peak_mb'] / full[r['model']]:.2f} |" for r in res["memory"]]
     return "\n".join(L)
 
 
@@ -515,7 +513,7 @@ def main(cfg: Config) -> dict:
                          "be at least 1")
     if any(not 1 <= b <= 12 for b in cfg.shapley_blocks):
         raise ValueError(f"shapley_blocks={cfg.shapley_blocks}: each depth must be in 1..12 (all 2^L "
-                         f"coalitions are evaluated; the batched form holds all of them at once)")
+                         f"coalitions are evaluated)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -527,22 +525,25 @@ def main(cfg: Config) -> dict:
     def log(line):
         print(f"{line} | {format_eta(time.perf_counter() - t0)} elapsed", flush=True)
 
-    res["coto"] = []
-    for name, size in vit_sizes(cfg).items():
-        for variant in cfg.variants:
-            r = bench_coto(name, size, variant, cfg, device)
-            res["coto"].append(r)
-            log(f"coto {name} {variant} | {r['ms_on']:.0f} ms/step on | saving {r['saving']:.1%} "
-                f"| predicted {r['predicted_saving']:.1%}")
-    res["truncation"] = [row for v in ("lora", "hira") if v in cfg.variants
-                         for row in bench_truncation(v, cfg, device)]
-    log("truncation")
-    res["layer"], res["merged"] = bench_layer(cfg, device), bench_merged(cfg, device)
-    log("overhead")
-    res["shapley"] = bench_shapley(cfg, device)
-    log("shapley")
-    res["memory"] = bench_memory(cfg, device)
-    log("memory")
+    if not cfg.layer_only:
+        res["coto"] = []
+        for name, size in vit_sizes(cfg).items():
+            for variant in cfg.variants:
+                r = bench_coto(name, size, variant, cfg, device)
+                res["coto"].append(r)
+                log(f"coto {name} {variant} | {r['ms_on']:.0f} ms/step on | saving {r['saving']:.1%} "
+                    f"| predicted {r['predicted_saving']:.1%}")
+        res["truncation"] = [row for v in ("lora", "hira") if v in cfg.variants
+                             for row in bench_truncation(v, cfg, device)]
+        log("truncation")
+    res["layer"] = bench_layer(cfg, device)
+    log("layer race")
+    if not cfg.layer_only:
+        res["merged"] = bench_merged(cfg, device)
+        res["shapley"] = bench_shapley(cfg, device)
+        log("merged inference, shapley")
+        res["memory"] = bench_memory(cfg, device)
+        log("memory")
     res["table"] = table(res)
     print("\n" + res["table"])
     out = Path(cfg.out)

@@ -1,5 +1,6 @@
-"""bench.py: its FLOP model against torch's own counter, its harness against a fake clock, backward
-truncation against the expected list, and a tiny run of main() whose three coalition tables agree."""
+"""bench.py: its FLOP model against torch's own counter (the classroom layer and the lab kernels), its
+harness against a fake clock, backward truncation against the expected list, and tiny runs of main()."""
+import dataclasses
 import itertools
 import json
 
@@ -10,40 +11,45 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from lab import bench
-from coto import block_groups, set_active
+from lab.kernels import use_fast_kernels
+from coto import block_groups
 
 TINY = dict(embed_dim=16, depth=3, num_heads=2)
 CPU = torch.device("cpu")
 
 
 ALL = ("qkv", "proj", "fc1", "fc2")
-# lora.py adds the low-rank products into the base output in place (addmm_), which the counter
-# does not count by default: the same FLOPs as addmm
+# lora.py and lab/kernels.py add the low-rank product into the base output in place (addmm_), which
+# the counter does not count by default: the same FLOPs as addmm
 IN_PLACE = {torch.ops.aten.addmm_: flop_registry[torch.ops.aten.addmm].__wrapped__}
 
 
 WIDE = dict(embed_dim=64, depth=2, num_heads=2)  # one image (17 tokens): LoRA's thin products
 
 
+@pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("variant, targets, size, batch", [
     ("lora", ALL, TINY, 4), ("dora", ALL, TINY, 4), ("hira", ALL, TINY, 4), ("lora", ("proj", "fc2"), TINY, 4),
     ("hira", ("proj", "fc2"), TINY, 4), ("lora", ALL, WIDE, 1), ("dora", ALL, WIDE, 1)])
-def test_flop_model_matches_flop_counter(variant, targets, size, batch):
+def test_flop_model_matches_flop_counter(variant, targets, size, batch, fast):
     """The hand count equals what FlopCounterMode sees in a real step, for every mask (the MATH
-    attention backend makes the attention matmuls visible to the counter on CPU). With 4 images
-    LoRA builds W + s B A; with one image of the wider ViT it runs the two thin products."""
+    attention backend makes the attention matmuls visible to the counter on CPU). The classroom
+    layer runs the two thin products; the fast kernels build W + s B A with 4 images, and run the
+    thin products with one image of the wider ViT."""
     cfg = bench.Config(r=2, targets=",".join(targets))
     model = bench.lora_vit(size, variant, cfg, CPU)
+    if fast:
+        use_fast_kernels(model)
     groups = block_groups(model)
     x, y = bench.batch_of(batch, model.num_classes, CPU, 0)
     for mask in itertools.product([False, True], repeat=size["depth"]):
         if not any(mask):
             continue  # CoTo always keeps one group on
-        set_active(groups, mask)
+        bench.set_mask(groups, mask)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, custom_mapping=IN_PLACE) as counter:
             F.cross_entropy(model(x), y).backward()
         model.zero_grad(set_to_none=True)
-        assert bench.vit_step_flops(model, batch, 2, variant, mask, cfg.targets) == counter.get_total_flops(), mask
+        assert bench.vit_step_flops(model, batch, 2, variant, mask, cfg.targets, fast) == counter.get_total_flops(), mask
 
 
 def test_alternate_against_a_fake_clock(monkeypatch):
@@ -76,7 +82,7 @@ def test_backward_stops_below_the_lowest_active_block():
     groups = block_groups(model)
     x, y = bench.batch_of(4, model.num_classes, CPU, 0)
     for lowest in range(TINY["depth"]):
-        set_active(groups, [k == lowest for k in range(TINY["depth"])])
+        bench.set_mask(groups, [k == lowest for k in range(TINY["depth"])])
         assert bench.grad_per_block(model, x) == [k >= lowest for k in range(TINY["depth"])]
         F.cross_entropy(model(x), y).backward()
         with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -102,15 +108,15 @@ def test_main_tiny(tmp_path, device, capsys):
     res = bench.main(cfg)
     peft = ["PEFT lora", "PEFT dora"]  # PEFT's layers beside ours, same adapters on the same targets
     fp32 = [r["layer"] for r in res["layer"] if r["dtype"] == "fp32"]
-    assert fp32 == ["nn.Linear", "lora", "dora", "hira", *peft]
+    assert fp32 == ["nn.Linear", "lora", "dora", "hira", "fast lora", "fast dora", "fast hira", *peft]
     trainable = {(r["model"], r["method"]): r["trainable"] for r in res["memory"]}
     assert all(trainable[m, v] == trainable[m, f"PEFT {v}"]
                for m in ("default", "large") for v in ("lora", "dora"))
     assert [(r["model"], r["variant"]) for r in res["coto"]] == \
         [(m, v) for m in ("default", "large") for v in ("lora", "dora", "hira")]
-    # the three ways to build the coalition table agree, with the evaluation counts of games.py
+    # the two ways to build the coalition table agree, with the evaluation counts of games.py
     shap = {r["method"].split(",")[0].split(" ")[0]: r for r in res["shapley"]}
-    assert all(r["max_abs_diff"] < 1e-5 for r in res["shapley"] if r["max_abs_diff"] is not None)  # float32
+    assert list(shap) == ["naive", "prefix"] and shap["prefix"]["max_abs_diff"] < 1e-5  # float32
     assert shap["naive"]["block_evals"] == 3 * 2 ** 3 and shap["prefix"]["block_evals"] == 2 ** 4 - 2
     trunc = [r for r in res["truncation"] if r["variant"] == "lora"]
     assert all(r["no_grad_below"] for r in res["truncation"])
@@ -125,3 +131,13 @@ def test_main_tiny(tmp_path, device, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert f"bench.json and bench.md go to {tmp_path}" in lines[0]
     assert lines[-1].startswith(f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.md'}")
+
+
+def test_layer_only_runs_the_layer_race_alone(tmp_path, capsys):
+    cfg = bench.Config(**TINY, repeats=1, warmup=0, layer_shape=(68, 16, 64), out=str(tmp_path), peft=False)
+    res = bench.main(dataclasses.replace(cfg, layer_only=True))
+    assert [r["layer"] for r in res["layer"]] == ["nn.Linear", "lora", "dora", "hira", "fast lora", "fast dora",
+                                                  "fast hira"]
+    assert not {"coto", "truncation", "merged", "shapley", "memory"} & set(res)
+    assert all(r["ms"] > 0 for r in res["layer"]) and res["layer"][0]["ratio"] == 1.0
+    assert "3. The layer race" in res["table"] and "1. Training step" not in res["table"]

@@ -101,6 +101,7 @@ def test_starts_at_base(variant, device):
     layer = LoRALinear(copy.deepcopy(base), r=4, alpha=8.0, variant=variant)
     x = torch.randn(3, 16, dtype=torch.float64, device=device)
     torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
+    assert (layer.in_features, layer.out_features) == (16, 8)  # read as an nn.Linear's
     assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()  # A is random, B is zero
     bound = 1 / 16 ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 16
     assert layer.lora_A.abs().max() <= bound
