@@ -80,7 +80,11 @@ class BPETokenizer:
                                         f"and merges.txt (both come with every GPT-2 checkpoint)")
         lines = merges.read_text(encoding="utf-8").split("\n")
         pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(json.loads(vocab.read_text(encoding="utf-8")), pairs)
+        try:
+            encoder = json.loads(vocab.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{vocab} is not JSON ({e}): damaged? Copy the model's vocab.json again") from None
+        return cls(encoder, pairs)
 
     def bpe(self, word: str) -> list:
         """Merge the symbols of one byte-mapped word, lowest-ranked pair first."""

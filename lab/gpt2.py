@@ -148,7 +148,10 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: --init expects a local HF GPT-2 folder "
                                 f"(config.json plus model.safetensors or pytorch_model.bin)")
-    hf = json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e}): damaged? Copy the model's config.json again") from None
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{path} describes model_type={hf.get('model_type')!r}; this loader reads GPT-2 only")
     unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),

@@ -410,11 +410,16 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
         metrics["sample"] = tok.decode(generate(model, prompt, cfg.sample_tokens, temperature=0.8,
                                                 top_k=50, generator=g)[0].tolist())
     if cfg.variant == "hira":  # PEFT has no HiRA: this project's own adapter file
-        write_safetensors(lora_state_dict(model), out_dir / "adapters.safetensors", metadata=lora_metadata(model))
+        write_safetensors(lora_state_dict(model), adapter_file(cfg, out_dir), metadata=lora_metadata(model))
     else:
         save_peft_adapter(model, out_dir, base_model_name_or_path=str(base.resolve()))
     save_result(out_dir, metrics, dataclasses.asdict(cfg))
     return model, metrics
+
+
+def adapter_file(cfg: Config, out_dir: Path) -> Path:
+    """A run's adapter: PEFT's adapter_model.safetensors, or adapters.safetensors for HiRA (PEFT has no HiRA)."""
+    return Path(out_dir) / ("adapters.safetensors" if cfg.variant == "hira" else "adapter_model.safetensors")
 
 
 def load_run(cfg: Config, base: Path, out_dir: Path):
@@ -422,7 +427,7 @@ def load_run(cfg: Config, base: Path, out_dir: Path):
     model = load_hf(base)
     if cfg.variant == "hira":
         inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant="hira", rslora=cfg.rslora)
-        path = out_dir / "adapters.safetensors"
+        path = adapter_file(cfg, out_dir)
         load_lora_state_dict(model, read_safetensors(path), metadata=read_safetensors_metadata(path))
     else:
         load_peft_adapter(model, out_dir)
@@ -519,6 +524,11 @@ def main(cfg: Config) -> dict:
     jobs = [(name, c, run_dir(root, c, name)) for name, c in seed_runs(cfg, names)]
     # finished runs (--resume), checked against the flags now rather than after reading and pretraining
     finished = {out: finished_run(out, run_config(c), NOT_IN_RESULT) for _, c, out in jobs} if cfg.resume else {}
+    for _, c, out in jobs:
+        if finished.get(out) and not adapter_file(c, out).is_file():  # deleted since: trained again, not skipped
+            print(f"training {out} again: its result.json is there, its {adapter_file(c, out).name} is not", flush=True)
+            finished[out] = None
+            (out / "result.json").unlink()
     print(f"output: {cfg.out_dir}", flush=True)
     texts = read_sdist(cfg.data, cfg.data_sha256)
     print(f"data: {cfg.data}", flush=True)

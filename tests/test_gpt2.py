@@ -319,6 +319,32 @@ def test_resume_does_not_reuse_runs_of_another_archive(tmp_path, capsys):
     assert len(list((tmp_path / "runs").glob("pretrain-*"))) == 2
 
 
+def test_resume_trains_a_finished_run_again_when_its_adapter_is_gone(tmp_path, capsys):
+    """--resume with --games reloads every finished run's adapter: one deleted since is trained again, not skipped
+    (which ended, after all the work, in a bare "No such file")."""
+    sha = make_sdist(tmp_path / "s.tar.gz")
+    cfg = tiny_config(tmp_path, sha, pretrain_steps=2, steps=2, compare=False, sample_tokens=0, log_every=0)
+    train_gpt2.main(cfg)
+    adapter = train_gpt2.adapter_file(cfg, train_gpt2.run_dir(train_gpt2.base_folder(cfg, sha), cfg, "milton"))
+    adapter.unlink()
+    capsys.readouterr()
+    res = train_gpt2.main(dataclasses.replace(cfg, resume=True, games=True))
+    out = capsys.readouterr().out
+    assert f"training {adapter.parent} again: its result.json is there, its adapter_model.safetensors is not" in out
+    assert "skipping" not in out and adapter.is_file() and len(res["games"]["shapley"]) == 1
+
+
+def test_damaged_json_files_are_named(tmp_path, tokenizer_files):
+    random_hf(0).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'} is not JSON"):
+        load_hf(tmp_path)
+    (tmp_path / "vocab.json").write_text("{")
+    (tmp_path / "merges.txt").write_bytes((tokenizer_files / "merges.txt").read_bytes())
+    with pytest.raises(ValueError, match=f"{tmp_path / 'vocab.json'} is not JSON"):
+        bpe.BPETokenizer.from_folder(tmp_path)
+
+
 def run_main(monkeypatch, *flags: str) -> str:
     """`python -m lab.train_gpt2 *flags` in this process: the SystemExit message (or code)."""
     monkeypatch.setattr("sys.argv", ["train_gpt2.py", *flags])
