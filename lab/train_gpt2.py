@@ -119,12 +119,14 @@ class Config:
         if self.shape not in SHAPES:
             raise ValueError(f"--shape {self.shape!r}: choose from {', '.join(SHAPES)}")
         zero_ok = ("pretrain_warmup", "pretrain_seed", "warmup", "seed", "sample_tokens", "ckpt_every", "log_every")
-        at_most_1 = ("p0", "stage1_ratio", "lora_dropout")
         for name, v in vars(self).items():
-            low, high = int(type(v) is int and name not in zero_ok), 1 if name in at_most_1 else math.inf
-            if type(v) in (int, float) and not (math.isfinite(v) and low <= v <= high) or name == "lora_dropout" and v == 1:
-                raise ValueError(f"--{name.replace('_', '-')} {v}: give a finite number, {low} <= {name} <= {high}"
-                                 + " (1 drops every input)" * (name == "lora_dropout"))
+            if type(v) not in (int, float):
+                continue
+            low = 0 if type(v) is float or name in zero_ok else 1  # counts from 1, unless 0 means none
+            high = 1 if name in ("p0", "stage1_ratio", "lora_dropout") else math.inf
+            if not (math.isfinite(v) and low <= v <= high) or name == "lora_dropout" and v == 1:
+                below = "< 1 (1 drops every input)" if name == "lora_dropout" else f"<= {high}"
+                raise ValueError(f"--{name.replace('_', '-')} {v}: give a finite number, {low} <= {name} {below}")
         if self.n_embd % self.n_head:
             raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
         nearest = next(p for p in (Path(self.out_dir), *Path(self.out_dir).parents) if p.exists())  # made there
