@@ -1,5 +1,5 @@
-"""CoTo in half a minute on a CPU, on a toy task it makes itself (README: "The toy demo"): LoRA with and
-without CoTo on a pretrained residual MLP; accuracy, two seeds averaged, every other block's adapters removed.
+"""CoTo (arXiv 2506.05713) in half a minute on a CPU, on a toy task the script makes itself: LoRA with and without
+CoTo on a pretrained residual MLP; accuracy, two seeds averaged, every other block's adapters removed, and a figure.
     OMP_NUM_THREADS=1 python train_toy.py     # ~30 s on 2 CPU cores, the same digits every run"""
 import argparse
 import dataclasses
