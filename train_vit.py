@@ -1,25 +1,28 @@
 """Pretrain a small ViT on real images, then adapt it to new tasks with LoRA, with and without CoTo.
 
-No pretrained ViT can be downloaded here, so the script makes its own backbone: vit.py's
-VisionTransformer trained on Fashion-MNIST classes 0-4 and cached. Then, frozen, it gets LoRA
-adapters (qkv, proj, fc1, fc2 of every block) and a task head for tasks it does not solve by itself
-(unseen classes, rotated, inverted, patch-shuffled images), trained as plain LoRA and with CoTo
-(paper section 3). It prints both beside a linear probe, then the two robustness numbers CoTo is
-about (games.py): only every other block's adapters on, and two seeds' adapters interpolated at 0.5.
-Data: Fashion-MNIST's IDX files (Debian/Ubuntu: `apt install dataset-fashion-mnist`) or CIFAR-10's
-binary batches (`--dataset cifar10`); nothing is downloaded.
+The backbone is vit.py's VisionTransformer trained on Fashion-MNIST classes 0-4 (cached). Frozen, it
+gets LoRA adapters on every block and a task head for tasks it does not solve (unseen classes, rotated,
+inverted, patch-shuffled images), trained as plain LoRA and with CoTo (Zhuang et al., ICML 2025, Fig. 1).
+The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's
+adapters on, and two seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian:
+`apt install dataset-fashion-mnist`) or CIFAR-10's binary batches; nothing is downloaded.
+
+    OMP_NUM_THREADS=1 python train_vit.py            # the README's main job, minutes on a 2-core CPU
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train_vit.py   # DDP: gloo on the CPU, nccl on CUDA
+    python -m lab.vit_report runs/vit                 # its figure, results.png
 """
 import dataclasses
 import gzip
 import hashlib
 import json
-import math
 import os
 import statistics
 import struct
 import time
 import zlib
-from contextlib import contextmanager, nullcontext
+from collections import namedtuple
+from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +107,10 @@ class Config:
     def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
         flag, side = lambda k: "--" + k.replace("_", "-"), 32 if self.dataset == "cifar10" else 28
         linears = [f"blocks.{i}.{n}" for i in range(self.depth) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-        classes = [c for part in self.source_classes.split(",") for a, _, b in [part.partition("-")]
-                   for c in (range(int(a), int(b or a) + 1) if f"{a}{b}".isdigit() else [-1])]
+        try:
+            classes = parse_classes(self.source_classes)
+        except ValueError:
+            classes = [-1]
         problems = [f"{flag(k)} {getattr(self, k)!r}: choose {', '.join(c)}" for k, c in CHOICES.items()
                     if getattr(self, k) not in c]
         problems += [f"--tasks {self.tasks!r}: unknown task {t!r}; choose from {', '.join(TASKS)}"
@@ -154,9 +159,7 @@ def read_idx(path: Path) -> torch.Tensor:
 
 
 def load_data(cfg: Config) -> dict:
-    """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1"}; "sha1", a hash of
-    the tensors, names the backbone and runs made from them. Fashion-MNIST: (60000, 1, 28, 28) from IDX files;
-    CIFAR-10: (50000, 3, 32, 32) from its binary batches, records of 1 label + 3072 pixel bytes (R, G, B planes)."""
+    """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1" of the tensors}."""
     dirs = data_dirs(cfg.data_dir, DEBIAN_DIR if cfg.dataset == "fashion-mnist" else "")
     data = make_synthetic() if cfg.dataset == "synthetic" else None
     for d in dirs if cfg.dataset == "fashion-mnist" else []:
@@ -189,8 +192,7 @@ def load_data(cfg: Config) -> dict:
 
 
 def make_synthetic(n_train: int = 600, n_test: int = 300, seed: int = 0) -> dict:
-    """A tiny 10-class set shaped like Fashion-MNIST, for tests: class k is a bright 7x7 square at one
-    of 10 fixed places (an asymmetric layout, so a rotation changes the classes' geometry), on noise."""
+    """A tiny 10-class set shaped like Fashion-MNIST, for tests: class k is a bright square at place k, on noise."""
     g, corners = torch.Generator().manual_seed(seed), [(0, 0), (0, 7), (0, 14), (0, 21), (7, 0), (7, 14), (14, 7),
                                                        (14, 21), (21, 0), (21, 14)]
     out = {"folder": "(generated)"}
@@ -212,44 +214,43 @@ def parse_classes(spec: str) -> list:
     return [c for part in spec.split(",") for a, _, b in [part.partition("-")] for c in range(int(a), int(b or a) + 1)]
 
 
-@dataclass
-class Task:
-    name: str
-    x_train: torch.Tensor  # (N, C, H, W) uint8
-    y_train: torch.Tensor  # (N,) int64 in 0 .. num_classes - 1
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
+Task = namedtuple("Task", "name x_train y_train x_test y_test num_classes")  # images uint8, labels 0 .. num_classes - 1
 
 
 def make_tasks(data: dict, names, source_classes: list, patch_size: int, n_train: int = 0, n_test: int = 0,
                n_per_class: int = 0, seed: int = 0) -> dict:
-    """{name: Task}, each subsampled with its own generator (seed): n_train / n_test random images (0: all), or
-    n_per_class training images of each class (few-shot). new5: the classes left out of pretraining; rot90:
-    images rotated 90 degrees; invert: 255 - pixel; shuffle: the patches in a fixed random order."""
-    tasks, (xtr, ytr, xte, yte) = {}, (data[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    """{name: Task}: new5 (the classes left out of pretraining), rot90, invert (255 - pixel), shuffle (patches)."""
     new = torch.tensor([c for c in range(10) if c not in source_classes])
-    remap = torch.full((10,), -1).index_put_((new,), torch.arange(len(new)))  # new5's labels 0 .. len(new) - 1
-    perm = torch.randperm((xtr.shape[-1] // patch_size) ** 2, generator=torch.Generator().manual_seed(1234))
+    remap = torch.full((10,), -1).index_put_((new,), torch.arange(len(new)))  # new5's labels 0 .. len(new) - 1, else -1
+    perm = torch.randperm((data["x_train"].shape[-1] // patch_size) ** 2, generator=torch.Generator().manual_seed(1234))
+    transform = {"new5": lambda x: x, "rot90": lambda x: torch.rot90(x, 1, dims=(2, 3)), "invert": lambda x: 255 - x,
+                 "shuffle": lambda x: shuffle_patches(x, patch_size, perm)}
+    tasks = {}
     for name in names:
-        g, B, C, H, W, p = torch.Generator().manual_seed(seed), *xtr.shape, patch_size
-        f = {"new5": lambda x: x, "rot90": lambda x: torch.rot90(x, 1, dims=(2, 3)), "invert": lambda x: 255 - x,
-             "shuffle": lambda x: x.reshape(-1, C, H // p, p, W // p, p).transpose(3, 4).reshape(-1, C, H * W // p // p, p, p)
-             [:, :, perm].reshape(-1, C, H // p, W // p, p, p).transpose(3, 4).reshape(-1, C, H, W)}[name]
-        splits = [(x, remap[y]) if name == "new5" else (x, y) for x, y in ((xtr, ytr), (xte, yte))]
-        picks = [(y >= 0).nonzero().flatten() for _, y in splits]  # new5: its classes only
-        k = len(new) if name == "new5" else 10
-        for i, (n, per_class) in enumerate(((n_train, n_per_class), (n_test, 0))):
-            if per_class:
-                counts = torch.bincount(splits[i][1][picks[i]], minlength=k)
-                if counts.min() < per_class:
-                    raise ValueError(f"--n-per-class {per_class}: class {counts.argmin()} has only {counts.min()} images")
-                picks[i] = torch.cat([picks[i][splits[i][1][picks[i]] == c][torch.randperm(int(counts[c]), generator=g)[
-                    :per_class]] for c in range(k)])
-            else:
-                picks[i] = picks[i][torch.randperm(len(picks[i]), generator=g)[:n or len(picks[i])]]
-        tasks[name] = Task(name, f(xtr[picks[0]]), splits[0][1][picks[0]], f(xte[picks[1]]), splits[1][1][picks[1]], k)
+        g, f, k = torch.Generator().manual_seed(seed), transform[name], len(new) if name == "new5" else 10
+        (xtr, ytr), (xte, yte) = ((data[f"x_{s}"], remap[data[f"y_{s}"]] if name == "new5" else data[f"y_{s}"])
+                                  for s in ("train", "test"))
+        tr, te = subsample(ytr, n_train, n_per_class, k, g), subsample(yte, n_test, 0, k, g)
+        tasks[name] = Task(name, f(xtr[tr]), ytr[tr], f(xte[te]), yte[te], k)  # transformed after the subsampling
     return tasks
+
+
+def subsample(y: torch.Tensor, n: int, n_per_class: int, k: int, generator) -> torch.Tensor:
+    """Random indices of images labelled 0 .. k - 1: n_per_class of each class (few-shot), else n (0: all)."""
+    if not n_per_class:
+        idx = (y >= 0).nonzero().flatten()
+        return idx[torch.randperm(len(idx), generator=generator)[:n or len(idx)]]
+    idx = [(y == c).nonzero().flatten() for c in range(k)]
+    if short := [c for c in range(k) if len(idx[c]) < n_per_class]:
+        raise ValueError(f"--n-per-class {n_per_class}: class {short[0]} has only {len(idx[short[0]])} training images")
+    return torch.cat([i[torch.randperm(len(i), generator=generator)[:n_per_class]] for i in idx])
+
+
+def shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor:
+    """Rearrange the p x p tiles of every image (B, C, H, W) by the permutation `perm` of the tiles."""
+    B, C, H, W = x.shape
+    tiles = x.reshape(B, C, H // p, p, W // p, p).transpose(3, 4).reshape(B, C, -1, p, p)[:, :, perm]
+    return tiles.reshape(B, C, H // p, W // p, p, p).transpose(3, 4).reshape(B, C, H, W)
 
 
 class Batches:
@@ -287,9 +288,8 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250, features: bool = False):
-    """(accuracy, mean cross-entropy) on uint8 images x (N, C, H, W), labels y (N,), in eval mode (every adapter
-    runs); features: the (N, D) class tokens after the final norm instead. 250 images a batch keep a block's
-    activations in the CPU's cache: a third faster than 1000."""
+    """(accuracy, mean cross-entropy) in eval mode, every adapter on; features: the (N, D) final class tokens."""
+    # 250 images a batch keep a block's activations in the CPU's cache: a third faster than 1000
     device, was_training, out = next(model.parameters()).device, model.training, []
     model.eval()
     for i in range(0, len(x), batch_size):
@@ -309,8 +309,8 @@ def rank_world() -> tuple:
 
 
 def save(obj, path) -> None:
-    """torch.save(obj), or a str's text, written atomically: the temporary file is this process's own, so
-    runs sharing a folder never touch each other's, and a crash never leaves half a file."""
+    """torch.save(obj), or a str's text, atomically: a crash never leaves half a file."""
+    # the temporary file is this process's own: runs sharing a folder never touch each other's
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
@@ -325,18 +325,19 @@ def config_diff(then: dict, now: dict) -> str:
 
 
 def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict) -> tuple:
-    """A run's folder, ready: (first step, log, metrics.jsonl). The log file is locked for this process (a second
-    run of the same folder stops with one line instead of mixing its records in) and cut to the checkpoint's
-    step; with `resume` model, opt, coto, batches and the RNG continue from ckpt.pt, which must be this run's."""
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics, ckpt, fix = open(folder / "metrics.jsonl", "a+"), folder / "ckpt.pt", "(or run without --resume)"
-    try:
-        fcntl and fcntl.flock(metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"{folder} is in use by another process: wait for it, or use another --out-dir") from None
-    for stale in folder.glob("*.tmp"):  # the folder is ours: left by a process killed while writing
-        stale.unlink()
-    start, log = 0, {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}  # the whole run's records
+    """A run's folder made ready (resumed from ckpt.pt with `resume`): (first step, log, open metrics.jsonl)."""
+    # metrics.jsonl is locked: a second process on this run stops with one line instead of mixing its records in
+    start, log, metrics = 0, {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}, None  # the whole run's
+    ckpt, fix, rank = folder / "ckpt.pt", "(or run without --resume)", rank_world()[0]
+    if rank == 0:  # the one writer
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics = open(folder / "metrics.jsonl", "a+")
+        try:
+            fcntl and fcntl.flock(metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{folder} is in use by another process: wait for it, or use another --out-dir") from None
+        for stale in folder.glob("*.tmp"):  # the folder is ours: left by a process killed while writing
+            stale.unlink()
     if resume and ckpt.is_file():
         try:
             ck = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -352,6 +353,8 @@ def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict
         coto is not None and coto.load_state_dict(ck["coto"])
         torch.set_rng_state(ck["rng"])  # dropout draws continue as uninterrupted
         start, log = ck["step"], ck["log"]
+    if rank > 0:
+        return start, log, metrics
     for f in (ckpt, folder / "result.json") if not resume else ():
         f.unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
     metrics.seek(0)
@@ -368,8 +371,7 @@ def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict
 
 def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float, warmup: int,
                seed: int, name: str, out=None, config=None, coto=None, eval_fn=None) -> dict:
-    """AdamW on the parameters of `model` that require grad, on uint8 images x and labels y; with a run folder
-    `out`: checkpoints tied to `config`, resume, metrics.jsonl. Returns the log (history, timings)."""
+    """AdamW on the trainable parameters; with a run folder `out`: checkpoints, resume, metrics.jsonl."""
     rank, world = rank_world()
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} DDP ranks")
@@ -413,7 +415,7 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
             log["history"].append({**rec, "p": coto.p} if coto is not None else rec)
             log["sums"], log["n"] = {}, 0
             write(metrics, log["history"][-1], f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | "
-                  f"{rec['ms']:.0f} ms | eta {format_eta(rec['ms'] / 1e3 * (steps - done))}")
+                  f"{rec['ms']:.0f} ms | eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}")
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
             acc, loss_ = eval_fn(model)  # eval mode: every adapter runs
             write(metrics, {"tag": name, "step": done, "eval_loss": loss_, "eval_acc": acc},
@@ -433,8 +435,7 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
 
 
 def check_finite(loss: torch.Tensor, params: list, step: int, lr: float, name: str) -> None:
-    """Stop at the first non-finite loss or gradient (a finite loss can hide one), before opt.step() reaches
-    the weights; under DDP every rank sees any rank's NaN, and all stop."""
+    """Stop at the first non-finite loss or gradient, before opt.step(); under DDP every rank stops."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     health = torch.stack([loss.detach().float(), norm.float()])  # (2,): one all_reduce for both
     if rank_world()[1] > 1:
@@ -450,10 +451,6 @@ def write(metrics, rec: dict, line: str) -> None:
     if rank_world()[0] == 0:
         print(line, flush=True)
         metrics and (metrics.write(json.dumps(rec) + "\n"), metrics.flush())
-
-
-def format_eta(seconds: float) -> str:
-    return f"{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------- pretraining, probing, fine-tuning
@@ -474,8 +471,7 @@ def backbone_key(cfg: Config, data: dict) -> str:
 
 
 def pretrain(cfg: Config, data: dict) -> dict:
-    """The backbone's state dict (timm names): --init's file, the cache out_dir/<backbone_key>/backbone.pt,
-    or trained on the source classes (and cached)."""
+    """The backbone's state dict: --init's, out_dir/<backbone_key>/backbone.pt, or pretrained (and cached)."""
     model, source = build_model(cfg, data["x_train"], 10), parse_classes(cfg.source_classes)
     if cfg.init:
         try:
@@ -512,8 +508,7 @@ def pretrain(cfg: Config, data: dict) -> dict:
 
 @torch.no_grad()
 def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-4, iters: int = 100) -> tuple:
-    """A linear head fitted on frozen features (the class token after the final norm; full-batch L-BFGS,
-    logistic regression): ({"weight": (K, D), "bias": (K,)}, test accuracy)."""
+    """Logistic regression on the frozen features (L-BFGS): ({"weight": (K, D), "bias": (K,)}, test accuracy)."""
     ftr, fte = (evaluate(model, x, None, features=True) for x in (task.x_train, task.x_test))  # (N, D), once a task
     mu, sd = ftr.mean(0), ftr.std(0) + 1e-6  # standardised for L-BFGS, folded back into the head below
     head = torch.nn.Linear(ftr.shape[1], task.num_classes)
@@ -544,9 +539,7 @@ def method_name(cfg: Config) -> str:
 
 
 def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=None) -> tuple:
-    """LoRA (with CoTo if cfg.coto) on the frozen backbone plus a task head: fresh ("learned"), the frozen
-    `probe_head` ("probe"), or trained from it ("probe_init"). Returns (model, metrics); with out_dir also
-    checkpoints, metrics.jsonl, adapters.pt (the adapters and the head) and result.json."""
+    """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); out_dir: the run's files."""
     torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))  # LoRA and CoTo alike
     model = build_model(cfg, task.x_train, task.num_classes)
     load_pretrained(model, backbone)  # the source head is dropped: a fresh one for this task
@@ -600,8 +593,7 @@ def load_adapters(cfg: Config, task: Task, backbone: dict, path) -> VisionTransf
 
 
 def finished_run(folder: Path, cfg: Config, say=print):
-    """--resume: the result of the run in `folder` if it finished with these flags, None to train it; a run
-    finished with other flags is an error listing them."""
+    """--resume: the result.json of a run finished with these flags, None to train it (other flags: an error)."""
     path = folder / "result.json"
     if not path.is_file() or not (folder / "adapters.pt").is_file():
         say(f"{folder} finished, but its adapters.pt is gone: training it again") if path.is_file() else None
@@ -682,16 +674,14 @@ def run_all(cfg: Config) -> dict:
         print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head "
                          "averaged), test accuracy in %", rob["interp"], results["probe"]) if rob["interp"] else
               "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
-        print(f"total {format_eta(time.time() - t0)}")
+        print(f"total {timedelta(seconds=round(time.time() - t0))}")
         save(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1), Path(cfg.out_dir) / "results.json")
         print(f"wrote {cfg.out_dir}/results.json; each run's adapters, log and result under {Path(cfg.out_dir) / key}")
     return results
 
 
 def robustness(cfg: Config, runs: list, tasks: dict, models: dict) -> dict:
-    """What CoTo claims to buy, per run (task, config, folder) of the models in memory: {"every_other": test
-    accuracy with only blocks 0, 2, 4, ... keeping their adapters, per seed; "interp": of two seeds' adapters
-    and heads averaged factor-wise at lambda 0.5, per disjoint seed pair (s, s + 1), (s + 2, s + 3), ...}."""
+    """Accuracy with only blocks 0, 2, ... adapted, per run; of two seeds averaged (0.5), per seed pair (s, s + 1)."""
     out = {"every_other": [], "interp": []}
     for name, c, folder in runs:
         task, model = tasks[name], models[folder]
@@ -708,8 +698,7 @@ def robustness(cfg: Config, runs: list, tasks: dict, models: dict) -> dict:
 
 
 def seed_table(title: str, runs: list, probe: dict) -> str:
-    """A markdown table of test accuracy in % per task (and their mean) and method: the mean over seeds (±
-    their standard deviation), beside the linear probe; with two methods, the second minus the first per seed."""
+    """Test accuracy in % per task and method, mean (± std) over seeds, beside the probe; B - A per seed."""
     seeds, methods = sorted({r["seed"] for r in runs}, key=str), list(dict.fromkeys(r["method"] for r in runs))
     acc = {m: {row: [statistics.fmean(100 * r["acc"] for r in runs if r["method"] == m and r["seed"] == s
                                       and row in ("mean", r["task"])) for s in seeds] for row in [*probe, "mean"]}
