@@ -74,11 +74,11 @@ class LoRALinear(nn.Module):
         if self.variant == "hira":  # delta W = scaling * W ⊙ (B A): high rank from a rank-r B A
             return self.base(x) + xd @ (self.scaling * self.base.weight * (self.lora_B @ self.lora_A)).T
         lora = xd @ self.lora_A.T * self.scaling  # (..., r): scaled while narrow, before B widens it
-        if self.variant == "dora":  # m / ||V|| row-wise, bias added after the scale
+        if self.variant == "dora":  # m / ||V|| row-wise, ||V|| detached (DoRA section 4.3); bias after the scale
             b = 0 if self.base.bias is None else self.base.bias
             return (self.lora_magnitude / self._dora_norm(self.base.weight)
                     * (self.base(x) - b + lora @ self.lora_B.T) + b)
-        # base(x) + lora B^T, the product added into base's output (T, out) in place: no second (T, out) tensor
+        # base(x) + lora B^T, the product added in place into base's (T tokens, out) output: no second such tensor
         y = self.base(x.reshape(-1, x.shape[-1])).addmm_(lora.reshape(-1, self.r), self.lora_B.T.to(lora.dtype))
         return y.view(*x.shape[:-1], -1)
 
@@ -111,7 +111,7 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """W_effective - W (out, in) for any variant, merged or not."""
-        W = _at_least_f32(self.base.weight)  # merged or not
+        W = _at_least_f32(self.base.weight)
         return (W - self._unmerged_weight(W) if self.merged else self._effective_weight(W) - W).to(self.base.weight)
 
     @torch.no_grad()
