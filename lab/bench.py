@@ -40,23 +40,23 @@ import torch.nn.functional as F
 import games
 from coto import CoTo, block_groups
 from lab.kernels import FastLoRALinear, use_fast_kernels
-from lora import LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
-from lab.utils import atomic_write_text, format_eta, parse_config
+from lora import VARIANTS, LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
+from lab.utils import atomic_write_text, format_eta, run_script
 from train_toy import pick_device
 from vit import VisionTransformer
 
 
 @dataclasses.dataclass
 class Config:
-    device: str = "auto"  # auto = cuda, then mps, then cpu
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (use 1 on a machine shared with other jobs)
-    embed_dim: int = 128  # the default ViT (vit.py's defaults): width,
-    depth: int = 6  # blocks,
-    num_heads: int = 4  # and heads
-    large_embed_dim: int = 192  # the larger ViT of sections 1 and 5 (ViT-Ti width, twice as deep);
-    large_depth: int = 12  # 0 skips it
-    large_num_heads: int = 3
-    variants: tuple = ("lora", "dora", "hira")
+    embed_dim: int = 128  # width of the default ViT (vit.py's default)
+    depth: int = 6  # blocks of the default ViT
+    num_heads: int = 4  # attention heads of the default ViT
+    large_embed_dim: int = 192  # width of the larger ViT of sections 1 and 5 (ViT-Ti's)
+    large_depth: int = 12  # blocks of the larger ViT (twice as deep); 0 skips it
+    large_num_heads: int = 3  # attention heads of the larger ViT
+    variants: tuple = ("lora", "dora", "hira")  # adapter variants measured: any of lora, dora, hira
     targets: str = "qkv,proj,fc1,fc2"  # comma-separated nn.Linear name suffixes that get adapters in every block
     r: int = 8  # LoRA rank
     alpha: float = 16.0  # scaling = alpha / r
@@ -74,7 +74,7 @@ class Config:
     peft: bool = True  # PEFT's LoRA and DoRA beside ours in the layer and memory tables (if installed)
     quick: bool = False  # one ViT, fewer steps and coalitions: about a minute
     layer_only: bool = False  # only section 3's layer race (nn.Linear, classroom, lab kernels, PEFT): seconds
-    seed: int = 0
+    seed: int = 0  # seed of the weights, the random batches and CoTo's draws
     out: str = "runs/bench"  # bench.json and bench.md are written here
 
 
@@ -511,6 +511,8 @@ def main(cfg: Config) -> dict:
     if min(cfg.schedule_points, cfg.repeats, cfg.batch_size, cfg.shapley_batch, cfg.naive_samples) < 1:
         raise ValueError("schedule_points, repeats, batch_size, shapley_batch and naive_samples must "
                          "be at least 1")
+    if not cfg.variants or not set(cfg.variants) <= set(VARIANTS):
+        raise ValueError(f"--variants {' '.join(cfg.variants)}: choose among {', '.join(VARIANTS)}")
     if any(not 1 <= b <= 12 for b in cfg.shapley_blocks):
         raise ValueError(f"shapley_blocks={cfg.shapley_blocks}: each depth must be in 1..12 (all 2^L "
                          f"coalitions are evaluated)")
@@ -555,4 +557,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, description=__doc__.split("\n\n")[0]))
+    run_script(main, Config, __doc__, __file__, interrupted="nothing was written; run it again")
