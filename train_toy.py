@@ -184,12 +184,12 @@ def main(cfg: Config) -> dict:
                                             log_every=100, name=f"{method} s{seed}")
         results[method] = evaluate(cfg, [m.eval() for m in models], *tasks["target"][1])
     print(f"\nbackbone: source acc {score(backbone, *tasks['source'][1]):.3f}, downstream acc without adapters "
-          f"{results['base_target_acc']:.3f}\n{'downstream test accuracy':<40}{'LoRA':>8}{'CoTo':>8}")
+          f"{results['base_target_acc']:.3f}\n| {'downstream test accuracy':<37} | LoRA  | CoTo  |\n|---|---|---|")
     for key, label in zip(results["lora"], (f"fine-tuned (mean of {cfg.seeds} seeds)", "2 seeds averaged, lambda = 0.5",
-                                            "adapters of every other block removed")):
-        print(f"{label:<40}{results['lora'][key]:>8.3f}{results['coto'][key]:>8.3f}")
+                                            "adapters of every other block removed")):  # a markdown table
+        print(f"| {label:<37} | {results['lora'][key]:.3f} | {results['coto'][key]:.3f} |")
     plot(cfg, results, histories, Path(cfg.out_dir) / "toy.png")
-    print(f"wrote {Path(cfg.out_dir) / 'toy.png'}")
+    print(f"\nwrote {Path(cfg.out_dir) / 'toy.png'}")
     return results
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def test_toy_demo_smoke(tmp_path, device, capsys):
     assert [line.split(" | loss ")[0] for line in coto] == ["coto s0 | step 100", "coto s0 | step 200"]
     assert all(" | p " in line and " | active " in line and " | test acc " in line for line in coto)
     assert not any(" | p " in line for line in lines if line.startswith(("pretrain", "lora")))
+    table = lines[lines.index("| downstream test accuracy              | LoRA  | CoTo  |"):][:5]  # markdown: lab.results reads it
+    assert table[1] == "|---|---|---|" and [row.split(" | ")[1:] for row in table[2:]] == [
+        [f"{results['lora'][k]:.3f}", f"{results['coto'][k]:.3f} |"] for k in ("acc", "interp_0.5", "prune_every_other")]
     for method in ("lora", "coto"):  # adaptation helps: the frozen backbone is mostly wrong on the rotated task
         assert results[method]["acc"] > results["base_target_acc"] + 0.1, (method, results)
     assert (tmp_path / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,7 +161,7 @@ def test_help_explains_every_flag_and_ends_with_an_example(capsys):
     assert set(helps) == {"--" + name.replace("_", "-") for name in train_toy.Config.__dataclass_fields__}
     for flag, text in helps.items():  # more than the flag's own name: --r R "LoRA rank of every adapter ..."
         words = text.split(" (default:")[0].split()[1:]  # after the metavar
-        assert len(words) > len(flag.split("-")) + 1, (flag, text)
+        assert len(words) >= len(flag.strip("-").split("-")) + 2, (flag, text)
     assert out.rstrip().endswith("example:\n  python train_toy.py --steps 400")
 
 
