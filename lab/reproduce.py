@@ -1,5 +1,5 @@
 """The paper's table at small scale: LoRA vs CoTo on train_vit.py's tasks, with games.py's analyses.
-Several seeds per setting; a markdown table sets the paper's numbers (method.md section 5) beside.
+Several seeds per setting; a markdown table sets the paper's numbers (arXiv 2506.05713) beside.
 
     python -m lab.reproduce --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
                                   # 20-step runs are too short for the verdicts to mean anything
@@ -151,7 +151,7 @@ def studies(cfg: Config) -> list:
            # does any drop do what CoTo does, or a smaller update? (all tasks: combining needs several)
            ("baselines", {
                # stochastic depth for LoRA: each block's adapters on with CoTo's expected active fraction
-               # (method.md section 3) at every step, so only the schedule differs from CoTo
+               # (0.75 (p0 + 1) / 2 + 0.25 = 62.5 % at p0 = 0) at every step, so only the schedule differs from CoTo
                "layer drop p=0.625": {"coto": True, "shape": "constant", "p0": 0.625, "stage1_ratio": 1.0},
                "lora dropout 0.1": {"coto": False, "lora_dropout": 0.1},
                "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
@@ -596,7 +596,7 @@ def shapley_profiles(res: dict) -> dict:
 
 
 def sections(res: dict, cfg: Config) -> list:
-    """[(title, A header, B header, rows)]: the whole table (paper numbers: method.md section 5)."""
+    """[(title, A header, B header, rows)]: the whole table (paper numbers: arXiv 2506.05713)."""
     trained = res.get("train", {})  # {study: ...} of the studies run: with --studies a subset, and only theirs show
     out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", claim_rows(res, (s, "lora"), (s, "coto")))
            for s in REGIMES if s in trained]
