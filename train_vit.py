@@ -333,7 +333,8 @@ def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict
         folder.mkdir(parents=True, exist_ok=True)
         metrics = open(folder / "metrics.jsonl", "a+")
         try:
-            fcntl and fcntl.flock(metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl:
+                fcntl.flock(metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ValueError(f"{folder} is in use by another process: wait for it, or use another --out-dir") from None
         for stale in folder.glob("*.tmp"):  # the folder is ours: left by a process killed while writing
@@ -348,9 +349,11 @@ def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict
                              f"with the same flags to continue it, or delete {ckpt} {fix} to start afresh")
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.requires_grad and p.copy_(ck["trainable"][n])
+                if p.requires_grad:
+                    p.copy_(ck["trainable"][n])
         opt.load_state_dict(ck["optimizer"]), batches.load_state_dict(ck["batches"])
-        coto is not None and coto.load_state_dict(ck["coto"])
+        if coto is not None:
+            coto.load_state_dict(ck["coto"])
         torch.set_rng_state(ck["rng"])  # dropout draws continue as uninterrupted
         start, log = ck["step"], ck["log"]
     if rank > 0:
@@ -380,7 +383,8 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
     start, log, metrics = 0, {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}, None
     if out is not None:
         start, log, metrics = open_run(Path(out), cfg.resume, model, opt, coto, batches, config)
-        print(f"resuming {name} from step {start}", flush=True) if start and rank == 0 else None
+        if start and rank == 0:
+            print(f"resuming {name} from step {start}", flush=True)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # CoTo draws alike on every rank, so
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=coto is not None)
     model.train()  # ... a bypassed adapter is unused on all: find_unused_parameters
@@ -428,7 +432,8 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
         clock = time.perf_counter() if eval_fn and cfg.eval_every or out and cfg.ckpt_every else clock  # not a step's time
     if world > 1:
         dist.barrier()
-    metrics and metrics.close()
+    if metrics:
+        metrics.close()
     steady = [s for s in log["seconds"] if s <= 5 * statistics.median(log["seconds"])]  # slower: compile / warm-up
     return {"history": log["history"], "train_time_s": sum(log["seconds"]), "warmup_s": sum(log["seconds"]) - sum(steady),
             "ms_per_step": 1e3 * statistics.fmean(steady), "active_frac": statistics.fmean(log["active"] or [1.0])}
@@ -450,7 +455,9 @@ def write(metrics, rec: dict, line: str) -> None:
     """A log line, and its record in metrics.jsonl (rank 0 only)."""
     if rank_world()[0] == 0:
         print(line, flush=True)
-        metrics and (metrics.write(json.dumps(rec) + "\n"), metrics.flush())
+        if metrics:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
 
 
 # ---------------------------------------------------------------------------------------------- pretraining, probing, fine-tuning
@@ -472,12 +479,12 @@ def backbone_key(cfg: Config, data: dict) -> str:
 
 def pretrain(cfg: Config, data: dict) -> dict:
     """The backbone's state dict: --init's, out_dir/<backbone_key>/backbone.pt, or pretrained (and cached)."""
-    model, source = build_model(cfg, data["x_train"], 10), parse_classes(cfg.source_classes)
+    source = parse_classes(cfg.source_classes)
     if cfg.init:
         try:
             state = torch.load(cfg.init, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state.get("model", state))  # the usual nestings of training checkpoints
-            load_pretrained(model, state)  # every key and shape checked
+            load_pretrained(build_model(cfg, data["x_train"], 10), state)  # every key and shape checked
         except Exception as e:
             raise ValueError(f"--init {cfg.init}: {e if isinstance(e, ValueError) else type(e).__name__}; it must be a "
                              f"torch.save'd timm-format state dict (a .safetensors: python -m lab.vit_weights)") from None
@@ -487,7 +494,8 @@ def pretrain(cfg: Config, data: dict) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)["state"]
         except Exception as e:  # e.g. a copy cut short: train it again rather than fail or use it
-            print(f"{path} is damaged ({type(e).__name__}): pretraining it again", flush=True) if rank == 0 else None
+            if rank == 0:
+                print(f"{path} is damaged ({type(e).__name__}): pretraining it again", flush=True)
     torch.manual_seed(cfg.pretrain_seed)
     model = build_model(cfg, data["x_train"], len(source)).to(pick_device(cfg.device))
     remap = torch.full((10,), -1).index_put_((torch.tensor(source),), torch.arange(len(source)))
@@ -549,7 +557,8 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=N
     inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, variant=cfg.variant,
                 rslora=cfg.rslora)
     trainable = mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())
-    print(trainable) if rank_world()[0] == 0 else None
+    if rank_world()[0] == 0:
+        print(trainable)
     model.to(pick_device(cfg.device))
     for blk in model.blocks if cfg.compile else ():  # per block: adapters on or off, two graphs, no recompiles
         blk.compile()
@@ -559,7 +568,8 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=N
     log = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                      weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, name=name, out=out_dir,
                      config=run_config(cfg), coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test))
-    coto is not None and coto.remove()
+    if coto is not None:
+        coto.remove()  # every adapter trains again, as a model without CoTo
     acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
     metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **log}
     if out_dir and rank_world()[0] == 0:
@@ -596,7 +606,8 @@ def finished_run(folder: Path, cfg: Config, say=print):
     """--resume: the result.json of a run finished with these flags, None to train it (other flags: an error)."""
     path = folder / "result.json"
     if not path.is_file() or not (folder / "adapters.pt").is_file():
-        say(f"{folder} finished, but its adapters.pt is gone: training it again") if path.is_file() else None
+        if path.is_file():
+            say(f"{folder} finished, but its adapters.pt is gone: training it again")
         return None
     try:
         result = json.loads(path.read_text())
@@ -624,11 +635,13 @@ def main(cfg: Config) -> dict:
     ddp, cuda = "WORLD_SIZE" in os.environ and not dist.is_initialized(), pick_device(cfg.device).type == "cuda"
     if ddp:  # under torchrun: one process group for the whole job, nccl on CUDA, gloo on the CPU
         dist.init_process_group("nccl" if cuda else "gloo")
-        cuda and torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
         return run_all(cfg)
     finally:
-        ddp and dist.destroy_process_group()
+        if ddp:
+            dist.destroy_process_group()
 
 
 def run_all(cfg: Config) -> dict:
