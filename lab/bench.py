@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import games
 from coto import CoTo, block_groups
-from lab.kernels import FastLoRALinear, use_fast_kernels
+from lab.kernels import FastLoRALinear
 from lora import VARIANTS, LoRALinear, inject_lora, lora_layers, mark_only_lora_as_trainable, merge_lora
 from lab.utils import atomic_write_text, format_eta, run_script
 from train_toy import pick_device
