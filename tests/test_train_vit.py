@@ -429,6 +429,9 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     assert evaluate(load_adapters(cfg, task, backbone, path), task.x_test, task.y_test)[0] == res["runs"][1]["acc"]
     with pytest.raises(ValueError, match="saved as variant=lora, this model has variant=hira"):
         load_adapters(dataclasses.replace(cfg, variant="hira"), task, backbone, path)
+    proc = subprocess.run([sys.executable, "-m", "lab.vit_report", cfg.out_dir], capture_output=True, text=True,
+                          cwd=Path(train_vit.__file__).parent, timeout=120)  # the job's figure, from results.json
+    assert proc.returncode == 0 and (tmp_path / "runs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     main(dataclasses.replace(cfg, resume=True))
     assert "skipping rot90 coto s0: finished" in capsys.readouterr().out
     main(cfg)

@@ -137,3 +137,22 @@ def test_loads_timm_files_and_names_bad_keys(tmp_path):
 def test_bad_image_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 2, 8, 8\), got \(1, 3, 8, 8\)"):
         VisionTransformer(**KW)(torch.zeros(1, 3, 8, 8))
+
+
+def test_a_timm_file_converts_to_what_train_vit_init_reads(tmp_path):
+    """python -m lab.vit_weights: a .safetensors file becomes a torch.save'd state dict of the same tensors."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    sd = timm_state_dict(**KW, seed=5)
+    write_safetensors(sd, tmp_path / "vit.safetensors")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "lab.vit_weights", str(tmp_path / "vit.safetensors"),
+                           str(tmp_path / "vit.pt")], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(tmp_path / "vit.pt", weights_only=True)
+    assert state.keys() == sd.keys() and all(torch.equal(state[k], sd[k]) for k in sd)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 7)
+    proc = subprocess.run([sys.executable, "-m", "lab.vit_weights", str(tmp_path / "bad.safetensors"),
+                           str(tmp_path / "bad.pt")], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("lab.vit_weights: error: ") and len(proc.stderr.splitlines()) == 1
