@@ -49,9 +49,11 @@ EXAMPLE = "OMP_NUM_THREADS=1 python train_vit.py --tasks rot90,invert --variant 
 AT_LEAST = dict(depth=1, embed_dim=1, num_heads=1, patch_size=1, r=1, steps=1, pretrain_steps=1, seeds=1, batch_size=1,
                 pretrain_batch_size=1, warmup=0, pretrain_warmup=0, n_train=0, n_test=0, n_per_class=0, ckpt_every=0,
                 log_every=0, eval_every=0, seed=0, pretrain_seed=0)
-RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")), "in [0, 1)": (lambda v: 0 <= v < 1, (
-    "lora_dropout",)), "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)), "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",)),
-    ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay"))}  # comparisons with nan are False: refused
+RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")),
+          ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay")),
+          "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout",)),
+          "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)),
+          "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",))}  # nan fails every comparison: refused too
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Config:
     compare: bool = True  # main(): plain LoRA and CoTo side by side (--no-compare: only the --coto setting)
     p0: float = 0.0  # CoTo's probability that a block's adapters train at step 0, in [0, 1]
     stage1_ratio: float = 0.75  # fraction of the steps over which CoTo's p rises to 1, in (0, 1]
-    shape: str = "linear"  # how p rises: linear | exp | sine
+    shape: str = "linear"  # how p rises: linear | exp | sine | constant (p0 all through stage 1: layer drop)
     steps: int = 150  # optimizer steps of each fine-tuning run
     batch_size: int = 128  # images per fine-tuning step (global: split over DDP ranks)
     lr: float = 1e-2  # peak learning rate of fine-tuning
@@ -121,14 +123,15 @@ class Config:
                      if getattr(self, k) < low]
         problems += [f"{flag(k)} {getattr(self, k)}: must be {text}" for text, (ok, keys) in RANGES.items() for k in keys
                      if not ok(getattr(self, k))]
-        problems += [f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving some for "
-                     "new5"] * (not all(0 <= c < 10 for c in classes) or "new5" in self.tasks and len(set(classes)) == 10)
-        problems += [f"--patch-size {self.patch_size}: must divide the image side, {side} for {self.dataset} (e.g. "
-                     f"{'4 or 8' if side == 32 else '4, 7 or 14'})"] * bool(side % self.patch_size)
-        problems += [f"--num-heads {self.num_heads}: must divide --embed-dim {self.embed_dim}"] * bool(
-            self.embed_dim % self.num_heads)
-        problems += ["--progressive-dropout decays --lora-dropout to 0: set --lora-dropout > 0 (e.g. 0.5)"] * (
-            self.progressive_dropout and not self.lora_dropout > 0) + ["--out-dir '': name a folder"] * (not self.out_dir)
+        problems += [message for bad, message in (
+            (not all(0 <= c < 10 for c in classes) or "new5" in self.tasks and len(set(classes)) == 10,
+             f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving some for new5"),
+            (side % self.patch_size, f"--patch-size {self.patch_size}: must divide the image side, {side} for "
+                                     f"{self.dataset} (e.g. {'4 or 8' if side == 32 else '4, 7 or 14'})"),
+            (self.embed_dim % self.num_heads, f"--num-heads {self.num_heads}: must divide --embed-dim {self.embed_dim}"),
+            (self.progressive_dropout and not self.lora_dropout > 0,
+             "--progressive-dropout decays --lora-dropout to 0: set --lora-dropout > 0 (e.g. 0.5)"),
+            (not self.out_dir, "--out-dir '': name a folder")) if bad]
         if problems:
             raise ValueError(problems[0])
 
@@ -160,35 +163,47 @@ def read_idx(path: Path) -> torch.Tensor:
 
 def load_data(cfg: Config) -> dict:
     """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1" of the tensors}."""
-    dirs = data_dirs(cfg.data_dir, DEBIAN_DIR if cfg.dataset == "fashion-mnist" else "")
-    data = make_synthetic() if cfg.dataset == "synthetic" else None
-    for d in dirs if cfg.dataset == "fashion-mnist" else []:
-        paths = [next((p for p in (d / f"{f}.gz", d / f) if p.is_file()), None) for f in FASHION_FILES]
-        if all(paths) and not data:
-            xtr, ytr, xte, yte = (read_idx(p) for p in paths)
-            data = {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None], "y_test": yte.long(), "folder": d}
-    for d in [f for d in dirs for f in (d, d / "cifar-10-batches-bin")] if cfg.dataset == "cifar10" else []:
-        if (d / "test_batch.bin").is_file() and not data:
-            rec = {s: torch.cat([torch.frombuffer(bytearray((d / n).read_bytes()), dtype=torch.uint8) for n in names])
-                   for s, names in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)]), ("test", ["test_batch.bin"]))}
-            if any(r.numel() % 3073 or r.view(-1, 3073)[:, 0].max() > 9 for r in rec.values()):
-                raise ValueError(f"{d}: the batches are not records of 1 label + 3072 pixel bytes; replace them from "
-                                 "cifar-10-binary.tar.gz")
-            data = {**{f"x_{s}": r.view(-1, 3073)[:, 1:].reshape(-1, 3, 32, 32) for s, r in rec.items()},
-                    **{f"y_{s}": r.view(-1, 3073)[:, 0].long() for s, r in rec.items()}, "folder": d}
-    if data is None:
-        where = ", ".join(map(str, dirs))
-        raise FileNotFoundError((
-            f"Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: {where}).\n  On "
-            f"Debian/Ubuntu: sudo apt install dataset-fashion-mnist (installs them in {DEBIAN_DIR})\n  Elsewhere: "
-            "download the four .gz files from https://github.com/zalandoresearch/fashion-mnist into ./data"
-            if cfg.dataset == "fashion-mnist" else f"CIFAR-10 binary batches not found (looked for test_batch.bin in: "
-            f"{where} and their cifar-10-batches-bin/).\n  Download cifar-10-binary.tar.gz from "
-            "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into ./data") + ", or pass --data-dir FOLDER.")
-    h = hashlib.sha1()
+    data = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "synthetic": lambda _: make_synthetic()}[
+        cfg.dataset](cfg.data_dir)
+    h = hashlib.sha1()  # other images in the same folder: another backbone, other runs
     for k in ("x_train", "y_train", "x_test", "y_test"):
         h.update(data[k].contiguous().numpy())
-    return {**data, "folder": str(data["folder"]), "sha1": h.hexdigest()}
+    return {**data, "sha1": h.hexdigest()}
+
+
+def load_fashion_mnist(data_dir: str) -> dict:
+    """Fashion-MNIST's four IDX files (gzipped or not): 60000 training and 10000 test images (1, 28, 28)."""
+    dirs = data_dirs(data_dir, DEBIAN_DIR)
+    for d in dirs:
+        paths = [next((p for p in (d / f"{f}.gz", d / f) if p.is_file()), None) for f in FASHION_FILES]
+        if all(paths):
+            xtr, ytr, xte, yte = (read_idx(p) for p in paths)
+            return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None], "y_test": yte.long(),
+                    "folder": str(d)}
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
+        f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist (installs them in "
+        f"{DEBIAN_DIR})\n  Elsewhere: download the four .gz files from https://github.com/zalandoresearch/fashion-mnist "
+        "into ./data, or pass --data-dir FOLDER.")
+
+
+def load_cifar10(data_dir: str) -> dict:
+    """CIFAR-10's binary batches: records of 1 label byte + 3072 pixel bytes (the R, G, B planes of 32 x 32)."""
+    dirs = [f for d in data_dirs(data_dir) for f in (d, d / "cifar-10-batches-bin")]
+    for d in (d for d in dirs if (d / "test_batch.bin").is_file()):
+        out = {"folder": str(d)}
+        for split, names in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)]), ("test", ["test_batch.bin"])):
+            raw = torch.cat([torch.frombuffer(bytearray((d / n).read_bytes()), dtype=torch.uint8) for n in names])
+            if raw.numel() % 3073 or raw.view(-1, 3073)[:, 0].max() > 9:
+                raise ValueError(f"{d}: {', '.join(names)} is not records of 1 label + 3072 pixel bytes; replace it "
+                                 "from cifar-10-binary.tar.gz")
+            records = raw.view(-1, 3073)  # (N, 1 + 3 * 32 * 32)
+            out[f"x_{split}"], out[f"y_{split}"] = records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].long()
+        return out
+    raise FileNotFoundError(
+        f"CIFAR-10 binary batches not found (looked for test_batch.bin in: {', '.join(map(str, dirs))}).\n  Download "
+        "cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into ./data (giving "
+        "./data/cifar-10-batches-bin/), or pass --data-dir FOLDER.")
 
 
 def make_synthetic(n_train: int = 600, n_test: int = 300, seed: int = 0) -> dict:

@@ -105,7 +105,7 @@ def test_cifar10_loader_reads_the_binary_batches(tmp_path):
     assert torch.equal(d["x_train"][5, 2, 31], batches["data_batch_2.bin"][0][1, -32:])  # blue plane's last row
     assert torch.equal(d["y_test"], batches["test_batch.bin"][1].long())
     (folder / "test_batch.bin").write_bytes((folder / "test_batch.bin").read_bytes()[:-5])
-    with pytest.raises(ValueError, match=r"cifar-10-batches-bin: the batches are not records of 1 label \+ 3072"):
+    with pytest.raises(ValueError, match=r"cifar-10-batches-bin: test_batch.bin is not records of 1 label \+ 3072"):
         load_data(Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path)))
 
 
