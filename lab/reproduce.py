@@ -61,17 +61,17 @@ class Config:
     side_tasks: int = 1  # the first this many tasks: LR sweep, variants, ablations ("probe": at least 2)
     steps: int = 150  # fine-tuning steps in the full-data regimes
     lr: float = 1e-2  # fine-tuning LR in the full-data regimes (train_vit.py's default)
-    fewshot_steps: int = 300  # 16 per class, batch 32: ~60 epochs on the 10-class tasks
+    fewshot_steps: int = 300  # fine-tuning steps of the few-shot regime (16 per class, batch 32: ~60 epochs)
     fewshot_lr: float = 2e-3  # fine-tuning LR of the few-shot regime (16 images per class, r=2)
     lrs: str = "3e-3,3e-2,1e-1"  # LR sweep besides `lr` (full data); up to where LoRA degrades
     long_task: str = "rot90"  # the "dynamics" study: one task trained long, test accuracy along the way
-    long_steps: int = 1500  # its steps (10x the full regime's)
-    n_test: int = 2000  # test examples per task (single-task accuracy)
-    n_eval: int = 500  # the first n_eval of them are the held-out set of the analyses
-    pretrain_steps: int = 500  # the backbone (train_vit.py's pretraining, cached)
-    studies: str = "full,probe,fewshot,lr,variants,ablations,baselines,taskinit,dynamics"  # parts of the table to run
+    long_steps: int = 1500  # fine-tuning steps of the dynamics study (10x the full regime's)
+    n_test: int = 2000  # test images per task for the single-task accuracy (0: the whole test split)
+    n_eval: int = 500  # held-out images per task for the analyses: the first n_eval test images
+    pretrain_steps: int = 500  # optimizer steps of the backbone's pretraining (train_vit.py's, cached)
+    studies: str = "full,probe,fewshot,lr,variants,ablations,baselines,taskinit,dynamics"  # comma-separated parts of the table to run, from these
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
-    data_dir: str = ""  # Fashion-MNIST folder ("" = train_vit.py's search path)
+    data_dir: str = ""  # folder of the data files ("": train_vit.py's search path: $COTO_DATA_DIR, ./data, Debian's)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     # instead of the table: games.py's reports on the runs another train_vit.py command saved
     analyse: str = ""  # a train_vit.py --out-dir: only the reports on its saved runs, into <it>/games/ (cached)
@@ -878,4 +878,5 @@ def analyse(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, Config, __doc__, __file__, "run the same command again to continue (finished jobs are cached)")
+    run_script(main, Config, __doc__, __file__, "run the same command again to continue (finished jobs are cached)",
+               example="OMP_NUM_THREADS=1 python -m lab.reproduce --quick")

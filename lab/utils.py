@@ -35,12 +35,14 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def parse_config(cls, argv=None, description: str = ""):
+def parse_config(cls, argv=None, description: str = "", example: str = ""):
     """A `cls` (a dataclass) from the command line: one --flag per field, --flag / --no-flag for
     booleans, several values for tuples; --help shows each field's comment and default. A value
     the dataclass refuses (its __post_init__ raising ValueError or TypeError) is argparse's one-line
-    error, like a value of the wrong type. `main(parse_config(Config))` is how every script starts."""
+    error, like a value of the wrong type. `main(parse_config(Config))` is how every script starts;
+    `example`, a command, ends --help."""
     parser = argparse.ArgumentParser(description=description, usage="%(prog)s [--flag value ...]",
+                                     epilog=f"example: {example}" if example else None,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)  # --seed must not quietly mean --seeds
     comments = _field_comments(cls)
@@ -65,11 +67,12 @@ def parse_config(cls, argv=None, description: str = ""):
 
 
 def run_script(main, cls, doc: str, file: str,
-               interrupted: str = "run the same command with --resume to continue from the last checkpoints") -> None:
+               interrupted: str = "run the same command with --resume to continue from the last checkpoints",
+               example: str = "") -> None:
     """What `python script.py --flags` does: main(parse_config(cls)). Ctrl-C, bad flags, missing or
     damaged files and a diverging run end in one line that says what to do, not a traceback."""
     try:
-        main(parse_config(cls, description=doc.split("\n")[0]))
+        main(parse_config(cls, description=doc.split("\n")[0], example=example))
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: {interrupted}")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
