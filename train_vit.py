@@ -588,6 +588,7 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=N
     acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
     metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **log}
     if out_dir and rank_world()[0] == 0:
+        out_dir = Path(out_dir)
         save({"state": adapter_state(model), "metadata": {**lora_metadata(model), "task": task.name}}, out_dir / "adapters.pt")
         save(json.dumps({**metrics, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}},
                         indent=1), out_dir / "result.json")

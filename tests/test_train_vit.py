@@ -531,8 +531,10 @@ def test_runs_are_named_by_their_data_and_init_file_not_by_its_path(tmp_path, mo
     other = train_vit.make_synthetic(seed=1)
     monkeypatch.setattr(train_vit, "make_synthetic", lambda: other)  # the same --dataset, other images
     second = main(dataclasses.replace(cfg, resume=True))
-    assert "skipping" not in capsys.readouterr().out and first["runs"][0]["acc"] != second["runs"][0]["acc"]
-    assert len(list((tmp_path / "runs").glob("pretrain-*/backbone.pt"))) == 2
+    assert "skipping" not in capsys.readouterr().out  # trained on the new images, its accuracy theirs:
+    assert second["probe"] != first["probe"] or second["runs"][0]["loss"] != first["runs"][0]["loss"]
+    assert len(list((tmp_path / "runs").glob("pretrain-*/backbone.pt"))) == 2 and len(list(
+        (tmp_path / "runs").glob("pretrain-*/rot90/coto/seed0/adapters.pt"))) == 2
     from vit import VisionTransformer
     keys = []
     for seed in (0, 1):  # an init file replaced at the same path
