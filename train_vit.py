@@ -100,7 +100,7 @@ class Config:
     task_init: bool = False  # adapters' initialisation drawn from (seed, task): each task its own
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     compile: bool = False  # torch.compile each block (two graphs per block: adapters on and off)
-    out_dir: str = "runs/vit"  # folder of the backbone cache, every run's files, results.json and results.png
+    out_dir: str = "runs/vit"  # folder of the backbone cache, every run's files and results.json
     resume: bool = False  # continue each run from its checkpoint and keep the finished ones
     ckpt_every: int = 50  # steps between checkpoints (0: none); a finished run keeps none, its result.json marks it
     log_every: int = 10  # steps between log lines and metrics.jsonl records (0: only the last step)
@@ -661,6 +661,7 @@ def main(cfg: Config) -> dict:
 
 
 def run_all(cfg: Config) -> dict:
+    """main()'s work: the data, the backbone, each task's probe and runs, the tables, results.json."""
     say = print if rank_world()[0] == 0 else (lambda *a, **k: None)
     t0, names = time.time(), cfg.tasks.split(",")
     say(f"output: {cfg.out_dir}", flush=True)
@@ -705,7 +706,8 @@ def run_all(cfg: Config) -> dict:
               "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
         print(f"total {timedelta(seconds=round(time.time() - t0))}")
         save(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1), Path(cfg.out_dir) / "results.json")
-        print(f"wrote {cfg.out_dir}/results.json; each run's adapters, log and result under {Path(cfg.out_dir) / key}")
+        print(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir}); each run's "
+              f"adapters, log and result under {Path(cfg.out_dir) / key}")
     return results
 
 
