@@ -413,7 +413,7 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     res = main(cfg)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"output: {cfg.out_dir}", "data: synthetic from (generated)"]
-    assert lines[-1].startswith(f"wrote {cfg.out_dir}/results.json;")
+    assert lines[-1].startswith(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir});")
     assert any(line.startswith("rot90 coto s0 | step 3 | loss") for line in lines)
     # the table: probe, both methods, their difference; then ms/step with the warm-up steps apart
     lora, coto = (100 * r["acc"] for r in res["runs"])
