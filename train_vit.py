@@ -1,15 +1,15 @@
 """Pretrain a small ViT on real images, then adapt it to new tasks with LoRA, with and without CoTo.
 
-The backbone is vit.py's VisionTransformer trained on Fashion-MNIST classes 0-4 (cached). Frozen, it
-gets LoRA adapters on every block and a task head for tasks it does not solve (unseen classes, rotated,
-inverted, patch-shuffled images), trained as plain LoRA and with CoTo (Zhuang et al., ICML 2025, Fig. 1).
-The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's
-adapters on, and two seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian:
-`apt install dataset-fashion-mnist`) or CIFAR-10's binary batches; nothing is downloaded.
+The backbone is vit.py's VisionTransformer trained on Fashion-MNIST classes 0-4 (cached). Frozen, it gets
+LoRA adapters on every block and a head for tasks it does not solve (unseen classes, rotated, inverted,
+patch-shuffled images), trained as plain LoRA and with CoTo (Zhuang et al., ICML 2025). The tables: both
+beside a linear probe, then what CoTo is about (games.py): only every other block's adapters on, and two
+seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian: `apt install
+dataset-fashion-mnist`) or CIFAR-10's binary batches; nothing is downloaded.
 
     OMP_NUM_THREADS=1 python train_vit.py            # the README's main job, minutes on a 2-core CPU
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train_vit.py   # DDP: gloo on the CPU, nccl on CUDA
-    python -m lab.vit_report runs/vit                 # its figure, results.png
+    OMP_NUM_THREADS=1 python -m lab.vit_runs --resume  # the same job with run folders: checkpoints, resume
 """
 import dataclasses
 import gzip
@@ -22,8 +22,8 @@ import time
 import zlib
 from collections import namedtuple
 from contextlib import nullcontext
-from datetime import timedelta
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,33 +32,26 @@ import torch.nn.functional as F
 
 from coto import SHAPES, CoTo, block_groups, coto_prob
 from games import coalition, interpolate, use_adapter
-from lora import (inject_lora, load_lora_state_dict, lora_layers, lora_metadata, lora_state_dict,
-                  mark_only_lora_as_trainable)
+from lora import inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable
 from train_toy import get_lr, parse_args, pick_device
 from vit import VisionTransformer, load_pretrained, reset_head
 
-try:
-    import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
-except ImportError:
-    fcntl = None
-
-CHOICES = {"dataset": ("fashion-mnist", "cifar10", "synthetic"), "variant": ("lora", "dora", "hira"), "shape": SHAPES,
+CHOICES = {"dataset": ("fashion-mnist", "cifar10"), "variant": ("lora", "dora", "hira"), "shape": SHAPES,
            "head": ("learned", "probe", "probe_init")}
 TASKS = ("new5", "rot90", "invert", "shuffle")
 EXAMPLE = "OMP_NUM_THREADS=1 python train_vit.py --tasks rot90,invert --variant dora --seeds 3"
 AT_LEAST = dict(depth=1, embed_dim=1, num_heads=1, patch_size=1, r=1, steps=1, pretrain_steps=1, seeds=1, batch_size=1,
-                pretrain_batch_size=1, warmup=0, pretrain_warmup=0, n_train=0, n_test=0, n_per_class=0, ckpt_every=0,
-                log_every=0, eval_every=0, seed=0, pretrain_seed=0)
+                pretrain_batch_size=1, warmup=0, pretrain_warmup=0, n_train=0, n_test=0, n_per_class=0, log_every=0,
+                eval_every=0, seed=0, pretrain_seed=0)
 RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")),
           ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay")),
           "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout",)),
           "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)),
           "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",))}  # nan fails every comparison: refused too
 
-
 @dataclass
 class Config:
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 (binary batches) | synthetic (a tiny generated set, for tests)
+    dataset: str = "fashion-mnist"  # fashion-mnist (IDX files) | cifar10 (binary batches)
     data_dir: str = ""  # folder of the data files, the only one searched ("": $COTO_DATA_DIR, else ./data, then Debian's)
     patch_size: int = 7  # side of the square patches in pixels (28x28 images: 16 patches + the class token)
     embed_dim: int = 96  # width D of every token
@@ -100,10 +93,8 @@ class Config:
     task_init: bool = False  # adapters' initialisation drawn from (seed, task): each task its own
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     compile: bool = False  # torch.compile each block (two graphs per block: adapters on and off)
-    out_dir: str = "runs/vit"  # folder of the backbone cache, every run's files and results.json
-    resume: bool = False  # continue each run from its checkpoint and keep the finished ones
-    ckpt_every: int = 50  # steps between checkpoints (0: none); a finished run keeps none, its result.json marks it
-    log_every: int = 10  # steps between log lines and metrics.jsonl records (0: only the last step)
+    out_dir: str = "runs/vit"  # folder of the backbone cache and results.json
+    log_every: int = 10  # steps between log lines, each the mean over its steps (0: only the last step)
     eval_every: int = 0  # steps between test-set evaluations while fine-tuning (0: only at the end)
 
     def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
@@ -135,12 +126,10 @@ class Config:
         if problems:
             raise ValueError(problems[0])
 
-
 # ---------------------------------------------------------------------------------------------- data
 # Every image set is a uint8 tensor (N, C, H, W), labels int64 (N,); batches are cut by index.
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-
 
 def data_dirs(data_dir: str, extra: str = "") -> list:
     """Only the folder the user named (--data-dir, else $COTO_DATA_DIR), which must exist; else ./data, `extra`."""
@@ -149,7 +138,6 @@ def data_dirs(data_dir: str, extra: str = "") -> list:
         source = "--data-dir" if data_dir else "$COTO_DATA_DIR"
         raise FileNotFoundError(f"{source} {named}: no such folder; point it at the folder holding the data files")
     return [Path(named)] if named else [Path(d) for d in ("data", extra) if d]
-
 
 def read_idx(path: Path) -> torch.Tensor:
     """An IDX file (gzipped or not) as a uint8 tensor: images (N, 28, 28), labels (N,)."""
@@ -160,16 +148,13 @@ def read_idx(path: Path) -> torch.Tensor:
     shape = struct.unpack(f">{magic & 0xFF}I", raw[4:4 + 4 * (magic & 0xFF)])
     return torch.frombuffer(bytearray(raw[4 + 4 * len(shape):]), dtype=torch.uint8).reshape(shape)
 
-
 def load_data(cfg: Config) -> dict:
     """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1" of the tensors}."""
-    data = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10, "synthetic": lambda _: make_synthetic()}[
-        cfg.dataset](cfg.data_dir)
+    data = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}[cfg.dataset](cfg.data_dir)
     h = hashlib.sha1()  # other images in the same folder: another backbone, other runs
     for k in ("x_train", "y_train", "x_test", "y_test"):
         h.update(data[k].contiguous().numpy())
     return {**data, "sha1": h.hexdigest()}
-
 
 def load_fashion_mnist(data_dir: str) -> dict:
     """Fashion-MNIST's four IDX files (gzipped or not): 60000 training and 10000 test images (1, 28, 28)."""
@@ -185,7 +170,6 @@ def load_fashion_mnist(data_dir: str) -> dict:
         f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist (installs them in "
         f"{DEBIAN_DIR})\n  Elsewhere: download the four .gz files from https://github.com/zalandoresearch/fashion-mnist "
         "into ./data, or pass --data-dir FOLDER.")
-
 
 def load_cifar10(data_dir: str) -> dict:
     """CIFAR-10's binary batches: records of 1 label byte + 3072 pixel bytes (the R, G, B planes of 32 x 32)."""
@@ -205,32 +189,15 @@ def load_cifar10(data_dir: str) -> dict:
         "cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into ./data (giving "
         "./data/cifar-10-batches-bin/), or pass --data-dir FOLDER.")
 
-
-def make_synthetic(n_train: int = 600, n_test: int = 300, seed: int = 0) -> dict:
-    """A tiny 10-class set shaped like Fashion-MNIST, for tests: class k is a bright square at place k, on noise."""
-    g, corners = torch.Generator().manual_seed(seed), [(0, 0), (0, 7), (0, 14), (0, 21), (7, 0), (7, 14), (14, 7),
-                                                       (14, 21), (21, 0), (21, 14)]
-    out = {"folder": "(generated)"}
-    for split, n in (("train", n_train), ("test", n_test)):
-        out[f"y_{split}"] = y = torch.randint(10, (n,), generator=g)
-        out[f"x_{split}"] = x = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-        for i, k in enumerate(y.tolist()):
-            x[i, 0, corners[k][0]:corners[k][0] + 7, corners[k][1]:corners[k][1] + 7] = 200
-    return out
-
-
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [-1, 1] (mean 0.5, std 0.5, as timm's ViTs normalise)."""
     return x.float().div_(127.5).sub_(1.0)
-
 
 def parse_classes(spec: str) -> list:
     """"0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
     return [c for part in spec.split(",") for a, _, b in [part.partition("-")] for c in range(int(a), int(b or a) + 1)]
 
-
 Task = namedtuple("Task", "name x_train y_train x_test y_test num_classes")  # images uint8, labels 0 .. num_classes - 1
-
 
 def make_tasks(data: dict, names, source_classes: list, patch_size: int, n_train: int = 0, n_test: int = 0,
                n_per_class: int = 0, seed: int = 0) -> dict:
@@ -249,7 +216,6 @@ def make_tasks(data: dict, names, source_classes: list, patch_size: int, n_train
         tasks[name] = Task(name, f(xtr[tr]), ytr[tr], f(xte[te]), yte[te], k)  # transformed after the subsampling
     return tasks
 
-
 def subsample(y: torch.Tensor, n: int, n_per_class: int, k: int, generator) -> torch.Tensor:
     """Random indices of images labelled 0 .. k - 1: n_per_class of each class (few-shot), else n (0: all)."""
     if not n_per_class:
@@ -260,16 +226,14 @@ def subsample(y: torch.Tensor, n: int, n_per_class: int, k: int, generator) -> t
         raise ValueError(f"--n-per-class {n_per_class}: class {short[0]} has only {len(idx[short[0]])} training images")
     return torch.cat([i[torch.randperm(len(i), generator=generator)[:n_per_class]] for i in idx])
 
-
 def shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor:
     """Rearrange the p x p tiles of every image (B, C, H, W) by the permutation `perm` of the tiles."""
     B, C, H, W = x.shape
     tiles = x.reshape(B, C, H // p, p, W // p, p).transpose(3, 4).reshape(B, C, -1, p, p)[:, :, perm]
     return tiles.reshape(B, C, H // p, W // p, p, p).transpose(3, 4).reshape(B, C, H, W)
 
-
 class Batches:
-    """Endless shuffled mini-batches of indices from an explicit generator; epochs concatenated, resumable."""
+    """Endless shuffled mini-batches of indices from an explicit generator, epochs concatenated."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.generator = n, batch_size, torch.Generator().manual_seed(seed)
@@ -281,25 +245,15 @@ class Batches:
         idx, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
         return idx
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "queue": self.queue.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.queue = state["queue"].clone()
-
-
 # ---------------------------------------------------------------------------------------------- model and training
 def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:
     """A VisionTransformer sized by cfg for square images like x (N, C, H, H)."""
     return VisionTransformer(img_size=x.shape[-1], patch_size=cfg.patch_size, in_chans=x.shape[1], num_classes=num_classes,
                              embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
 
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA only; CPU and MPS run in float32."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250, features: bool = False):
@@ -317,94 +271,25 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250, fea
     logits, y = torch.cat(out), y.to(device)  # (N, num_classes)
     return (logits.argmax(1) == y).sum().item() / len(y), F.cross_entropy(logits, y).item()  # an exact fraction
 
-
 def rank_world() -> tuple:
     """(rank, world size): (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
-def save(obj, path) -> None:
-    """torch.save(obj), or a str's text, atomically: a crash never leaves half a file."""
-    # the temporary file is this process's own: runs sharing a folder never touch each other's
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def config_diff(then: dict, now: dict) -> str:
-    """"field: value then, value now; ..." for every field in which two configurations differ."""
-    now = json.loads(json.dumps(now))
-    return "; ".join(f"{k}: {then.get(k, '(absent)')!r} then, {now.get(k, '(absent)')!r} now"
-                     for k in sorted(then.keys() | now.keys()) if then.get(k, "(absent)") != now.get(k, "(absent)"))
-
-
-def open_run(folder: Path, resume: bool, model, opt, coto, batches, config: dict) -> tuple:
-    """A run's folder made ready (resumed from ckpt.pt with `resume`): (first step, log, open metrics.jsonl)."""
-    # metrics.jsonl is locked: a second process on this run stops with one line instead of mixing its records in
-    start, log, metrics = 0, {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}, None  # the whole run's
-    ckpt, fix, rank = folder / "ckpt.pt", "(or run without --resume)", rank_world()[0]
-    if rank == 0:  # the one writer
-        folder.mkdir(parents=True, exist_ok=True)
-        metrics = open(folder / "metrics.jsonl", "a+")
-        try:
-            if fcntl:
-                fcntl.flock(metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"{folder} is in use by another process: wait for it, or use another --out-dir") from None
-        for stale in folder.glob("*.tmp"):  # the folder is ours: left by a process killed while writing
-            stale.unlink()
-    if resume and ckpt.is_file():
-        try:
-            ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{ckpt} is damaged ({type(e).__name__}); delete {ckpt} {fix} to start afresh") from None
-        if diff := config_diff(ck["config"], config):
-            raise ValueError(f"checkpoint {ckpt} was written by a run with another configuration ({diff}). Rerun "
-                             f"with the same flags to continue it, or delete {ckpt} {fix} to start afresh")
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(ck["trainable"][n])
-        opt.load_state_dict(ck["optimizer"]), batches.load_state_dict(ck["batches"])
-        if coto is not None:
-            coto.load_state_dict(ck["coto"])
-        torch.set_rng_state(ck["rng"])  # dropout draws continue as uninterrupted
-        start, log = ck["step"], ck["log"]
-    if rank > 0:
-        return start, log, metrics
-    for f in (ckpt, folder / "result.json") if not resume else ():
-        f.unlink(missing_ok=True)  # a fresh run: nothing of an earlier one stays
-    metrics.seek(0)
-    lines, keep = metrics.read().splitlines(), []
-    for i, line in enumerate(lines):
-        try:
-            keep += [line + "\n"] if json.loads(line)["step"] <= start else []
-        except (ValueError, KeyError, TypeError):
-            if i < len(lines) - 1:  # else a torn last line: the process was killed while writing it
-                raise ValueError(f"{folder / 'metrics.jsonl'} line {i + 1} is damaged; delete the file {fix}") from None
-    metrics.truncate(0), metrics.writelines(keep)
-    return start, log, metrics
-
-
 def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float, warmup: int,
-               seed: int, name: str, out=None, config=None, coto=None, eval_fn=None) -> dict:
-    """AdamW on the trainable parameters; with a run folder `out`: checkpoints, resume, metrics.jsonl."""
+               seed: int, name: str, coto=None, eval_fn=None, run=None) -> dict:
+    """AdamW on the trainable parameters, one log line every cfg.log_every steps: the run's history and timings."""
     rank, world = rank_world()
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} DDP ranks")
     device, params = next(model.parameters()).device, [p for p in model.parameters() if p.requires_grad]
     opt, batches = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), Batches(len(y), batch_size, seed)
-    start, log, metrics = 0, {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}, None
-    if out is not None:
-        start, log, metrics = open_run(Path(out), cfg.resume, model, opt, coto, batches, config)
-        if start and rank == 0:
-            print(f"resuming {name} from step {start}", flush=True)
+    log = {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}  # the whole run's, resumed with it
+    start = run.start(model, opt, coto, batches, log) if run else 0  # a run folder (lab.vit_runs): its checkpoint's step
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # CoTo draws alike on every rank, so
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=coto is not None)
     model.train()  # ... a bypassed adapter is unused on all: find_unused_parameters
-    clock = time.perf_counter()
     for step in range(start, steps):
+        clock = time.perf_counter()
         lr_now = get_lr(step, steps, lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr_now
@@ -422,37 +307,32 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
         check_finite(loss, params, step + 1, lr, name)
         opt.step()
         opt.zero_grad(set_to_none=True)  # a bypassed adapter keeps grad None: AdamW leaves it alone
-        done, seconds, clock = step + 1, time.perf_counter() - clock, time.perf_counter()
+        stats = {"loss": loss.item(), "acc": (logits.argmax(1) == yb).float().mean().item()}  # .item() waits for the GPU
+        done, seconds = step + 1, time.perf_counter() - clock
         log["seconds"].append(seconds)
         log["active"] += [coto.mask.float().mean().item()] if coto is not None else []
-        for k, v in (("loss", loss.item()), ("acc", (logits.argmax(1) == yb).float().mean().item()), ("ms", 1e3 * seconds)):
+        for k, v in {**stats, "ms": 1e3 * seconds}.items():
             log["sums"][k] = log["sums"].get(k, 0.0) + v  # summed until the next log line
-        log["n"] += 1
+        log["n"], records = log["n"] + 1, []
         if done == steps or cfg.log_every and done % cfg.log_every == 0:  # one fixed-format line, one record
             rec = {"tag": name, "step": done, **{k: v / log["n"] for k, v in log["sums"].items()}, "lr": lr_now}
             p = f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}" if coto is not None else ""
-            log["history"].append({**rec, "p": coto.p} if coto is not None else rec)
+            records.append({**rec, "p": coto.p} if coto is not None else rec)
+            log["history"].append(records[-1])
             log["sums"], log["n"] = {}, 0
-            write(metrics, log["history"][-1], f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | "
-                  f"{rec['ms']:.0f} ms | eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}")
+            say(f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | {rec['ms']:.0f} ms | "
+                f"eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}")
         if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
             acc, loss_ = eval_fn(model)  # eval mode: every adapter runs
-            write(metrics, {"tag": name, "step": done, "eval_loss": loss_, "eval_acc": acc},
-                  f"{name} | step {done} | eval loss {loss_:.4f} | eval acc {acc:.4f}")
-        if out is not None and rank == 0 and cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < steps:
-            save({"step": done, "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                  "optimizer": opt.state_dict(), "batches": batches.state_dict(), "log": log, "config": config,
-                  "coto": coto.state_dict() if coto is not None else None, "rng": torch.get_rng_state()},
-                 Path(out) / "ckpt.pt")
-        clock = time.perf_counter() if eval_fn and cfg.eval_every or out and cfg.ckpt_every else clock  # not a step's time
+            records.append({"tag": name, "step": done, "eval_loss": loss_, "eval_acc": acc})
+            say(f"{name} | step {done} | eval loss {loss_:.4f} | eval acc {acc:.4f}")
+        if run:  # the step's records into the run's metrics.jsonl, a checkpoint when one is due
+            run.step(done, records)
     if world > 1:
         dist.barrier()
-    if metrics:
-        metrics.close()
     steady = [s for s in log["seconds"] if s <= 5 * statistics.median(log["seconds"])]  # slower: compile / warm-up
     return {"history": log["history"], "train_time_s": sum(log["seconds"]), "warmup_s": sum(log["seconds"]) - sum(steady),
             "ms_per_step": 1e3 * statistics.fmean(steady), "active_frac": statistics.fmean(log["active"] or [1.0])}
-
 
 def check_finite(loss: torch.Tensor, params: list, step: int, lr: float, name: str) -> None:
     """Stop at the first non-finite loss or gradient, before opt.step(); under DDP every rank stops."""
@@ -463,26 +343,16 @@ def check_finite(loss: torch.Tensor, params: list, step: int, lr: float, name: s
     if not health.isfinite().all():
         raise FloatingPointError(f"{name}: at step {step} the loss is {health[0]:.4g} and the gradient norm {health[1]:.4g}: "
                                  f"training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
-                                 f"pretraining; this run's peak: {lr:g}); nothing after the last checkpoint was saved")
+                                 f"pretraining; this run's peak: {lr:g})")
 
-
-def write(metrics, rec: dict, line: str) -> None:
-    """A log line, and its record in metrics.jsonl (rank 0 only)."""
+def say(*args, **kw) -> None:
+    """print() on rank 0 only (every line once under torchrun), flushed."""
     if rank_world()[0] == 0:
-        print(line, flush=True)
-        if metrics:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-
+        print(*args, **kw, flush=True)
 
 # ---------------------------------------------------------------------------------------------- pretraining, probing, fine-tuning
 PRETRAIN_FIELDS = ("dataset", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "source_classes",
-                   "pretrain_steps", "pretrain_lr", "pretrain_batch_size", "pretrain_weight_decay", "pretrain_warmup",
-                   "pretrain_seed")
-# how a run is carried out or listed, not what it computes: --resume allows other values
-NOT_IN_RESULT = ("data_dir", "device", "compile", "out_dir", "resume", "ckpt_every", "log_every", "eval_every", "plot",
-                 "tasks", "seeds", "compare")
-
+                   *(f"pretrain_{k}" for k in ("steps", "lr", "batch_size", "weight_decay", "warmup", "seed")))
 
 def backbone_key(cfg: Config, data: dict) -> str:
     """The backbone's folder name: a hash of --init's file, or of the pretraining flags and the data itself."""
@@ -490,7 +360,6 @@ def backbone_key(cfg: Config, data: dict) -> str:
         return "init-" + hashlib.sha1(Path(cfg.init).read_bytes()).hexdigest()[:10]
     fields = [{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, data["sha1"]]
     return "pretrain-" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-
 
 def pretrain(cfg: Config, data: dict) -> dict:
     """The backbone's state dict: --init's, out_dir/<backbone_key>/backbone.pt, or pretrained (and cached)."""
@@ -525,9 +394,9 @@ def pretrain(cfg: Config, data: dict) -> dict:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if rank == 0:
         print(f"pretrained: source test accuracy {acc:.4f}; cached in {path}")
-        save({"state": state, "source_acc": acc, "config": {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a file cut short is pretrained again (above)
+        torch.save({"state": state, "source_acc": acc, "config": {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, path)
     return state
-
 
 @torch.no_grad()
 def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-4, iters: int = 100) -> tuple:
@@ -550,19 +419,12 @@ def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-
     b = head.bias - w @ mu
     return {"weight": w, "bias": b}, ((fte @ w.T + b).argmax(1) == task.y_test).float().mean().item()
 
-
-def run_dir(cfg: Config, key: str, task: str) -> Path:
-    """out_dir/<backbone_key>/<task>/<method>/seed<seed>: one fine-tuning run's files."""
-    return Path(cfg.out_dir) / key / task / method_name(cfg) / f"seed{cfg.seed}"
-
-
 def method_name(cfg: Config) -> str:
     """"lora", "coto", "dora", "dora-coto", "hira", ...: how tables and folders name a run's method."""
     return ("coto" if cfg.coto else "lora") if cfg.variant == "lora" else cfg.variant + "-coto" * cfg.coto
 
-
-def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=None) -> tuple:
-    """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); out_dir: the run's files."""
+def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None) -> tuple:
+    """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); run: lab.vit_runs' files."""
     torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))  # LoRA and CoTo alike
     model = build_model(cfg, task.x_train, task.num_classes)
     load_pretrained(model, backbone)  # the source head is dropped: a fresh one for this task
@@ -571,78 +433,32 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, out_dir=N
         model.head.load_state_dict(probe_head)
     inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, variant=cfg.variant,
                 rslora=cfg.rslora)
-    trainable = mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())
-    if rank_world()[0] == 0:
-        print(trainable)
+    mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())  # prints the count
     model.to(pick_device(cfg.device))
     for blk in model.blocks if cfg.compile else ():  # per block: adapters on or off, two graphs, no recompiles
         blk.compile()
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio, shape=cfg.shape,
                 seed=cfg.seed) if cfg.coto else None
-    name = f"{task.name} {method_name(cfg)} s{cfg.seed}"
     log = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, name=name, out=out_dir,
-                     config=run_config(cfg), coto=coto, eval_fn=lambda m: evaluate(m, task.x_test, task.y_test))
+                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, coto=coto, run=run,
+                     name=f"{task.name} {method_name(cfg)} s{cfg.seed}", eval_fn=lambda m: evaluate(m, task.x_test, task.y_test))
     if coto is not None:
         coto.remove()  # every adapter trains again, as a model without CoTo
     acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
     metrics = {"task": task.name, "method": method_name(cfg), "seed": cfg.seed, "acc": acc, "loss": loss, **log}
-    if out_dir and rank_world()[0] == 0:
-        out_dir = Path(out_dir)
-        save({"state": adapter_state(model), "metadata": {**lora_metadata(model), "task": task.name}}, out_dir / "adapters.pt")
-        save(json.dumps({**metrics, "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}},
-                        indent=1), out_dir / "result.json")
-        (out_dir / "ckpt.pt").unlink(missing_ok=True)  # finished: result.json marks it
+    if run:  # the run's adapters.pt and result.json
+        run.finish(model, metrics)
     return model.eval(), metrics
-
-
-def run_config(cfg: Config) -> dict:
-    """What a fine-tuning run's result depends on (its task and backbone are its folder)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_RESULT}
-
 
 def adapter_state(model) -> dict:
     """What a fine-tuned model adds to the backbone: its adapters and its head."""
     return {**lora_state_dict(model), **{f"head.{k}": v.detach().cpu() for k, v in model.head.state_dict().items()}}
 
-
-def load_adapters(cfg: Config, task: Task, backbone: dict, path) -> VisionTransformer:
-    """A fine-tuned model rebuilt from the backbone and a run's adapters.pt (a file of another variant: an error)."""
-    model = build_model(cfg, task.x_train, task.num_classes)
-    load_pretrained(model, backbone)
-    inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, variant=cfg.variant, rslora=cfg.rslora)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    state = dict(saved["state"])
-    model.head.load_state_dict({"weight": state.pop("head.weight"), "bias": state.pop("head.bias")})
-    load_lora_state_dict(model, state, metadata=saved["metadata"])
-    return model.to(pick_device(cfg.device)).eval()
-
-
-def finished_run(folder: Path, cfg: Config, say=print):
-    """--resume: the result.json of a run finished with these flags, None to train it (other flags: an error)."""
-    path = folder / "result.json"
-    if not path.is_file() or not (folder / "adapters.pt").is_file():
-        if path.is_file():
-            say(f"{folder} finished, but its adapters.pt is gone: training it again")
-        return None
-    try:
-        result = json.loads(path.read_text())
-        diff = config_diff({k: v for k, v in result["config"].items() if k not in NOT_IN_RESULT}, run_config(cfg))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f"{path} is damaged; delete it (or run without --resume) to train this run again") from None
-    if diff:
-        raise ValueError(f"{folder} holds a run finished with another configuration ({diff}). Rerun with its flags, "
-                         "without --resume to overwrite it, or with another --out-dir")
-    return result
-
-
 # ---------------------------------------------------------------------------------------------- the job
-def main(cfg: Config) -> dict:
+def main(cfg: Config, runs=None) -> dict:
     """Pretrain (or load), then for every task: linear probe, LoRA, CoTo, each over seeds; the tables."""
     try:  # the flags naming places, checked before any work too
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / f".write-test.{os.getpid()}").touch()
-        (Path(cfg.out_dir) / f".write-test.{os.getpid()}").unlink()
     except OSError as e:
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot write there ({e.strerror}); choose another folder") from None
     pick_device(cfg.device), data_dirs(cfg.data_dir)
@@ -654,24 +470,22 @@ def main(cfg: Config) -> dict:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        return run_all(cfg)
+        return run_all(cfg, runs)
     finally:
         if ddp:
             dist.destroy_process_group()
 
-
-def run_all(cfg: Config) -> dict:
+def run_all(cfg: Config, runs=None) -> dict:
     """main()'s work: the data, the backbone, each task's probe and runs, the tables, results.json."""
-    say = print if rank_world()[0] == 0 else (lambda *a, **k: None)
     t0, names = time.time(), cfg.tasks.split(",")
-    say(f"output: {cfg.out_dir}", flush=True)
+    say(f"output: {cfg.out_dir}")
     data = load_data(cfg)
-    say(f"data: {cfg.dataset} from {data['folder']}", flush=True)
+    say(f"data: {cfg.dataset} from {data['folder']}")
     key = backbone_key(cfg, data)
-    runs = [(n, dataclasses.replace(cfg, coto=coto, seed=s)) for n in names for s in range(cfg.seed, cfg.seed + cfg.seeds)
+    jobs = [(n, dataclasses.replace(cfg, coto=coto, seed=s)) for n in names for s in range(cfg.seed, cfg.seed + cfg.seeds)
             for coto in (sorted({cfg.coto, not cfg.coto}) if cfg.compare else [cfg.coto])]  # plain LoRA first
-    runs = [(n, c, run_dir(c, key, n)) for n, c in runs]  # (task, config, folder)
-    finished = {out: finished_run(out, c, say) for _, c, out in runs} if cfg.resume else {}  # before pretraining
+    # runs(cfg, key, task): a run's folder (lab.vit_runs), made before any work: other flags there stop the job now
+    folders = {(n, c.coto, c.seed): runs(c, key, n) if runs else None for n, c in jobs}
     backbone = pretrain(cfg, data)
     tasks = make_tasks(data, names, parse_classes(cfg.source_classes), cfg.patch_size, cfg.n_train, cfg.n_test,
                        cfg.n_per_class, seed=0)  # the same images for every seed: seeds vary init, order, draws
@@ -680,15 +494,12 @@ def run_all(cfg: Config) -> dict:
         load_pretrained(probe_model, backbone)
         probe_head, results["probe"][name] = linear_probe(probe_model.to(pick_device(cfg.device)), task)
         say(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}")
-        for c, out in ((c, out) for n, c, out in runs if n == name):
-            if finished.get(out):
-                say(f"skipping {name} {method_name(c)} s{c.seed}: finished ({out})")
-                results["runs"].append(finished[out])
-                models[out] = load_adapters(c, task, backbone, out / "adapters.pt")
-                continue
-            if (out / "result.json").is_file():
-                say(f"overwriting {name} {method_name(c)} s{c.seed}, which had finished ({out}); --resume keeps finished runs")
-            models[out], metrics = finetune(c, task, backbone, probe_head, out_dir=out)
+        for c in (c for n, c in jobs if n == name):
+            run = folders[name, c.coto, c.seed]
+            if run and run.result:  # finished before (lab.vit_runs --resume): its saved adapters and result
+                models[name, c.coto, c.seed], metrics = run.load(c, task, backbone), run.result
+            else:
+                models[name, c.coto, c.seed], metrics = finetune(c, task, backbone, probe_head, run)
             results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0
     if rank_world()[0] == 0:  # the tables: test accuracy in % per task and method, beside the linear probe
@@ -698,35 +509,33 @@ def run_all(cfg: Config) -> dict:
             print(f"{m}: {statistics.fmean(r['ms_per_step'] for r in rs):.0f} ms/step (steady state) + "
                   f"{statistics.fmean(r['warmup_s'] for r in rs):.1f} s compile / warm-up, adapters active "
                   f"{100 * statistics.fmean(r['active_frac'] for r in rs):.1f}% of block-steps")
-        results["robustness"] = rob = robustness(cfg, runs, tasks, models)
+        results["robustness"] = rob = robustness(cfg, jobs, tasks, models)
         print(seed_table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %",
                          rob["every_other"], results["probe"]))
         print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head "
                          "averaged), test accuracy in %", rob["interp"], results["probe"]) if rob["interp"] else
               "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
         print(f"total {timedelta(seconds=round(time.time() - t0))}")
-        save(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1), Path(cfg.out_dir) / "results.json")
-        print(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir}); each run's "
-              f"adapters, log and result under {Path(cfg.out_dir) / key}")
+        results_json = json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1)
+        (Path(cfg.out_dir) / "results.json").write_text(results_json)
+        print(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir})")
     return results
 
-
-def robustness(cfg: Config, runs: list, tasks: dict, models: dict) -> dict:
+def robustness(cfg: Config, jobs: list, tasks: dict, models: dict) -> dict:
     """Accuracy with only blocks 0, 2, ... adapted, per run; of two seeds averaged (0.5), per seed pair (s, s + 1)."""
     out = {"every_other": [], "interp": []}
-    for name, c, folder in runs:
-        task, model = tasks[name], models[folder]
+    for name, c in jobs:
+        task, model = tasks[name], models[name, c.coto, c.seed]
         record = {"task": name, "method": method_name(c), "seed": c.seed}
         groups = block_groups(model)
         with coalition(groups, range(0, len(groups), 2)):
             out["every_other"].append({**record, "acc": evaluate(model, task.x_test, task.y_test)[0]})
         if (c.seed - cfg.seed) % 2 == 0 and c.seed + 1 < cfg.seed + cfg.seeds:
-            other = models[run_dir(dataclasses.replace(c, seed=c.seed + 1), folder.parents[2].name, name)]
+            other = models[name, c.coto, c.seed + 1]
             with use_adapter(model, interpolate(adapter_state(model), adapter_state(other), 0.5)):
                 out["interp"].append({**record, "seed": f"{c.seed}+{c.seed + 1}",
                                       "acc": evaluate(model, task.x_test, task.y_test)[0]})
     return out
-
 
 def seed_table(title: str, runs: list, probe: dict) -> str:
     """Test accuracy in % per task and method, mean (± std) over seeds, beside the probe; B - A per seed."""
@@ -744,7 +553,6 @@ def seed_table(title: str, runs: list, probe: dict) -> str:
         diff = [" ".join(f"{b - a:.1f}" for a, b in zip(*(acc[m][row] for m in methods)))] if len(methods) == 2 else []
         lines.append("| " + " | ".join([row, f"{base:.1f}", *cells, *diff]) + " |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     try:

@@ -17,8 +17,8 @@ step() {  # step NAME COMMAND...: run it, print its time
 }
 step "tests (CUDA cases included)" python -m pytest -q
 step "toy" python train_toy.py --device cuda --out-dir $out/toy
-step "ViT main job, 2 seeds" python train_vit.py --device cuda --seeds 2 --out-dir $out/vit
-step "ViT --resume of the finished job (every run kept)" python train_vit.py --device cuda --seeds 2 --out-dir $out/vit --resume
+step "ViT main job, 2 seeds, a folder per run" python -m lab.vit_runs --device cuda --seeds 2 --out-dir $out/vit
+step "ViT --resume of the finished job (every run kept)" python -m lab.vit_runs --device cuda --seeds 2 --out-dir $out/vit --resume
 step "its figure" python -m lab.vit_report $out/vit
 step "ViT --compile" python train_vit.py --device cuda --compile --tasks rot90 --out-dir $out/vit-compile
 step "ViT under torchrun (nccl)" torchrun --nproc_per_node 1 train_vit.py --device cuda --tasks rot90 --out-dir $out/vit-ddp

@@ -5,7 +5,7 @@ Several seeds per setting; a markdown table sets the paper's numbers (arXiv 2506
                                   # 20-step runs are too short for the verdicts to mean anything
     python -m lab.reproduce           # 401 jobs, ~1.5 h there as 2-4 processes split by --studies (README);
                                   # rerun the same command to resume
-    python -m lab.reproduce --analyse runs/vit   # only games.py's reports on runs train_vit.py saved
+    python -m lab.reproduce --analyse runs/vit   # only games.py's reports on runs lab.vit_runs saved
 
 Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
 linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
@@ -20,12 +20,12 @@ CoTo - LoRA, and for interpolation, combining and pruning also the change each c
 before). Each section of the table is one family of tests, with Holm's adjusted p.
 
 Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<study>/<task>/
-<setting>/seed<k>/ holds train_vit.py's adapters.pt and result.json; analysis/ holds the
+<setting>/seed<k>/ holds lab.vit_runs' adapters.pt and result.json; analysis/ holds the
 games.py reports), so an interrupted run picks up where it stopped. Writes out_dir/results.json (all
 numbers), out_dir/table.md (the README table) and the games.py plots of the "full" regime.
 
 This is the file that knows where runs are saved: --analyse finds every run folder (a result.json
-beside an adapters.pt) under a train_vit.py --out-dir, reads the run's task, method, seed
+beside an adapters.pt) under a lab.vit_runs --out-dir, reads the run's task, method, seed
 and configuration from its result.json, and writes games.json and the plots to <that folder>/games/.
 """
 import collections
@@ -48,8 +48,9 @@ import games
 import train_vit
 from train_toy import pick_device
 from coto import block_groups, coto_prob
+from lab import vit_runs
 from lab.reports import adapter_report, combine_report, pair_report, plot_reports, rescale_to_norm
-from lab.utils import atomic_write_text, format_eta, run_script
+from lab.utils import atomic_save, atomic_write_text, format_eta, run_script
 
 
 @dataclass
@@ -73,8 +74,8 @@ class Config:
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
     data_dir: str = ""  # folder of the data files ("": train_vit.py's search path: $COTO_DATA_DIR, ./data, Debian's)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    # instead of the table: games.py's reports on the runs another train_vit.py command saved
-    analyse: str = ""  # a train_vit.py --out-dir: only the reports on its saved runs, into <it>/games/ (cached)
+    # instead of the table: games.py's reports on the runs another lab.vit_runs command saved
+    analyse: str = ""  # a lab.vit_runs --out-dir: only the reports on its saved runs, into <it>/games/ (cached)
     methods: str = "lora,coto"  # --analyse: the methods compared side by side (result.json's "method")
     value: str = "acc"  # --analyse: acc (accuracy) | neg_loss (minus the cross-entropy)
     players: str = "block"  # --analyse: block (exact Shapley per block) | module (also per module, sampled)
@@ -171,13 +172,13 @@ def studies(cfg: Config) -> list:
     return [s for s in out if s[0] in chosen]
 
 
-def vit_config(cfg: Config, overrides: dict, seed: int) -> train_vit.Config:
-    """The train_vit.Config of one run: train_vit.py's defaults, this script's settings (a fresh
-    learned head unless a regime says otherwise), --vit, then the setting's overrides."""
+def vit_config(cfg: Config, overrides: dict, seed: int) -> vit_runs.Config:
+    """The lab.vit_runs.Config of one run: train_vit.py's defaults, this script's settings (a fresh
+    learned head unless a regime says otherwise; resumable), --vit, then the setting's overrides."""
     extra = json.loads(cfg.vit) if cfg.vit else {}
-    base = train_vit.Config(data_dir=cfg.data_dir, device=cfg.device, steps=cfg.steps, lr=cfg.lr, n_test=cfg.n_test,
-                            pretrain_steps=cfg.pretrain_steps, out_dir=cfg.out_dir, head="learned", compare=False,
-                            resume=True, log_every=10 ** 9, ckpt_every=50)
+    base = vit_runs.Config(data_dir=cfg.data_dir, device=cfg.device, steps=cfg.steps, lr=cfg.lr, n_test=cfg.n_test,
+                           pretrain_steps=cfg.pretrain_steps, out_dir=cfg.out_dir, head="learned", compare=False,
+                           resume=True, log_every=10 ** 9, ckpt_every=50)
     try:
         return dataclasses.replace(base, **{**extra, **overrides, "seed": seed})
     except TypeError as e:
@@ -270,12 +271,12 @@ class Context:
         return train_vit.to_float(task.x_test[:self.n_eval]), task.y_test[:self.n_eval]
 
     def model(self, vcfg: train_vit.Config, task: train_vit.Task, folder: Path):
-        return train_vit.load_adapters(vcfg, task, self.backbone, folder / "adapters.pt")
+        return vit_runs.load_adapters(vcfg, task, self.backbone, folder / "adapters.pt")
 
 
 def train_job(ctx: Context, vcfg, task, folder: Path) -> dict:
     head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
-    _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, out_dir=folder)
+    _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, run=vit_runs.Run(folder, vcfg, task.name))
     keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
     last = metrics["history"][-1]["loss"]  # the training loss over the last log interval
     return {**{k: metrics[k] for k in keep}, "train_loss_last": last}
@@ -286,7 +287,7 @@ def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_
     like a trained run's, and return its test accuracy (the head stays LoRA's)."""
     lora, coto = (read_adapters(f) for f in (lora_folder, coto_folder))
     state = rescale_to_norm(ctx.model(vcfg, task, lora_folder), lora["state"], coto["state"])
-    train_vit.save({"state": state, "metadata": {**lora["metadata"], "method": RESCALED}}, folder / "adapters.pt")
+    atomic_save({"state": state, "metadata": {**lora["metadata"], "method": RESCALED}}, folder / "adapters.pt")
     acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
     return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
 
@@ -767,7 +768,8 @@ def main(cfg: Config) -> dict:
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = read_json(root / "config.json") if (root / "config.json").is_file() else None
     data = train_vit.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
-    ignored = ("out_dir", "seeds", "studies", "device", "analyse", "methods", "value", "players", "num_samples")
+    ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "analyse", "methods", "value", "players",
+               "num_samples")  # data_dir: where the data is, not what it is (data_sha1 is)
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
     mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
@@ -800,20 +802,20 @@ def main(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# --analyse: games.py's reports on the runs another train_vit.py command saved
+# --analyse: games.py's reports on the runs another lab.vit_runs command saved
 
 def saved_runs(root: Path, methods: list) -> dict:
     """{(method, task, seed): (train_vit.Config, folder)} of every finished run under root (adapters.pt
     beside a result.json), read from its result.json, never from the folder names."""
     if not root.is_dir():
-        raise FileNotFoundError(f"--analyse {root}: no such folder (give a train_vit.py --out-dir)")
+        raise FileNotFoundError(f"--analyse {root}: no such folder (give a lab.vit_runs --out-dir)")
     runs = {}
     for path in sorted(root.rglob("result.json")):
         if not (path.parent / "adapters.pt").is_file():
             continue
         res = read_json(path)
         try:
-            vcfg = train_vit.Config(**res["config"])
+            vcfg = vit_runs.Config(**res["config"])  # train_vit.py's fields (and --ckpt-every in older files)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path} has no usable train_vit.py configuration ({e}): was it written by "
                              f"another version of train_vit.py? Train it again, or move it out of {root}") from None
@@ -822,11 +824,11 @@ def saved_runs(root: Path, methods: list) -> dict:
         key = (res["method"], res["task"], vcfg.seed)
         if key in runs:
             raise ValueError(f"two runs of {'/'.join(map(str, key))}: {runs[key][1]} and {path.parent}; point "
-                             f"--analyse at a folder that holds one set of runs (one train_vit.py --out-dir)")
+                             f"--analyse at a folder that holds one set of runs (one lab.vit_runs --out-dir)")
         runs[key] = (vcfg, path.parent)
     if not runs:
         raise FileNotFoundError(f"no finished {'/'.join(methods)} runs (result.json beside adapters.pt) "
-                                f"under {root}: run `python train_vit.py --out-dir {root}` first")
+                                f"under {root}: run `python -m lab.vit_runs --out-dir {root}` first")
     backbones = {folder.parents[2] for _, folder in runs.values()}  # train_vit.py's <out-dir>/<backbone>/<task>/...
     if len(backbones) > 1:
         raise ValueError(f"the runs under {root} fine-tuned {len(backbones)} different backbones: point "

@@ -1,8 +1,9 @@
-"""The figure of a train_vit.py job, drawn from its results.json: accuracy per task (the linear probe and each
-method, mean ± std over seeds), each task's training loss curves, CoTo's p(t).
+"""The figure of a train_vit.py (or lab.vit_runs) job, drawn from its results.json: accuracy per task (the
+linear probe and each method, mean ± std over seeds), each task's training loss curves, CoTo's p(t).
 
     python -m lab.vit_report runs/vit   # -> runs/vit/results.png
 """
+import dataclasses
 import json
 import math
 import statistics
@@ -75,7 +76,8 @@ if __name__ == "__main__":
     path = Path(sys.argv[1]) / "results.json"
     try:
         results = json.loads(path.read_text())
-        cfg = train_vit.Config(**results["config"])
+        known = {f.name for f in dataclasses.fields(train_vit.Config)}  # lab.vit_runs' jobs add --resume and the like
+        cfg = train_vit.Config(**{k: v for k, v in results["config"].items() if k in known})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"lab.vit_report: error: {path} is not a train_vit.py results.json ({e})")
     plot_results(results, cfg, path.with_suffix(".png"))

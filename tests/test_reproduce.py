@@ -13,6 +13,7 @@ import torch
 
 from lab import reproduce
 from lab.reproduce import Config, Plan, holm, holm_rows, interval, p_value, t_quantile, t_within, verdict
+from test_train_vit import fake_fashion
 
 
 def t_within_by_integration(t, df, steps=20000):
@@ -143,11 +144,14 @@ def test_plan_resumes_where_it_stopped_and_keeps_job_output_back(tmp_path, capsy
     assert "5 jobs, 3 cached, 2 to run" in capsys.readouterr().out
 
 
-TINY_VIT = json.dumps({"dataset": "synthetic", "depth": 3, "embed_dim": 16, "num_heads": 2, "n_train": 48,
+TINY_VIT = json.dumps({"depth": 3, "embed_dim": 16, "num_heads": 2, "n_train": 48,
                        "batch_size": 16, "warmup": 0, "ckpt_every": 0})
 
 
 def tiny(tmp_path, **kw):
+    """A tiny table on the fake Fashion-MNIST in tmp_path/data (test_train_vit's)."""
+    data = tmp_path / "data"
+    kw.setdefault("data_dir", str(data) if data.is_dir() else fake_fashion(data))
     return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines,dynamics",
                   steps=6, long_steps=8, lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
 
@@ -281,17 +285,15 @@ def test_quick_says_it_is_a_smoke_test(capsys):
     assert "smoke test" in reproduce.QUICK and "mean anything" in reproduce.QUICK
 
 
-def test_a_folder_of_other_data_or_a_damaged_file_is_refused_by_name(table_run, tmp_path, monkeypatch):
+def test_a_folder_of_other_data_or_a_damaged_file_is_refused_by_name(table_run, tmp_path):
     """The runs of a folder are tied to the data's hash (the same flags on other images are other runs); a
     damaged config.json or cached report names itself; a finished run whose adapters were deleted is trained again."""
     path, _ = table_run
     root = tmp_path / "repro"
     shutil.copytree(path / "repro", root)
-    other = reproduce.train_vit.make_synthetic(seed=1)
-    monkeypatch.setattr(reproduce.train_vit, "make_synthetic", lambda: other)
+    other = fake_fashion(tmp_path / "other", seed=1)  # other images (the folder's name is not part of it)
     with pytest.raises(ValueError, match=r"holds results of another configuration \(differs in \['data_sha1'\]\)"):
-        reproduce.main(tiny(tmp_path))
-    monkeypatch.undo()
+        reproduce.main(tiny(tmp_path, data_dir=other))
     (root / "config.json").write_text('{"seeds": 2, "tas')
     with pytest.raises(ValueError, match=rf"{root / 'config.json'} is damaged .*delete it"):
         reproduce.main(tiny(tmp_path))
