@@ -1,10 +1,7 @@
-"""Pretrain a small ViT on real images, then adapt it to new tasks with LoRA, with and without CoTo.
-
-The backbone is vit.py's VisionTransformer trained on Fashion-MNIST classes 0-4 (cached). Frozen, it gets
-LoRA adapters on every block and a head for tasks it does not solve (unseen classes, rotated, inverted,
-patch-shuffled images), trained as plain LoRA and with CoTo (Zhuang et al., ICML 2025). The tables: both
-beside a linear probe, then what CoTo is about (games.py): only every other block's adapters on, and two
-seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian: `apt install
+"""Pretrain a small ViT on Fashion-MNIST classes 0-4 (cached), then adapt it with LoRA, with and without CoTo
+(Zhuang et al., ICML 2025), to tasks it does not solve: unseen classes, rotated, inverted, patch-shuffled images.
+The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's adapters
+on, and two seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian: `apt install
 dataset-fashion-mnist`) or CIFAR-10's binary batches; nothing is downloaded.
 
     OMP_NUM_THREADS=1 python train_vit.py            # the README's main job, minutes on a 2-core CPU
@@ -43,11 +40,9 @@ EXAMPLE = "OMP_NUM_THREADS=1 python train_vit.py --tasks rot90,invert --variant 
 AT_LEAST = dict(depth=1, embed_dim=1, num_heads=1, patch_size=1, r=1, steps=1, pretrain_steps=1, seeds=1, batch_size=1,
                 pretrain_batch_size=1, warmup=0, pretrain_warmup=0, n_train=0, n_test=0, n_per_class=0, log_every=0,
                 eval_every=0, seed=0, pretrain_seed=0)
-RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")),
-          ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay")),
-          "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout",)),
-          "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)),
-          "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",))}  # nan fails every comparison: refused too
+RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")), "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)),
+          ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay")),  # nan fails every comparison: refused
+          "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout",)), "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",))}
 
 @dataclass
 class Config:
@@ -151,10 +146,8 @@ def read_idx(path: Path) -> torch.Tensor:
 def load_data(cfg: Config) -> dict:
     """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1" of the tensors}."""
     data = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}[cfg.dataset](cfg.data_dir)
-    h = hashlib.sha1()  # other images in the same folder: another backbone, other runs
-    for k in ("x_train", "y_train", "x_test", "y_test"):
-        h.update(data[k].contiguous().numpy())
-    return {**data, "sha1": h.hexdigest()}
+    tensors = b"".join(data[k].contiguous().numpy().tobytes() for k in ("x_train", "y_train", "x_test", "y_test"))
+    return {**data, "sha1": hashlib.sha1(tensors).hexdigest()}  # other images in the same folder: another backbone
 
 def load_fashion_mnist(data_dir: str) -> dict:
     """Fashion-MNIST's four IDX files (gzipped or not): 60000 training and 10000 test images (1, 28, 28)."""
@@ -165,11 +158,10 @@ def load_fashion_mnist(data_dir: str) -> dict:
             xtr, ytr, xte, yte = (read_idx(p) for p in paths)
             return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None], "y_test": yte.long(),
                     "folder": str(d)}
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
-        f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist (installs them in "
-        f"{DEBIAN_DIR})\n  Elsewhere: download the four .gz files from https://github.com/zalandoresearch/fashion-mnist "
-        "into ./data, or pass --data-dir FOLDER.")
+    raise FileNotFoundError(f"Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
+                            f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist "
+                            f"(installs them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
+                            "https://github.com/zalandoresearch/fashion-mnist into ./data, or pass --data-dir FOLDER.")
 
 def load_cifar10(data_dir: str) -> dict:
     """CIFAR-10's binary batches: records of 1 label byte + 3072 pixel bytes (the R, G, B planes of 32 x 32)."""
@@ -373,27 +365,25 @@ def pretrain(cfg: Config, data: dict) -> dict:
             raise ValueError(f"--init {cfg.init}: {e if isinstance(e, ValueError) else type(e).__name__}; it must be a "
                              f"torch.save'd timm-format state dict (a .safetensors: python -m lab.vit_weights)") from None
         return state
-    path, rank = Path(cfg.out_dir) / backbone_key(cfg, data) / "backbone.pt", rank_world()[0]
+    path = Path(cfg.out_dir) / backbone_key(cfg, data) / "backbone.pt"
     if path.is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)["state"]
         except Exception as e:  # e.g. a copy cut short: train it again rather than fail or use it
-            if rank == 0:
-                print(f"{path} is damaged ({type(e).__name__}): pretraining it again", flush=True)
+            say(f"{path} is damaged ({type(e).__name__}): pretraining it again")
     torch.manual_seed(cfg.pretrain_seed)
     model = build_model(cfg, data["x_train"], len(source)).to(pick_device(cfg.device))
     remap = torch.full((10,), -1).index_put_((torch.tensor(source),), torch.arange(len(source)))
     mtr, mte = remap[data["y_train"]] >= 0, remap[data["y_test"]] >= 0
-    if rank == 0:
-        print(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on classes "
-              f"{cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps", flush=True)
+    say(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on classes "
+        f"{cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps")
     train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup,
                seed=cfg.pretrain_seed, name="pretrain")
     acc, _ = evaluate(model, data["x_test"][mte], remap[data["y_test"][mte]])
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if rank == 0:
-        print(f"pretrained: source test accuracy {acc:.4f}; cached in {path}")
+    say(f"pretrained: source test accuracy {acc:.4f}; cached in {path}")
+    if rank_world()[0] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)  # a file cut short is pretrained again (above)
         torch.save({"state": state, "source_acc": acc, "config": {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, path)
     return state
@@ -495,11 +485,9 @@ def run_all(cfg: Config, runs=None) -> dict:
         probe_head, results["probe"][name] = linear_probe(probe_model.to(pick_device(cfg.device)), task)
         say(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}")
         for c in (c for n, c in jobs if n == name):
-            run = folders[name, c.coto, c.seed]
-            if run and run.result:  # finished before (lab.vit_runs --resume): its saved adapters and result
-                models[name, c.coto, c.seed], metrics = run.load(c, task, backbone), run.result
-            else:
-                models[name, c.coto, c.seed], metrics = finetune(c, task, backbone, probe_head, run)
+            run = folders[name, c.coto, c.seed]  # finished before (lab.vit_runs --resume): its saved adapters, result
+            models[name, c.coto, c.seed], metrics = (run.load(c, task, backbone), run.result) if run and run.result \
+                else finetune(c, task, backbone, probe_head, run)
             results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0
     if rank_world()[0] == 0:  # the tables: test accuracy in % per task and method, beside the linear probe
