@@ -486,7 +486,7 @@ def run_all(cfg: Config, runs=None) -> dict:
         say(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}")
         for c in (c for n, c in jobs if n == name):
             run = folders[name, c.coto, c.seed]  # finished before (lab.vit_runs --resume): its saved adapters, result
-            models[name, c.coto, c.seed], metrics = (run.load(c, task, backbone), run.result) if run and run.result \
+            models[name, c.coto, c.seed], metrics = (run.load(task, backbone), run.result) if run and run.result \
                 else finetune(c, task, backbone, probe_head, run)
             results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0

@@ -71,10 +71,10 @@ class Run:
         elif cfg.resume:  # another configuration's result is an error naming the fields, before any work
             self.result = finished_run(self.folder, run_config(cfg), NOT_IN_RESULT)
 
-    def load(self, cfg: Config, task, backbone: dict):
+    def load(self, task, backbone: dict):
         """The finished run's model, from its adapters.pt."""
         skip_finished(self.result, self.folder, self.name, say)
-        return load_adapters(cfg, task, backbone, self.folder / "adapters.pt")
+        return load_adapters(self.cfg, task, backbone, self.folder / "adapters.pt")
 
     def start(self, model, opt, coto, batches, log: dict) -> int:
         """The folder locked and made ready; with --resume, everything restored from ckpt.pt: its step."""
