@@ -546,6 +546,6 @@ if __name__ == "__main__":
     try:
         main(parse_args(Config, __doc__, EXAMPLE))
     except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: run the same command with --resume to continue from the last checkpoints")
+        raise SystemExit("\ninterrupted (python -m lab.vit_runs --resume runs the job with checkpoints to continue from)")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one line that says what to do
         raise SystemExit(f"train_vit.py: error: {e}")
