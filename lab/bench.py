@@ -27,6 +27,7 @@ import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -75,7 +76,42 @@ class Config:
     quick: bool = False  # one ViT, fewer steps and coalitions: about a minute
     layer_only: bool = False  # only section 3's layer race (nn.Linear, classroom, lab kernels, PEFT): seconds
     seed: int = 0  # seed of the weights, the random batches and CoTo's draws
-    out: str = "runs/bench"  # bench.json and bench.md are written here
+    out: str = "runs/bench"  # folder that gets bench.json and bench.md (made if missing)
+
+    def __post_init__(self):  # every flag checked before any benchmark runs: one line naming it and what it accepts
+        def vit_ok(dim, depth, heads):  # vit.py splits the width over the heads
+            return dim >= 1 and depth >= 2 and heads >= 1 and dim % heads == 0
+        nearest = next(p for p in (Path(self.out), *Path(self.out).parents) if p.exists())  # made there
+        rules = [  # (the fields, their values are fine, what they accept)
+            (["threads"], self.threads >= 0, "0 (torch's default) or a number of threads >= 1"),
+            (["embed_dim", "depth", "num_heads"], vit_ok(self.embed_dim, self.depth, self.num_heads),
+             "depth >= 2 (CoTo needs a block to skip) and num-heads >= 1 dividing embed-dim"),
+            (["large_embed_dim", "large_depth", "large_num_heads"], self.large_depth == 0 or vit_ok(
+                self.large_embed_dim, self.large_depth, self.large_num_heads),
+             "large-depth 0 (no larger ViT), or >= 2 with large-num-heads >= 1 dividing large-embed-dim"),
+            (["variants"], bool(self.variants) and set(self.variants) <= set(VARIANTS), f"any of {', '.join(VARIANTS)}"),
+            (["targets"], set(self.targets.split(",")) <= {"qkv", "proj", "fc1", "fc2"},
+             "comma-separated, any of qkv, proj, fc1, fc2"),
+            (["r"], self.r >= 1, "an integer >= 1"),
+            (["alpha"], math.isfinite(self.alpha), "a finite number"),
+            (["p0"], 0 <= self.p0 <= 1, "a probability in [0, 1]"),
+            (["stage1_ratio"], 0 < self.stage1_ratio <= 1, "a fraction in (0, 1]"),
+            (["warmup"], self.warmup >= 0, "an integer >= 0"),
+            (["seed"], self.seed >= 0, "an integer >= 0"),
+            (["shapley_blocks"], all(1 <= b <= 12 for b in self.shapley_blocks),
+             "depths in 1..12 (all 2^depth coalitions are evaluated), or none"),
+            (["layer_shape"], len(self.layer_shape) == 3 and min(self.layer_shape) >= 1,
+             "three integers >= 1: tokens, in, out"),
+            (["out"], self.out and nearest.is_dir() and os.access(nearest, os.W_OK), "a folder that can be written"),
+        ] + [([k], getattr(self, k) >= 1, "an integer >= 1") for k in (
+            "batch_size", "total_steps", "schedule_points", "repeats", "shapley_batch", "naive_samples")]
+        for fields, ok, allowed in rules:
+            if not ok:
+                values = [getattr(self, k) for k in fields]
+                raise ValueError(" ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if type(v) is tuple
+                                          else repr(v) if v == "" else str(v)) for k, v in zip(fields, values))
+                                 + f": give {allowed}")
+        pick_device(self.device)  # --device cuda without CUDA: one line
 
 
 QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # what --quick overrides
@@ -508,14 +544,6 @@ def table(res: dict) -> str:
 def main(cfg: Config) -> dict:
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
-    if min(cfg.schedule_points, cfg.repeats, cfg.batch_size, cfg.shapley_batch, cfg.naive_samples) < 1:
-        raise ValueError("schedule_points, repeats, batch_size, shapley_batch and naive_samples must "
-                         "be at least 1")
-    if not cfg.variants or not set(cfg.variants) <= set(VARIANTS):
-        raise ValueError(f"--variants {' '.join(cfg.variants)}: choose among {', '.join(VARIANTS)}")
-    if any(not 1 <= b <= 12 for b in cfg.shapley_blocks):
-        raise ValueError(f"shapley_blocks={cfg.shapley_blocks}: each depth must be in 1..12 (all 2^L "
-                         f"coalitions are evaluated)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -557,4 +585,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    run_script(main, Config, __doc__, __file__, interrupted="nothing was written; run it again")
+    run_script(main, Config, __doc__, __file__, interrupted="nothing was written; run it again",
+               example="OMP_NUM_THREADS=1 python -m lab.bench --quick --variants lora dora --out runs/bench-quick")

@@ -3,6 +3,10 @@ harness against a fake clock, backward truncation against the expected list, and
 import dataclasses
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from lab import bench
 from lab.kernels import use_fast_kernels
 from coto import block_groups
+from lab.utils import parse_config
+from test_utils import assert_every_flag_explained
 
 TINY = dict(embed_dim=16, depth=3, num_heads=2)
 CPU = torch.device("cpu")
@@ -141,3 +147,52 @@ def test_layer_only_runs_the_layer_race_alone(tmp_path, capsys):
     assert not {"coto", "truncation", "merged", "shapley", "memory"} & set(res)
     assert all(r["ms"] > 0 for r in res["layer"]) and res["layer"][0]["ratio"] == 1.0
     assert "3. The layer race" in res["table"] and "1. Training step" not in res["table"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--threads", "-1"], "--threads -1: give 0 (torch's default) or a number of threads >= 1"),
+    (["--threads", "1.5"], "argument --threads: invalid int value: '1.5'"),
+    (["--depth", "1"], "--embed-dim 128 --depth 1 --num-heads 4: give depth >= 2"),  # crashed after the first runs
+    (["--embed-dim", "10"], "--embed-dim 10 --depth 6 --num-heads 4: give depth >= 2 (CoTo needs a block to skip) "
+                            "and num-heads >= 1 dividing embed-dim"),
+    (["--large-depth", "1"], "--large-embed-dim 192 --large-depth 1 --large-num-heads 3: give large-depth 0"),
+    (["--variants", "lora", "qlora"], "--variants lora qlora: give any of lora, dora, hira"),
+    (["--targets", "qkv,head"], "--targets qkv,head: give comma-separated, any of qkv, proj, fc1, fc2"),
+    (["--shapley-blocks", "13"], "--shapley-blocks 13: give depths in 1..12"),
+    (["--layer-shape", "64", "16"], "--layer-shape 64 16: give three integers >= 1: tokens, in, out"),
+    (["--repeats", "0"], "--repeats 0: give an integer >= 1"),
+    (["--p0", "nan"], "--p0 nan: give a probability in [0, 1]"),
+    (["--out", ""], "--out '': give a folder that can be written"),
+    (["--out", "tests/test_bench.py"], "--out tests/test_bench.py: give a folder that can be written"),  # a file
+    (["--out", "tests/test_bench.py/runs"], "--out tests/test_bench.py/runs: give a folder that can be written")])
+def test_every_bad_flag_is_one_line_before_any_benchmark(argv, says, monkeypatch, capsys):
+    """Refused while the flags are parsed (bench.main never starts), in one line naming the flag and what it takes."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.setattr(bench, "main", lambda cfg: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit) as e:
+        parse_config(bench.Config, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and says in err[-1] and len(err) == 2, err  # argparse's usage line, then the error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line():
+    with pytest.raises(ValueError, match="--device cuda: not a device this torch has here"):
+        bench.Config(device="cuda")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_folder_is_refused_before_the_benchmark(tmp_path):
+    tmp_path.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="--out .*: give a folder that can be written"):
+            bench.Config(out=str(tmp_path / "bench"))
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_help_explains_every_flag_and_ends_with_an_example():
+    proc = subprocess.run([sys.executable, "-m", "lab.bench", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode == 0 and "python -m lab.bench" in proc.stdout.splitlines()[-1]
+    assert_every_flag_explained(proc.stdout, bench.Config)
