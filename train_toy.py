@@ -54,7 +54,8 @@ class Config:
 
 def parse_args(cls, doc: str, example: str, argv=None):  # shared by every script: train_vit and the lab import it
     """A `cls` (a Config dataclass) from the command line: a --flag per field, its `# comment` the help."""
-    comments = dict(re.findall(r"^ +(\w+): [^#\n]*# *(.*)$", inspect.getsource(cls), re.M))
+    comments = {k: v for c in cls.__mro__[::-1] if dataclasses.is_dataclass(c)  # a subclass's fields too, its own last
+                for k, v in re.findall(r"^ +(\w+): [^#\n]*# *(.*)$", inspect.getsource(c), re.M)}
     parser = argparse.ArgumentParser(description=doc, epilog=f"example:\n  {example}\n", usage="%(prog)s [--flag ...]",
                                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):

@@ -35,6 +35,10 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in each flag's help; the example command at the end unwrapped, so it copies whole."""
+
+
 def parse_config(cls, argv=None, description: str = "", example: str = ""):
     """A `cls` (a dataclass) from the command line: one --flag per field, --flag / --no-flag for
     booleans, several values for tuples; --help shows each field's comment and default. A value
@@ -42,8 +46,8 @@ def parse_config(cls, argv=None, description: str = "", example: str = ""):
     error, like a value of the wrong type. `main(parse_config(Config))` is how every script starts;
     `example`, a command, ends --help."""
     parser = argparse.ArgumentParser(description=description, usage="%(prog)s [--flag value ...]",
-                                     epilog=f"example: {example}" if example else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog=f"example:\n  {example}" if example else None,
+                                     formatter_class=_HelpFormatter,
                                      allow_abbrev=False)  # --seed must not quietly mean --seeds
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -80,22 +84,24 @@ def run_script(main, cls, doc: str, file: str,
 
 
 def _field_comments(cls) -> dict:
-    """{field: comment} from the `# ...` on each field's line(s) in the dataclass source; {} where
-    the source is not available."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    names, comments, line = {f.name for f in dataclasses.fields(cls)}, {}, []  # line: the statement's tokens
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NEWLINE:  # the end of a statement: `name: type = default  # comment`?
-            if len(line) > 1 and line[0].string in names and line[1].string == ":":
-                text = " ".join(t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT)
-                comments.setdefault(line[0].string, text)
-            line = []
-        elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
-            if line or tok.type != tokenize.COMMENT:  # a comment on a line of its own belongs to no field
-                line.append(tok)
+    """{field: comment} from the `# ...` on each field's line(s) in the source of cls and of the dataclasses it
+    extends (a subclass's comment wins); {} where the source is not available."""
+    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    for c in [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]:  # cls first: its own comments win
+        try:
+            source = textwrap.dedent(inspect.getsource(c))
+        except (OSError, TypeError):
+            continue
+        line = []  # the statement's tokens
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NEWLINE:  # the end of a statement: `name: type = default  # comment`?
+                if len(line) > 1 and line[0].string in names and line[1].string == ":":
+                    text = " ".join(t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT)
+                    comments.setdefault(line[0].string, text)
+                line = []
+            elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+                if line or tok.type != tokenize.COMMENT:  # a comment on a line of its own belongs to no field
+                    line.append(tok)
     return {name: text for name, text in comments.items() if text}
 
 

@@ -1,8 +1,10 @@
 """utils.py: safetensors by hand against the reference library, atomic writes, checkpoints, the CLI."""
+import dataclasses
 import json
 import math
 import os
 import pickle
+import re
 import struct
 import tracemalloc
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ import safetensors.torch  # the reference (requirements-test.txt)
 import torch
 
 from lab import utils
-from train_toy import get_lr
-from lab.utils import (TrainLog, atomic_save, atomic_write_text, check_finite, finished_run, load_checkpoint,
+from train_toy import get_lr, parse_args
+from lab.utils import (TrainLog, _field_comments, atomic_save, atomic_write_text, check_finite, finished_run, load_checkpoint,
                    load_weights, method_name, parse_config, read_safetensors, read_safetensors_metadata,
                    save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
@@ -199,6 +201,48 @@ def test_help_shows_each_fields_comment_and_default(capsys):
                  "one run per seed, (default: (0, 1))", "--blocks [BLOCKS ...] (empty: none) (default: ())"):
         assert line in text, (line, text)
     assert "about nothing" not in text and text.count("(default:") == 6  # once per field
+
+
+def option_helps(text: str) -> dict:
+    """{flag: its help, unwrapped, without "(default: ...)"} from argparse's --help output."""
+    helps, flag = {}, None
+    for line in text.split("\noptions:\n")[1].split("\n\nexample")[0].splitlines():
+        if line.startswith("  -"):  # the flag, then its help on the same line or the next ones
+            invocation, _, rest = line.strip().partition("  ")
+            flag = invocation.split()[0].rstrip(",")
+            helps[flag] = rest.strip()
+        elif flag:
+            helps[flag] += " " + line.strip()
+    return {k: re.sub(r"\s*\(default: .*\)$", "", v.strip()) for k, v in helps.items()}
+
+
+def assert_every_flag_explained(text: str, cls) -> None:
+    """Every field of cls is a flag whose --help says more than the flag's own name; the text ends with an example."""
+    helps = option_helps(text)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        words = helps[flag].lower().split()
+        assert len(words) > len(f.name.split("_")) and words != f.name.split("_"), (flag, helps[flag])
+    assert text.rstrip().splitlines()[-2:][0] == "example:" and "python" in text.rstrip().splitlines()[-1]
+
+
+def test_help_of_a_subclass_explains_the_inherited_flags(capsys):
+    """A Config extending another shows the base's comments as help: both parsers, lab's and the classroom's."""
+    @dataclass
+    class More(Demo):
+        rounds: int = 2  # rounds of the demo
+        steps: int = 20  # optimizer steps, overridden
+
+    assert _field_comments(More) == {"steps": "optimizer steps, overridden", "name": 'a "#" in a string is not a '
+                                     "comment", "coto": "stage 1 lasts 75 % of the steps", "seeds": "one run per seed,",
+                                     "blocks": "(empty: none)", "rounds": "rounds of the demo"}
+    for parse in (lambda: parse_config(More, ["--help"], example="python demo.py --rounds 3"),
+                  lambda: parse_args(More, "A demo.", "python demo.py --rounds 3", ["--help"])):
+        with pytest.raises(SystemExit):
+            parse()
+        helps = option_helps(capsys.readouterr().out)
+        assert helps["--coto"] == "stage 1 lasts 75 % of the steps" and helps["--rounds"] == "rounds of the demo"
+        assert helps["--steps"] == "optimizer steps, overridden"
 
 
 @pytest.mark.parametrize("argv, says", [(["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),

@@ -16,6 +16,7 @@ from lab import vit_runs
 from lab.utils import atomic_write_text
 from lab.vit_runs import Config, Run, load_adapters, main
 from lora import lora_state_dict
+from test_utils import assert_every_flag_explained
 from test_train_vit import _tiny_setup, fake_fashion, run_dir, tiny as tiny_vit
 from train_vit import evaluate, load_data, make_tasks, pretrain
 
@@ -256,3 +257,4 @@ def test_the_command_line_runs_the_job_and_says_how_to_resume(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lab.vit_runs", "--help"], capture_output=True, text=True,
                           cwd=Path(train_vit.__file__).parent, timeout=120)
     assert "--resume" in proc.stdout and "--lora-dropout" in proc.stdout and "python -m lab.vit_runs" in proc.stdout
+    assert_every_flag_explained(proc.stdout, Config)  # train_vit.Config's flags too, with train_vit.py's help
