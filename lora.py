@@ -1,7 +1,6 @@
 """LoRA written by hand, with the DoRA and HiRA variants that CoTo is combined with.
 
 LoRA (Hu et al., 2021, arXiv 2106.09685) learns a low-rank update beside a frozen nn.Linear; B = 0 at start:
-
     x ─┬─ W (out × in, frozen) ───────────────────────────────────────────── + ── y = W x + b + scaling * B A x
        └─ dropout ── A (r × in, kaiming-uniform) ── B (out × r, zeros) ── × scaling (alpha / r)
 
@@ -10,6 +9,7 @@ DoRA (arXiv 2402.09353) rescales the rows of W + scaling B A; HiRA (ICLR 2025) a
 """
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -149,8 +149,7 @@ class LoRALinear(nn.Module):
         self.merged, self.lora_merged_adapter = bool(state["merged"]), None
 
 
-def lora_layers(model: nn.Module) -> dict:
-    """Every LoRALinear of `model`, by qualified name, in module order."""
+def lora_layers(model: nn.Module) -> dict:  # every LoRALinear of `model` by qualified name, in module order
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout=0.0, variant="lora", rslora=False) -> list:
@@ -195,8 +194,7 @@ def mark_only_lora_as_trainable(model: nn.Module, also=()) -> str:
     print(line)
     return line
 
-def lora_state_dict(model: nn.Module) -> dict:
-    """The LoRA parameters only, e.g. {"blocks.0.attn.qkv.lora_A": tensor, ...} (detached copies)."""
+def lora_state_dict(model: nn.Module) -> dict:  # the LoRA parameters only, by qualified name (detached copies)
     return {key: p.detach().clone() for key, p in _lora_params(model).items()}
 
 def lora_metadata(model: nn.Module) -> dict:
@@ -209,6 +207,8 @@ def lora_metadata(model: nn.Module) -> dict:
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict, metadata: dict | None = None) -> None:
     """Load what lora_state_dict saved, after checking keys, shapes and the fields `metadata` has."""
+    if metadata is None:  # variant, alpha and rslora leave no trace in the tensors: another loads at the wrong scale
+        warnings.warn("no metadata: variant, alpha and rslora unchecked; pass the lora_metadata(model) saved with it")
     own = lora_metadata(model) if metadata is not None else {}
     if diff := [k for k in own if k in metadata and str(metadata[k]) != own[k]]:
         raise ValueError(f"LoRA state was saved as {', '.join(f'{k}={metadata[k]}' for k in diff)}, this "

@@ -115,6 +115,7 @@ def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
         scope = {"torch": torch, "F": F, "MyViT": make, "loader": loader, "evaluate": lambda model: None}
         exec(compile(code, "README.md", "exec"), scope)
     saved = torch.load("adapter.pt")
-    assert len(saved) == 2 * 4 * 2  # A and B of qkv, proj, fc1, fc2 in 2 blocks
-    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in saved.items())  # B left zero: it trained
+    assert len(saved["state"]) == 2 * 4 * 2  # A and B of qkv, proj, fc1, fc2 in 2 blocks
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in saved["state"].items())  # B left zero: it trained
+    assert saved["metadata"] == {"variant": "lora", "r": "8", "alpha": "16.0", "scaling": "2.0"}
     assert len(scope["coto"].groups) == 2

@@ -374,6 +374,8 @@ def test_metadata_tells_variants_apart():
     with pytest.raises(ValueError, match="saved as variant=hira, this model has variant=lora"):
         load_lora_state_dict(lora_model, lora_state_dict(hira), metadata=lora_metadata(hira))
     other, _ = two_block_model("hira")
+    with pytest.warns(UserWarning, match="no metadata: variant, alpha and rslora unchecked"):
+        load_lora_state_dict(other, lora_state_dict(lora_model))  # loads: only the metadata could tell
     load_lora_state_dict(other, lora_state_dict(hira), metadata={**lora_metadata(hira), "format": "pt"})
     x = torch.randn(3, 6, dtype=torch.float64)
     torch.testing.assert_close(other(x), hira(x), rtol=0, atol=0)
