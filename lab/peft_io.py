@@ -73,7 +73,10 @@ def load_peft_adapter(model: nn.Module, folder) -> list:
     for f in (cfg_path, st_path):
         if not f.is_file():
             raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {f.name} is missing")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is damaged ({e}): replace it with the adapter's own adapter_config.json") from None
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type={cfg.get('peft_type')!r}; only LORA adapters can be imported")
     targets = cfg.get("target_modules")

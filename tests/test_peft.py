@@ -167,3 +167,22 @@ def test_the_file_carries_the_adapter_settings_and_a_config_without_them_warns(t
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(back(idx), plain(idx), atol=1e-6, rtol=0)
+
+
+def test_a_damaged_config_is_named_and_an_eval_model_stays_in_eval_mode(tmp_path):
+    model = small_gpt()
+    inject_lora(model, TARGETS, r=2, alpha=4.0, dropout=0.5)
+    randomize_adapters(model)
+    save_peft_adapter(model, tmp_path / "good")
+    target = small_gpt()  # eval mode: the adapters it gets must not drop out
+    load_peft_adapter(target, tmp_path / "good")
+    assert not any(layer.training for layer in lora_layers(target).values())
+    x = torch.randint(40, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), target(x), rtol=0, atol=0)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "adapter_model.safetensors").write_bytes((tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+    (damaged / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ValueError, match=r"damaged/adapter_config.json is damaged"):
+        load_peft_adapter(small_gpt(), damaged)
