@@ -26,6 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+try:
+    import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
+except ImportError:
+    fcntl = None
+
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn, "C64": torch.complex64,
@@ -426,6 +431,7 @@ class TrainLog:
         self.name, self.total_steps, self.log_every, self.quiet = name, total_steps, log_every, quiet
         self.path = Path(path) if path else None
         self.state = {"history": [], "active": [], "seconds": [], "sums": {}, "n": 0}
+        self.lock = None  # resume(): the run folder's lock (lock_folder), held as long as the log
         self.restart_clock()
 
     def restart_clock(self) -> None:  # evaluation and checkpoint time is not a step's
@@ -480,6 +486,20 @@ class TrainLog:
                 "active_frac": statistics.fmean(s["active"]) if s["active"] else 1.0}
 
 
+def lock_folder(folder):
+    """An exclusive lock on folder/.lock, held while the returned file stays open: a second process
+    on the same run folder stops with one line instead of mixing its files into this one's."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(folder) / ".lock", "a")
+    try:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise ValueError(f"{folder} is in use by another process: wait for it, or use another --out-dir") from None
+    return lock
+
+
 def resume(folder, resume: bool, model, opt, coto, data, config: dict, log: TrainLog) -> int:
     """The step a run in `folder` starts from: 0 for a fresh run (an earlier run's checkpoint and
     result deleted) or without a folder; with `resume`, the checkpoint's, with model, opt, coto, the
@@ -488,6 +508,8 @@ def resume(folder, resume: bool, model, opt, coto, data, config: dict, log: Trai
     if not folder:
         return 0
     ckpt, rank, start = Path(folder) / "ckpt.pt", rank_world()[0], 0
+    if rank == 0:  # the one writer, alone in the folder while the log lives
+        log.lock = lock_folder(folder)
     if resume and ckpt.is_file():
         start, data_state, log.state = load_checkpoint(ckpt, model, opt, coto, config=config)
         data.set_state(data_state)

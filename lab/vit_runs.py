@@ -16,17 +16,12 @@ from pathlib import Path
 import torch
 
 import train_vit
-from lab.utils import (atomic_save, finished_run, load_checkpoint, run_script, save_checkpoint, save_result,
-                       skip_finished)
+from lab.utils import (atomic_save, finished_run, load_checkpoint, lock_folder, run_script, save_checkpoint,
+                       save_result, skip_finished)
 from lora import inject_lora, load_lora_state_dict, lora_metadata
 from train_toy import pick_device
 from train_vit import adapter_state, build_model, method_name, rank_world, say
 from vit import load_pretrained
-
-try:
-    import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
-except ImportError:
-    fcntl = None
 
 EXAMPLE = "OMP_NUM_THREADS=1 python -m lab.vit_runs --tasks rot90 --resume --ckpt-every 25"
 # how a run is carried out or listed, not what it computes: --resume allows other values
@@ -80,15 +75,9 @@ class Run:
         """The folder locked and made ready; with --resume, everything restored from ckpt.pt: its step."""
         self.model, self.opt, self.coto, self.batches, self.log, self.metrics = model, opt, coto, batches, log, None
         ckpt, start = self.folder / "ckpt.pt", 0
-        if rank_world()[0] == 0:  # the one writer; metrics.jsonl is locked: a second process stops with one line
-            self.folder.mkdir(parents=True, exist_ok=True)
+        if rank_world()[0] == 0:  # the one writer, alone in the folder: a second process stops with one line
+            self.lock = lock_folder(self.folder)
             self.metrics = open(self.folder / "metrics.jsonl", "a+")
-            try:
-                if fcntl:
-                    fcntl.flock(self.metrics, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ValueError(f"{self.folder} is in use by another process: wait for it, or use another "
-                                 "--out-dir") from None
             for stale in self.folder.glob("*.tmp"):  # the folder is ours: left by a process killed while writing
                 stale.unlink()
         if self.cfg.resume and ckpt.is_file():
@@ -132,6 +121,7 @@ class Run:
                         self.folder / "adapters.pt")
             save_result(self.folder, metrics, vit_fields(self.cfg))
             self.metrics.close()
+            self.lock.close()  # the run's files are complete: the folder is free
 
 
 def load_adapters(cfg, task, backbone: dict, path):

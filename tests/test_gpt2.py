@@ -494,7 +494,7 @@ def test_main_with_init_folder_uses_bpe_and_real_weights(tmp_path, tokenizer_fil
     nbytes = sum(len(tok.decode([i]).encode("utf-8")) for i in y.flatten().tolist())  # ASCII text
     assert math.isclose(run["val_bpb"], run["val_loss"] * y.numel() / nbytes / math.log(2), rel_tol=1e-6)
     assert {f.name for f in train_gpt2.run_dir(train_gpt2.base_folder(cfg, sha), cfg, "milton").iterdir()} == {
-        "adapters.safetensors", "result.json", "metrics.jsonl"}  # the checkpoint is gone once finished
+        "adapters.safetensors", "result.json", "metrics.jsonl", ".lock"}  # the checkpoint is gone once finished
     assert not (train_gpt2.base_folder(cfg, sha) / "model.safetensors").exists()  # nothing was pretrained
 
 

@@ -463,3 +463,14 @@ def test_finished_runs_are_kept_only_with_their_configuration(tmp_path):
     (tmp_path / "result.json").write_text("{")
     with pytest.raises(ValueError, match=r"result\.json is damaged; delete it"):
         finished_run(tmp_path, {"r": 2})
+
+
+def test_a_locked_run_folder_stops_a_second_writer_in_one_line(tmp_path):
+    held = utils.lock_folder(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"run is in use by another process: wait for it, or use another --out-dir"):
+        utils.lock_folder(tmp_path / "run")
+    with pytest.raises(ValueError, match="in use by another process"):  # train_gpt2's runs start through resume()
+        utils.resume(tmp_path / "run", False, None, None, None, None, {}, utils.TrainLog("x", 1, 0))
+    held.close()
+    log = utils.TrainLog("x", 1, 0)
+    assert utils.resume(tmp_path / "run", False, None, None, None, None, {}, log) == 0 and log.lock is not None

@@ -13,7 +13,7 @@ import torch
 
 import train_vit
 from lab import vit_runs
-from lab.utils import atomic_write_text
+from lab.utils import atomic_write_text, lock_folder
 from lab.vit_runs import Config, Run, load_adapters, main
 from lora import lora_state_dict
 from test_utils import assert_every_flag_explained
@@ -135,7 +135,7 @@ def test_a_diverging_run_stops_at_its_first_nan_and_keeps_the_last_checkpoint(tm
     with pytest.raises(FloatingPointError, match=r"rot90 coto s0: at step 3 the loss is [0-9.]+ and the gradient "
                                                  r"norm nan: training diverged\. Rerun with a lower learning rate"):
         finetune(cfg, task, backbone, out_dir=out)
-    assert sorted(f.name for f in out.iterdir()) == ["ckpt.pt", "metrics.jsonl"]  # no adapters, no result
+    assert sorted(f.name for f in out.iterdir()) == [".lock", "ckpt.pt", "metrics.jsonl"]  # no adapters, no result
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 2 and all(torch.isfinite(t).all() for t in ck["trainable"].values())
     assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
@@ -186,8 +186,7 @@ def test_two_processes_on_one_run_folder(tmp_path):
     backbone, task = _tiny_setup(cfg)
     out = tmp_path / "run"
     out.mkdir()
-    other = open(out / "metrics.jsonl", "a")  # as another process holds it while training
-    vit_runs.fcntl.flock(other, vit_runs.fcntl.LOCK_EX | vit_runs.fcntl.LOCK_NB)
+    other = lock_folder(out)  # as another process holds it while training
     with pytest.raises(ValueError, match=rf"{out} is in use by another process: wait for it, or use another --out-dir"):
         finetune(cfg, task, backbone, out_dir=out)
     other.close()
