@@ -495,22 +495,26 @@ def reports(res: dict, *group, kinds=("adapter", "pair", "combination")) -> dict
     return {kind + "s": [r for seeds in runs.values() for r in seeds.values()] for kind, runs in found.items()}
 
 
-def per_seed(res: dict, kind: str, study: str, setting: str, get, tasks=None, over=statistics.fmean) -> list:
-    """One value per seed: over (the mean) of get(record) over tasks (all tasks, or `tasks`)."""
+def per_seed(res: dict, kind: str, study: str, setting: str, get, seeds: list, tasks=None,
+             over=statistics.fmean) -> dict:
+    """{seed: value} for each of the study's seeds: over (the mean) of get(record) over tasks (all
+    tasks, or `tasks`); nan for a seed that misses a task's record (a failed or missing run)."""
     runs = res.get(kind, {}).get(study, {}).get(setting, {})
     tasks = [t for t in (tasks or runs) if t in runs]
-    seeds = sorted({s for t in tasks for s in runs[t]}, key=int)
-    return [over([get(runs[t][s]) for t in tasks if s in runs[t]]) for s in seeds]
+    found = {s: [get(runs[t][str(s)]) for t in tasks if str(s) in runs[t]] for s in seeds}
+    return {s: over(vs) if vs and len(vs) == len(tasks) else float("nan") for s, vs in found.items()}
 
 
-def row(claim: str, a: list, b: list, expect: int, paper: str = "", fmt: str = "pct", missing: str = "missing") -> dict:
-    """A table row: A (LoRA or a baseline) against B (CoTo), paired by seed. expect: the paper's
-    direction of B - A (+1 higher, -1 lower, 0 none claimed)."""
-    pairs = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]  # seeds with both values
-    a, b, diffs = [x for x, _ in pairs], [y for _, y in pairs], [y - x for x, y in pairs]
-    a, b, diff = (interval(xs) if pairs else None for xs in (a, b, diffs))  # no seed: no interval
-    return {"claim": claim, "a": a, "b": b, "diff": diff, "n": len(pairs), "p": p_value(diffs), "paper": paper,
-            "fmt": fmt, "verdict": verdict(diff, expect) if pairs else missing}
+def row(claim: str, a: dict, b: dict, expect: int, paper: str = "", fmt: str = "pct", missing: str = "missing") -> dict:
+    """A table row: A (LoRA or a baseline) against B (CoTo), {seed: value} each, paired by seed id
+    over the seeds with a value on both sides ("seeds"; "of": the seeds either side was given).
+    expect: the paper's direction of B - A (+1 higher, -1 lower, 0 none claimed)."""
+    of = sorted(a.keys() | b.keys())
+    seeds = [s for s in of if s in a and s in b and not (math.isnan(a[s]) or math.isnan(b[s]))]
+    a, b, diffs = [a[s] for s in seeds], [b[s] for s in seeds], [b[s] - a[s] for s in seeds]
+    a, b, diff = (interval(xs) if seeds else None for xs in (a, b, diffs))  # no seed: no interval
+    return {"claim": claim, "a": a, "b": b, "diff": diff, "n": len(seeds), "seeds": seeds, "of": of,
+            "p": p_value(diffs), "paper": paper, "fmt": fmt, "verdict": verdict(diff, expect) if seeds else missing}
 
 
 REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear-probe head",
@@ -518,13 +522,14 @@ REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear
            "taskinit": "full data, learned head, each task's adapters initialised apart"}
 
 
-def claim_rows(res: dict, a: tuple, b: tuple) -> list:
-    """Claims 1-5 for two settings a, b = (study, setting) on the same tasks: A (LoRA or a
+def claim_rows(res: dict, a: tuple, b: tuple, seeds: list) -> list:
+    """Claims 1-5 for two settings a, b = (study, setting) on the same tasks and seeds: A (LoRA or a
     baseline) against B (CoTo). For interpolation, combining and pruning a second row beneath
     gives the change the operation causes (after - before, per run), so a gap that is only the
     accuracy gap before the operation does not read as robustness."""
-    def pair(kind, get, tasks=None):
-        return per_seed(res, kind, *a, get, tasks), per_seed(res, kind, *b, get, tasks)
+    def pair(kind, get, tasks=None):  # interpolation reports are keyed by the first seed of each pair
+        ids = seeds[:-1:2] if kind == "pair" else seeds
+        return per_seed(res, kind, *a, get, ids, tasks), per_seed(res, kind, *b, get, ids, tasks)
 
     def with_change(kind, claim, get, before, since, paper=""):  # the paper's direction: B - A > 0 for both
         return [row(claim, *pair(kind, get), +1, paper),
@@ -561,10 +566,10 @@ def claim_rows(res: dict, a: tuple, b: tuple) -> list:
                           "about +10 points at 50 %" if sp == "0.5" else "")
     top = lambda s: sum(s[i] for i in games.block_subsets(len(s))["high"])  # noqa: E731
     none = "n/a: the adapters add < 1 point, no credit to share"
-    out.append(row("5. Shapley share of the top third of blocks", credit_stat(res, *a, top),
-                   credit_stat(res, *b, top), -1, "LoRA: 69 % in the top 4 of 12 blocks", missing=none))
-    out.append(row("5. largest single block's Shapley share", credit_stat(res, *a, max),
-                   credit_stat(res, *b, max), -1, "CoTo: spread out (lower)", missing=none))
+    out.append(row("5. Shapley share of the top third of blocks", credit_stat(res, *a, top, seeds),
+                   credit_stat(res, *b, top, seeds), -1, "LoRA: 69 % in the top 4 of 12 blocks", missing=none))
+    out.append(row("5. largest single block's Shapley share", credit_stat(res, *a, max, seeds),
+                   credit_stat(res, *b, max, seeds), -1, "CoTo: spread out (lower)", missing=none))
     return out
 
 
@@ -576,13 +581,13 @@ def block_shares(phis: list, min_gain: float = 0.01) -> list | None:
     return [sum(col) / total for col in zip(*phis)] if total >= min_gain else None
 
 
-def credit_stat(res: dict, study: str, setting: str, stat) -> list:
-    """Per seed: stat of the block_shares of the seed's runs (one per task); nan where the seed has
+def credit_stat(res: dict, study: str, setting: str, stat, seeds: list) -> dict:
+    """{seed: stat of the block_shares of the seed's runs (one per task)}; nan where the seed has
     no credit to share."""
     def of_seed(phis):
         shares = block_shares(phis)
         return stat(shares) if shares is not None else float("nan")
-    return per_seed(res, "adapter", study, setting, lambda r: r["shapley"], over=of_seed)
+    return per_seed(res, "adapter", study, setting, lambda r: r["shapley"], seeds, over=of_seed)
 
 
 def shapley_profiles(res: dict) -> dict:
@@ -599,23 +604,25 @@ def shapley_profiles(res: dict) -> dict:
 def sections(res: dict, cfg: Config) -> list:
     """[(title, A header, B header, rows)]: the whole table (paper numbers: arXiv 2506.05713)."""
     trained = res.get("train", {})  # {study: ...} of the studies run: with --studies a subset, and only theirs show
-    out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", claim_rows(res, (s, "lora"), (s, "coto")))
+    seeds = list(range(cfg.seeds))
+    out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", claim_rows(res, (s, "lora"), (s, "coto"), seeds))
            for s in REGIMES if s in trained]
     for setting in trained.get("baselines", {}):  # the paper's numbers are LoRA's: not shown here
-        rows = [{**r, "paper": ""} for r in claim_rows(res, ("baselines", setting), ("full", "coto"))]
+        rows = [{**r, "paper": ""} for r in claim_rows(res, ("baselines", setting), ("full", "coto"), seeds)]
         out.append((f"Control: {setting}, against CoTo ({REGIMES['full']})", setting, "CoTo", rows))
     acc, ms, loss = (lambda r: r["acc"]), (lambda r: r["ms_per_step"]), (lambda r: r["train_loss_last"])  # noqa: E731
     side = cfg.tasks.split(",")[:cfg.side_tasks]
 
     def ab(study, a, b, get=acc, tasks=side):  # settings a and b of one study, one value per seed
-        return per_seed(res, "train", study, a, get, tasks), per_seed(res, "train", study, b, get, tasks)
+        return tuple(per_seed(res, "train", study, setting, get, seeds, tasks) for setting in (a, b))
     cost = []
     for variant, study, paper in (("lora", "full", "0.93"), ("dora", "variants", "0.76"), ("hira", "variants", "0.76")):
         if study not in trained:
             continue
         lora, coto = ("lora", "coto") if variant == "lora" else (f"{variant}-lora", f"{variant}-coto")
-        ratio = [y / x for x, y in zip(*ab(study, lora, coto, ms))]
-        cost.append(row(f"6. wall-clock per step, CoTo / LoRA, {variant}", [1.0] * len(ratio), ratio, -1,
+        lora_ms, coto_ms = ab(study, lora, coto, ms)
+        ratio = {s: coto_ms[s] / lora_ms[s] for s in seeds}  # nan where either run is missing
+        cost.append(row(f"6. wall-clock per step, CoTo / LoRA, {variant}", dict.fromkeys(seeds, 1.0), ratio, -1,
                         f"1.00 → {paper}", fmt="ratio"))
         if variant != "lora":
             cost.append(row(f"   accuracy, {variant}", *ab(study, lora, coto), +1))
@@ -623,10 +630,10 @@ def sections(res: dict, cfg: Config) -> list:
     # the paper's direction and words, by the parameter an ablation changes ("coto p0=0.1": p0)
     claims = {"p0": (0, "the snippet uses p0 = 0.1, the figure 0"), "shape": (0, "linear in the paper's figure"),
               "stage1": (+1, "stage1 0.75 best")}
-    default = per_seed(res, "train", "full", "coto", acc, side)  # CoTo with p0 0, stage1 0.75
+    default = per_seed(res, "train", "full", "coto", acc, seeds, side)  # CoTo with p0 0, stage1 0.75
     ablation = []
     for setting in trained.get("ablations", {}):
-        vals = per_seed(res, "train", "ablations", setting, acc, side)
+        vals = per_seed(res, "train", "ablations", setting, acc, seeds, side)
         ablation.append(row(f"7. {setting}", vals, default, *claims[setting.split()[1].split("=")[0]]))
     out.append(("Ablations (accuracy, full data)", "the setting", "CoTo (p0 0, stage1 0.75)", ablation))
     lrs = sorted({float(v) for v in cfg.lrs.split(",")} | {cfg.lr}) if "lr" in trained else []
@@ -644,6 +651,19 @@ def sections(res: dict, cfg: Config) -> list:
     out.append((f"Training length: {cfg.long_task}, {cfg.long_steps} steps (full data, learned head)",
                 "LoRA", "CoTo", long))
     return [(title, a, b, holm_rows(rs)) for title, a, b, rs in out if rs]
+
+
+def seed_count(r: dict) -> str:
+    """The n column: the number of seeds, and which ones where a row could not use all of its seeds."""
+    if r["seeds"] in ([], r["of"]):
+        return str(r["n"])
+    spans, seeds = [], r["seeds"]
+    for i, s in enumerate(seeds):  # consecutive seeds as one span: 0-3
+        if i and s == seeds[i - 1] + 1:
+            spans[-1] = f"{spans[-1].split('-')[0]}-{s}"
+        else:
+            spans.append(str(s))
+    return f"{r['n']} (seeds {', '.join(spans)})"
 
 
 def fmt(x: tuple | None, kind: str) -> str:
@@ -682,7 +702,7 @@ def markdown(table: list, profile: dict, cfg: Config) -> str:
         for r in rs:
             p = "–" if math.isnan(r["p"]) else f"{r['p']:.3f} ({r['p_holm']:.3f})"
             lines.append(f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | "
-                         f"{fmt(r['diff'], r['fmt'])} | {r['n']} | {p} | {r['paper']} | {r['verdict']} |")
+                         f"{fmt(r['diff'], r['fmt'])} | {seed_count(r)} | {p} | {r['paper']} | {r['verdict']} |")
         lines.append("")
     if profile:
         lines += ["A block's Shapley share is its Shapley value over v(all) − v(none), summed over tasks and seeds: "

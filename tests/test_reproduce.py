@@ -74,6 +74,32 @@ def test_p_value_and_holm_by_hand():
     assert [r["p_holm"] for r in holm_rows(rows)][:3] == pytest.approx([0.03, 0.09, 0.3])
 
 
+def test_rows_pair_seeds_by_id_and_name_the_seeds_used():
+    """A side that misses a seed (a failed run) leaves that seed out: the others pair by seed id, not by
+    position, and the table's n column names the seeds used."""
+    acc = lambda r: r["acc"]  # noqa: E731
+    res = {"train": {"s": {"lora": {"t": {"0": {"acc": 0.5}, "1": {"acc": 0.6}, "2": {"acc": 0.7}}},
+                           "coto": {"t": {"0": {"acc": 0.6}, "2": {"acc": 0.9}}}}}}
+    a, b = (reproduce.per_seed(res, "train", "s", m, acc, [0, 1, 2]) for m in ("lora", "coto"))
+    assert a == {0: 0.5, 1: 0.6, 2: 0.7} and b[0] == 0.6 and math.isnan(b[1]) and b[2] == 0.9
+    r = reproduce.row("accuracy", a, b, +1)
+    assert r["seeds"] == [0, 2] and r["n"] == 2 and r["of"] == [0, 1, 2]
+    assert r["diff"] == pytest.approx(interval([0.6 - 0.5, 0.9 - 0.7])) and r["p"] == pytest.approx(p_value([0.1, 0.2]))
+    assert r["a"] == pytest.approx(interval([0.5, 0.7])) and r["b"] == pytest.approx(interval([0.6, 0.9]))
+    assert reproduce.row("accuracy", {0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.6, 2: 0.9}, +1)["diff"] == r["diff"]
+    text = reproduce.markdown([("section", "LoRA", "CoTo", holm_rows([r]))], {}, Config(seeds=3))
+    assert "| accuracy | 60.0 ± " in text and " | 2 (seeds 0, 2) | " in text
+    # a seed that misses one task's run has no mean over tasks; consecutive seeds are written as a span
+    res["train"]["s"]["coto"]["u"] = {str(s): {"acc": 0.5} for s in range(6)}
+    two = reproduce.per_seed(res, "train", "s", "coto", acc, [0, 1, 2])  # tasks t and u
+    assert two[0] == pytest.approx(0.55) and math.isnan(two[1]) and two[2] == pytest.approx(0.7)
+    seven = reproduce.row("x", dict.fromkeys(range(7), 0.5), {**dict.fromkeys(range(6), 0.6), 5: float("nan")}, +1)
+    assert reproduce.seed_count(seven) == "5 (seeds 0-4)"
+    gaps = reproduce.row("x", dict.fromkeys(range(7), 0.5), {s: 0.6 for s in (0, 1, 2, 3, 5)}, +1)
+    assert reproduce.seed_count(gaps) == "5 (seeds 0-3, 5)"
+    assert reproduce.seed_count(reproduce.row("x", {0: 0.5, 1: 0.5}, {0: 0.6, 1: 0.7}, +1)) == "2"
+
+
 class PlanOnly:
     """A Context that builds nothing: enough for plan() to list the jobs."""
     n_eval = 500
@@ -174,6 +200,7 @@ def test_tiny_table_end_to_end(table_run, tmp_path, capsys):
     acc = [json.loads((root / "runs/full" / t / "lora" / f"seed{s}" / "summary.json").read_text())["acc"]
            for s in range(2) for t in ("new5", "rot90")]
     assert rows["1. accuracy, mean over tasks"]["a"][0] == pytest.approx(sum(acc) / 4)
+    assert "(seeds " not in res["markdown"]  # every seed present: the n column is the count alone
     # a table of some studies shows only their rows: no LR sweep, no DoRA / HiRA rows without their studies
     titles = {title: [r["claim"] for r in rs] for title, _, _, rs in res["table"]}
     assert "Learning-rate sweep (accuracy, full data)" not in titles and "Ablations (accuracy, full data)" not in titles
@@ -222,6 +249,22 @@ def test_change_rows_and_controls_from_the_cached_reports(table_run):
         ba = {m: (f[layer + "lora_B"].double() @ f[layer + "lora_A"].double()) for m, f in files.items()}
         assert torch.equal(rescaled[key], lora[key])
         assert ba[reproduce.RESCALED].norm().item() == pytest.approx(ba["coto"].norm().item(), rel=1e-5)
+
+
+def test_a_missing_run_leaves_its_seed_out_of_the_rows_that_need_it(table_run):
+    """The tiny table tabulated again without one CoTo run (rot90, seed 1): its rows pair seed 0 alone and say so."""
+    path, _ = table_run
+    res = json.loads((path / "repro/results.json").read_text())["runs"]
+    del res["train"]["full"]["coto"]["rot90"]["1"]
+    table = reproduce.sections(res, tiny(path))
+    rows = {r["claim"]: r for r in dict((t, rs) for t, _, _, rs in table)["Regime: full data, learned head"]}
+    assert rows["1. accuracy, rot90"]["seeds"] == rows["1. accuracy, mean over tasks"]["seeds"] == [0]
+    assert rows["1. accuracy, new5"]["seeds"] == [0, 1]
+    acc = {m: res["train"]["full"][m]["rot90"]["0"]["acc"] for m in ("lora", "coto")}
+    assert rows["1. accuracy, rot90"]["diff"][0] == pytest.approx(acc["coto"] - acc["lora"])
+    text = reproduce.markdown(table[:1], {}, tiny(path))  # the full regime's section
+    assert [line.split(" | ")[4] for line in text.splitlines() if line.startswith("| 1. accuracy")] == [
+        "2", "1 (seeds 0)", "1 (seeds 0)"]
 
 
 def test_dynamics_rows_and_curves_from_the_runs_files(table_run):
