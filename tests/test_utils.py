@@ -17,8 +17,9 @@ import torch
 
 from lab import utils
 from train_toy import get_lr, parse_args
-from lab.utils import (TrainLog, _field_comments, atomic_save, atomic_write_text, check_finite, finished_run, load_checkpoint,
-                   load_weights, method_name, parse_config, read_safetensors, read_safetensors_metadata,
+from train_vit import check_finite, method_name
+from lab.utils import (TrainLog, _field_comments, atomic_save, atomic_write_text, finished_run, load_checkpoint,
+                   load_weights, parse_config, read_safetensors, read_safetensors_metadata,
                    save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
 TENSORS = {"a.weight": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
@@ -386,7 +387,7 @@ def test_lr_schedule_formula():
 
 
 def test_method_names_are_one_rule():
-    assert [method_name(v, c) for v in ("lora", "dora", "hira") for c in (False, True)] == [
+    assert [method_name(SimpleNamespace(variant=v, coto=c)) for v in ("lora", "dora", "hira") for c in (False, True)] == [
         "lora", "coto", "dora", "dora-coto", "hira", "hira-coto"]
 
 
