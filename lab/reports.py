@@ -189,7 +189,8 @@ def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", den
                    batch_size: int = 1000) -> dict:
     """Combine the adapters of several tasks ({task: factor state with its head}) and evaluate every
     task with its own head ({task: (x, y)}): "single" (each task's own adapter), "fusion" (factor
-    average), "delta_avg" (delta-W average) and "ties" (TIES on delta W, this density)."""
+    average), "delta_avg" (delta-W average), "ties" (TIES on delta W, this density) and "ensemble"
+    (no merge: the softmax outputs of every task's adapter averaged, each under the scored task's head)."""
     tasks = list(states)
     parts = {t: split_state(model, states[t]) for t in tasks}  # (adapter, head)
     deltas = [split_state(model, delta_state(model, states[t]))[0] for t in tasks]
@@ -201,7 +202,19 @@ def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", den
     def evaluate(adapter, t):  # task t's value with `adapter` (its own if None) and its own head
         with use_task(model, {**(adapter or parts[t][0]), **parts[t][1]}):
             return score(model, *eval_sets[t], value, batch_size)
-    return {name: {t: evaluate(adapter, t) for t in tasks} for name, adapter in combined.items()}
+
+    def ensemble(t):  # the mean of the task models' class probabilities (N, C) on task t, under t's head
+        x, y = eval_sets[t]
+        probs = 0
+        for s in tasks:
+            with use_task(model, {**parts[s][0], **parts[t][1]}):
+                probs = probs + torch.cat([model(x[i:i + batch_size].to(device)).float().softmax(-1).cpu()
+                                           for i in range(0, len(x), batch_size)]) / len(tasks)
+        return (probs.argmax(-1) == y).double().mean().item() if value == "acc" else \
+            probs.gather(-1, y[:, None]).log().double().mean().item()
+    device = next(model.parameters()).device
+    out = {name: {t: evaluate(adapter, t) for t in tasks} for name, adapter in combined.items()}
+    return {**out, "ensemble": {t: ensemble(t) for t in tasks}}
 
 
 def plot_reports(reports: dict, out_dir, ylabel: str = "accuracy", about: str = "") -> list:

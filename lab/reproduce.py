@@ -70,7 +70,11 @@ class Config:
     n_test: int = 2000  # test images per task for the single-task accuracy (0: the whole test split)
     n_eval: int = 500  # held-out images per task for the analyses: the first n_eval test images
     pretrain_steps: int = 500  # optimizer steps of the backbone's pretraining (train_vit.py's, cached)
-    studies: str = "full,probe,fewshot,lr,variants,ablations,baselines,taskinit,dynamics"  # comma-separated parts of the table to run, from these
+    matched_steps: str = "60,90,120"  # the "matched" control: LoRA's training lengths to choose from on validation
+    n_val: int = 2000  # validation images per task (training images outside the training subset) for "matched"
+    studies: str = ("full,probe_init,probe,fewshot,lr,variants,ablations,baselines,controls,matched,taskinit,"
+                    "dynamics,ramps")  # comma-separated parts of the table to run, from these
+    tost_margin: float = 0.03  # equivalence tests (TOST): a difference within ± this (0.03: 3 points) is "equivalent"
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
     data_dir: str = ""  # folder of the data files ("": train_vit.py's search path: $COTO_DATA_DIR, ./data, Debian's)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
@@ -84,9 +88,10 @@ class Config:
     def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
         problems = [f"{flag(k)} {getattr(self, k)}: must be an integer >= {low}" for k, low in (
-            ("seeds", 1), ("side_tasks", 1), ("steps", 1), ("fewshot_steps", 1), ("long_steps", 1), ("n_test", 0),
+            ("seeds", 1), ("side_tasks", 1), ("steps", 1), ("fewshot_steps", 1), ("long_steps", 1), ("n_test", 0), ("n_val", 1),
             ("n_eval", 1), ("pretrain_steps", 1), ("num_samples", 1)) if getattr(self, k) < low]
-        problems += [f"{flag(k)} {getattr(self, k)}: must be > 0" for k in ("lr", "fewshot_lr") if not getattr(self, k) > 0]
+        problems += [f"{flag(k)} {getattr(self, k)}: must be > 0" for k in ("lr", "fewshot_lr", "tost_margin")
+                     if not getattr(self, k) > 0]
         problems += [f"--n-eval {self.n_eval}: at most --n-test {self.n_test} (the held-out set is the first n_eval "
                      "test images)"] * (0 < self.n_test < self.n_eval)
         problems += [f"{flag(k)} {getattr(self, k)!r}: unknown task {t!r}; choose from {', '.join(train_vit.TASKS)}"
@@ -97,6 +102,9 @@ class Config:
             assert all(float(v) > 0 for v in self.lrs.split(","))
         except (ValueError, AssertionError):
             problems.append(f"--lrs {self.lrs!r}: write learning rates > 0 separated by commas, e.g. 3e-3,3e-2")
+        if not all(v.isdigit() and int(v) > 0 for v in self.matched_steps.split(",")):
+            problems.append(f"--matched-steps {self.matched_steps!r}: write step counts > 0 separated by commas, "
+                            "e.g. 60,90,120")
         try:
             assert isinstance(json.loads(self.vit or "{}"), dict)
         except (ValueError, AssertionError):
@@ -111,7 +119,8 @@ def quick_config(cfg: Config) -> Config:
     """--quick: the same table, smaller (two tasks, shorter runs, smaller test and held-out sets)."""
     out_dir = cfg.out_dir if cfg.out_dir != Config.out_dir else Config.out_dir + "-quick"
     return dataclasses.replace(cfg, out_dir=out_dir, tasks=",".join(cfg.tasks.split(",")[:2]), side_tasks=1, steps=20,
-                               fewshot_steps=30, long_steps=40, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100)
+                               fewshot_steps=30, long_steps=40, lrs="1e-1", n_test=300, n_eval=100, pretrain_steps=100,
+                               matched_steps="10,15", n_val=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,8 +135,14 @@ def quick_config(cfg: Config) -> Config:
 RESCALED = "lora rescaled to coto"
 
 
+# The "matched" control: LoRA trained (not rescaled) to CoTo's accuracy, by fewer steps. For each task
+# the length of --matched-steps whose seed-0 LoRA comes nearest seed-0 CoTo on the validation images
+# (select_job) is the one every seed trains.
+MATCHED = "lora matched to coto"
+
+
 def studies(cfg: Config) -> list:
-    """[(study, {setting: overrides}, tasks, analyse)]: analyse = run games.py's reports."""
+    """[(study, {setting: overrides}, tasks, analysed)]: analysed = the settings games.py's reports run on."""
     tasks = cfg.tasks.split(",")
     side = tasks[:cfg.side_tasks]
     pair = lambda extra: {"lora": {**extra, "coto": False}, "coto": {**extra, "coto": True}}  # noqa: E731
@@ -137,7 +152,8 @@ def studies(cfg: Config) -> list:
     # training length: the full regime 10x longer on one task, test accuracy every long_steps / 15
     long = dict(steps=cfg.long_steps, eval_every=max(1, cfg.long_steps // 15), log_every=max(1, cfg.long_steps // 30))
     out = [("full", pair({}), tasks, True),
-           ("probe", pair({"head": "probe"}), tasks[:max(2, cfg.side_tasks)], True),
+           ("probe_init", pair({"head": "probe_init"}), tasks, True),
+           ("probe", pair({"head": "probe"}), tasks, True),
            ("fewshot", pair(fewshot), tasks, True),
            ("lr", {f"{m}@{lr:g}": {"lr": lr, "coto": m == "coto"}
                    for lr in lrs for m in ("lora", "coto")}, side, False),
@@ -158,17 +174,29 @@ def studies(cfg: Config) -> list:
                "progressive dropout 0.1": {"coto": False, "lora_dropout": 0.1, "progressive_dropout": True},
                RESCALED: {"coto": False},  # not trained: the "full" LoRA run, rescaled (rescale_job)
            }, tasks, True),
+           # The ramp or the final all-on phase? The same mean exposure as CoTo's linear ramp from 0 over the
+           # first 75 % of steps (p = 0.5 there), then every adapter on. Dropout at the paper's vision rate.
+           ("controls", {"constant p=0.5, then all on": {"coto": True, "shape": "constant", "p0": 0.5},
+                         "lora dropout 0.25": {"coto": False, "lora_dropout": 0.25},
+                         "progressive dropout 0.25": {"coto": False, "lora_dropout": 0.25, "progressive_dropout": True},
+                         }, tasks, True),
+           ("matched", {MATCHED: {"coto": False}}, tasks, True),
            # within a seed the full regime's tasks start from the same A: merging them may be easier than
            # merging adapters that never shared an init
            ("taskinit", pair({"task_init": True}), tasks, True),
-           ("dynamics", {**pair(long), "coto shape=exp": {**long, "coto": True, "shape": "exp"},
-                         "coto shape=sine": {**long, "coto": True, "shape": "sine"}}, [cfg.long_task], False)]
+           # analysed: robustness where the accuracies nearly meet
+           ("dynamics", pair(long), [cfg.long_task], True),
+           ("ramps", {"coto shape=exp": {**long, "coto": True, "shape": "exp"},
+                      "coto shape=sine": {**long, "coto": True, "shape": "sine"}}, [cfg.long_task], False)]
     chosen = cfg.studies.split(",")
     unknown = set(chosen) - {name for name, *_ in out}
     if unknown:
         raise ValueError(f"unknown studies {sorted(unknown)}: choose from {', '.join(name for name, *_ in out)}")
-    if "baselines" in chosen and "full" not in chosen:
-        raise ValueError("the baselines study is set against the full study's runs: add full to --studies")
+    for study in ("baselines", "controls", "matched"):
+        if study in chosen and "full" not in chosen:
+            raise ValueError(f"the {study} study is set against the full study's runs: add full to --studies")
+    if "ramps" in chosen and "dynamics" not in chosen:
+        raise ValueError("the ramps study is set against the dynamics study's LoRA: add dynamics to --studies")
     return [s for s in out if s[0] in chosen]
 
 
@@ -242,8 +270,9 @@ class Context:
     """Data, backbone, tasks and probe heads, built once from one run's train_vit.Config and shared
     by every job (the runs share them)."""
 
-    def __init__(self, base: train_vit.Config, task_names: list, n_eval: int, data: dict | None = None):
-        self.task_names, self.n_eval = task_names, n_eval
+    def __init__(self, base: train_vit.Config, task_names: list, n_eval: int, data: dict | None = None,
+                 n_val: int = 0):
+        self.task_names, self.n_eval, self.n_val = task_names, n_eval, n_val
         self.data = data or train_vit.load_data(base)
         self.backbone = train_vit.pretrain(base, self.data)
         self.source = train_vit.parse_classes(base.source_classes)
@@ -265,6 +294,13 @@ class Context:
             train_vit.load_pretrained(model, self.backbone)
             self._probe[key] = train_vit.linear_probe(model, task)
         return self._probe[key]
+
+    def validation(self, vcfg: train_vit.Config, name: str) -> tuple:
+        """n_val validation images of a task (uint8) and their labels: the training images that follow
+        the n_train of its training subset in the same shuffled order, so the two never overlap."""
+        task = train_vit.make_tasks(self.data, [name], self.source, vcfg.patch_size, vcfg.n_train + self.n_val,
+                                    vcfg.n_test)[name]
+        return task.x_train[vcfg.n_train:], task.y_train[vcfg.n_train:]
 
     def eval_set(self, task: train_vit.Task) -> tuple:
         """The analyses' held-out set: the first n_eval test images (games.py moves each batch to the device)."""
@@ -290,6 +326,25 @@ def rescale_job(ctx: Context, vcfg, task, folder: Path, lora_folder: Path, coto_
     atomic_save({"state": state, "metadata": {**lora["metadata"], "method": RESCALED}}, folder / "adapters.pt")
     acc, loss = train_vit.evaluate(ctx.model(vcfg, task, folder), task.x_test, task.y_test)
     return {"task": task.name, "method": RESCALED, "seed": vcfg.seed, "acc": acc, "loss": loss}
+
+
+def select_job(ctx: Context, cfg: Config, vcfg, task) -> dict:
+    """The matched control's training length for one task (see MATCHED), on the validation images."""
+    x, y = ctx.validation(vcfg, task.name)
+    coto = ctx.model(vcfg, task, run_folder(cfg, "full", "coto", task.name, 0))
+    target = train_vit.evaluate(coto, x, y)[0]
+    grid = {}
+    for steps in cfg.matched_steps.split(","):
+        model, _ = train_vit.finetune(dataclasses.replace(vcfg, steps=int(steps), seed=0), task, ctx.backbone)
+        grid[steps] = train_vit.evaluate(model, x, y)[0]
+    steps = min(grid, key=lambda k: abs(grid[k] - target))
+    return {"task": task.name, "coto_val_acc": target, "lora_val_acc": grid, "steps": int(steps)}
+
+
+def matched_job(ctx: Context, vcfg, task, folder: Path, choice: Path) -> dict:
+    """A LoRA run of the training length select_job chose for its task."""
+    steps = read_json(choice)["steps"]
+    return {**train_job(ctx, dataclasses.replace(vcfg, steps=steps), task, folder), "steps": steps}
 
 
 def adapter_job(ctx: Context, vcfg, task, folder: Path, value: str) -> dict:
@@ -342,6 +397,13 @@ def plan(cfg: Config, ctx: Context) -> tuple:
                     if setting == RESCALED:
                         sources = (run_folder(cfg, "full", m, name, seed) for m in ("lora", "coto"))
                         kind, weight, job = "rescale", 1.0, partial(rescale_job, ctx, vcfg, tasks[name], here, *sources)
+                    elif setting == MATCHED:
+                        choice = here.parents[1] / "select.json"
+                        if seed == 0:  # the choice comes first
+                            grid = sum(map(int, cfg.matched_steps.split(","))) * vcfg.batch_size
+                            p.add(f"select {study}/{name}", "train", grid, choice,
+                                  partial(select_job, ctx, cfg, vcfg, tasks[name]))
+                        kind, weight, job = "train", cost, partial(matched_job, ctx, vcfg, tasks[name], here, choice)
                     else:
                         kind, weight, job = "train", cost, partial(train_job, ctx, vcfg, tasks[name], here)
                     if not (here / "adapters.pt").is_file():  # a finished run whose adapters were deleted: again
@@ -788,7 +850,7 @@ def main(cfg: Config) -> dict:
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = read_json(root / "config.json") if (root / "config.json").is_file() else None
     data = train_vit.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
-    ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "analyse", "methods", "value", "players",
+    ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "tost_margin", "analyse", "methods", "value", "players",
                "num_samples")  # data_dir: where the data is, not what it is (data_sha1 is)
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
@@ -800,7 +862,8 @@ def main(cfg: Config) -> dict:
         raise ValueError(f"{root} holds results of another configuration (differs in {changed}): "
                          f"pass another --out-dir, or delete {root} to start over")
     write_json(root / "config.json", mine)
-    ctx = Context(vit_config(cfg, {}, 0), list(dict.fromkeys([*cfg.tasks.split(","), cfg.long_task])), cfg.n_eval, data)
+    ctx = Context(vit_config(cfg, {}, 0), list(dict.fromkeys([*cfg.tasks.split(","), cfg.long_task])), cfg.n_eval, data,
+                  cfg.n_val)
     p, index = plan(cfg, ctx)
     p.run()
     print(f"tabulating {sum(path.is_file() for *_, path in index)} results and drawing the plots", flush=True)

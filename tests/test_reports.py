@@ -115,6 +115,26 @@ def test_reports_agree_with_direct_evaluation(device):
         assert combined[name] == pytest.approx(combined["single"], abs=1e-12)
 
 
+def test_the_ensemble_averages_the_task_models_probabilities_under_the_scored_tasks_head():
+    model, a, b = two_adapters()
+    x, y = data()
+    (adapter_a, head_a), (adapter_b, head_b) = split_state(model, a), split_state(model, b)
+    sets = {"t1": (x, y), "t2": (x, (y + 1) % 3)}
+    for value in ("acc", "neg_loss"):
+        rep = combine_report(model, {"t1": a, "t2": b}, sets, value, batch_size=7)
+        for t, head in (("t1", head_a), ("t2", head_b)):
+            with torch.no_grad():
+                probs = []
+                for adapter in (adapter_a, adapter_b):
+                    with use_adapter(model, {**adapter, **head}):
+                        probs.append(model(x).double().softmax(-1))
+            mean, labels = (probs[0] + probs[1]) / 2, sets[t][1]
+            want = ((mean.argmax(-1) == labels).double().mean() if value == "acc"
+                    else mean[torch.arange(len(labels)), labels].log().mean())
+            assert rep["ensemble"][t] == pytest.approx(want.item(), abs=1e-6)
+        assert rep["ensemble"] != pytest.approx(rep["single"], abs=1e-4)
+
+
 def test_pair_report_can_hold_the_head_of_seed_a():
     model, a, b = two_adapters()
     x, y = data()
