@@ -500,6 +500,20 @@ def p_value(xs: list) -> float:
     return 1.0 - t_within(abs(m) / (sd / math.sqrt(len(xs))), len(xs) - 1)
 
 
+def p_tost(xs: list, margin: float) -> float:
+    """The p of two one-sided t tests (TOST) that the mean of xs lies within (-margin, margin): the
+    larger of the two one-sided p's. p < 0.05 exactly when the 90 % t interval lies inside the
+    margin: the difference is then shown to be that small ("equivalent"). nan with fewer than 2 values."""
+    if len(xs) < 2:
+        return float("nan")
+    m, sd = mean_sd(xs)
+    if sd == 0:
+        return 0.0 if abs(m) < margin else 1.0
+    cdf = lambda t: 0.5 + math.copysign(t_within(abs(t), len(xs) - 1), t) / 2  # noqa: E731  P(T <= t)
+    se = sd / math.sqrt(len(xs))
+    return max(1 - cdf((m + margin) / se), cdf((m - margin) / se))
+
+
 def holm(ps: list) -> list:
     """Holm's step-down adjusted p-values of one family of tests: sorted ascending, the k-th
     smallest (k = 0, 1, ...) of m becomes max over j <= k of min(1, (m - j) p_(j)). A test is
@@ -513,13 +527,19 @@ def holm(ps: list) -> list:
     return out
 
 
-def holm_rows(rows: list) -> list:
+def holm_rows(rows: list, margin: float = 0.03) -> list:
     """The rows of one section (one family of tests) with their Holm-adjusted p; a verdict that
-    is significant on its own but not after the correction says so."""
+    is significant on its own but not after the correction says so. Each row in % also gets its
+    TOST p against ±margin ("p_tost", Holm-adjusted over the section in "p_tost_holm"); a row whose
+    difference is not significant and within the margin after Holm says "equivalent"."""
+    tost = [p_tost(r["diffs"], margin) if r["fmt"] == "pct" else float("nan") for r in rows]
     out = []
-    for r, adjusted in zip(rows, holm([r["p"] for r in rows])):
+    for r, adjusted, pt, pt_holm in zip(rows, holm([r["p"] for r in rows]), tost, holm(tost)):
         qualified = r["verdict"] in ("holds", "reversed", "differs") and not adjusted < 0.05
-        out.append({**r, "p_holm": adjusted, "verdict": r["verdict"] + (", not after Holm" if qualified else "")})
+        verdict = r["verdict"] + (", not after Holm" if qualified else "")
+        if pt_holm < 0.05 and not r["p"] < 0.05:
+            verdict = f"equivalent (within ±{100 * margin:g})"
+        out.append({**r, "p_holm": adjusted, "p_tost": pt, "p_tost_holm": pt_holm, "verdict": verdict})
     return out
 
 
@@ -575,11 +595,12 @@ def row(claim: str, a: dict, b: dict, expect: int, paper: str = "", fmt: str = "
     seeds = [s for s in of if s in a and s in b and not (math.isnan(a[s]) or math.isnan(b[s]))]
     a, b, diffs = [a[s] for s in seeds], [b[s] for s in seeds], [b[s] - a[s] for s in seeds]
     a, b, diff = (interval(xs) if seeds else None for xs in (a, b, diffs))  # no seed: no interval
-    return {"claim": claim, "a": a, "b": b, "diff": diff, "n": len(seeds), "seeds": seeds, "of": of,
+    return {"claim": claim, "a": a, "b": b, "diff": diff, "diffs": diffs, "n": len(seeds), "seeds": seeds, "of": of,
             "p": p_value(diffs), "paper": paper, "fmt": fmt, "verdict": verdict(diff, expect) if seeds else missing}
 
 
-REGIMES = {"full": "full data, learned head", "probe": "full data, frozen linear-probe head",
+REGIMES = {"full": "full data, learned head", "probe_init": "full data, head from the linear probe, trained",
+           "probe": "full data, frozen linear-probe head",
            "fewshot": "few-shot (16 per class), learned head",
            "taskinit": "full data, learned head, each task's adapters initialised apart"}
 
@@ -605,6 +626,8 @@ def claim_rows(res: dict, a: tuple, b: tuple, seeds: list) -> list:
     out = [row(f"1. accuracy, {t}", *pair("train", acc, [t]), +1) for t in tasks]
     out.append(row("1. accuracy, mean over tasks", *pair("train", acc), +1,
                    "82.95 → 83.48 (CLIP ViT-B/16 few-shot, 11 sets)"))
+    out += [row("1. the head alone: every adapter bypassed (held-out images)", *pair("adapter", lambda r: r["none"]), 0),
+            row("   what the adapters add to it (all on − head alone)", *pair("adapter", lambda r: r["full"] - r["none"]), 0)]
     for space, paper in (("factors", "39 → 79; DTD 1:1 seed merge 65.60 → 72.03"), ("delta", ""),
                          ("factors_head_a", "")):
         name = space.replace("_head_a", ", head of one seed held")
@@ -615,7 +638,8 @@ def claim_rows(res: dict, a: tuple, b: tuple, seeds: list) -> list:
     mean_over_tasks = lambda r, m: statistics.fmean(r[m].values())  # noqa: E731
     out.append(row("3. multi-task merge, single", *pair("combination", lambda r: mean_over_tasks(r, "single")), +1,
                    "(each task's own adapter)"))
-    for m, paper in (("fusion", "+11.4 (LLaMA-2, 9 tasks); +4 to +6 (GLUE)"), ("delta_avg", ""), ("ties", "")):
+    for m, paper in (("fusion", "+11.4 (LLaMA-2, 9 tasks); +4 to +6 (GLUE)"), ("delta_avg", ""), ("ties", ""),
+                     ("ensemble", "")):
         out += with_change("combination", f"3. multi-task merge, {m}", lambda r: mean_over_tasks(r, m),
                            lambda r: mean_over_tasks(r, "single"), "each task's own adapter", paper)
     for name, paper in (("every_other", "63.30 → 71.11 (DTD)"), ("low", ""), ("middle", ""), ("high", "")):
@@ -669,9 +693,17 @@ def sections(res: dict, cfg: Config) -> list:
     seeds = list(range(cfg.seeds))
     out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", claim_rows(res, (s, "lora"), (s, "coto"), seeds))
            for s in REGIMES if s in trained]
-    for setting in trained.get("baselines", {}):  # the paper's numbers are LoRA's: not shown here
-        rows = [{**r, "paper": ""} for r in claim_rows(res, ("baselines", setting), ("full", "coto"), seeds)]
-        out.append((f"Control: {setting}, against CoTo ({REGIMES['full']})", setting, "CoTo", rows))
+    if "dynamics" in trained:  # one task: no merging rows
+        rows = [r for r in claim_rows(res, ("dynamics", "lora"), ("dynamics", "coto"), seeds) if r["verdict"] != "missing"]
+        out.append((f"Regime: {cfg.long_task} alone, {cfg.long_steps} steps ({REGIMES['full']})", "LoRA", "CoTo", rows))
+    for study in ("baselines", "controls", "matched"):
+        for setting in trained.get(study, {}):  # the paper's numbers are LoRA's: not shown here
+            rows = [{**r, "paper": ""} for r in claim_rows(res, (study, setting), ("full", "coto"), seeds)]
+            name = setting
+            if setting == MATCHED:  # the training length chosen per task
+                name += " (" + ", ".join(f"{t}: {runs['0']['steps']} steps" for t, runs in trained[study][setting].items()
+                                         if "0" in runs) + ")"
+            out.append((f"Control: {name}, against CoTo ({REGIMES['full']})", setting, "CoTo", rows))
     acc, ms, loss = (lambda r: r["acc"]), (lambda r: r["ms_per_step"]), (lambda r: r["train_loss_last"])  # noqa: E731
     side = cfg.tasks.split(",")[:cfg.side_tasks]
 
@@ -706,13 +738,15 @@ def sections(res: dict, cfg: Config) -> list:
                          "CoTo's advantage grows with the LR, LoRA degrades" if lr == lrs[-1] else ""))
     out.append(("Learning-rate sweep (accuracy, full data)", "LoRA", "CoTo", sweep))
     long = []
-    for setting in [s for s in trained.get("dynamics", {}) if s != "lora"]:
-        long += [row(f"accuracy, {setting}", *ab("dynamics", "lora", setting, acc, None), +1),
-                 row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}",
-                     *ab("dynamics", "lora", setting, loss, None), 0, fmt="ratio")]
+    for study, setting in [(st, s) for st in ("dynamics", "ramps") for s in trained.get(st, {}) if s != "lora"]:
+        lora = lambda get: per_seed(res, "train", "dynamics", "lora", get, seeds)  # noqa: E731
+        mine = lambda get: per_seed(res, "train", study, setting, get, seeds)  # noqa: E731
+        long += [row(f"accuracy, {setting}", lora(acc), mine(acc), +1),
+                 row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}", lora(loss),
+                     mine(loss), 0, fmt="ratio")]
     out.append((f"Training length: {cfg.long_task}, {cfg.long_steps} steps (full data, learned head)",
                 "LoRA", "CoTo", long))
-    return [(title, a, b, holm_rows(rs)) for title, a, b, rs in out if rs]
+    return [(title, a, b, holm_rows(rs, cfg.tost_margin)) for title, a, b, rs in out if rs]
 
 
 def seed_count(r: dict) -> str:
@@ -754,25 +788,29 @@ def markdown(table: list, profile: dict, cfg: Config) -> str:
              f"(few-shot: {cfg.fewshot_steps} at {cfg.fewshot_lr}); analyses on {cfg.n_eval} held-out test images "
              f"per task. p: two-sided paired t test of B − A = 0; in brackets Holm's adjusted p, each section one "
              f"family of tests ({sum(tested(rs) for *_, rs in table)} rows tested in all); a verdict that holds "
-             f"only before the correction says so.", ""]
+             f"only before the correction says so. TOST: the p of two one-sided tests that |B − A| < "
+             f"{100 * cfg.tost_margin:g} points, Holm-adjusted the same way; \"equivalent\" only where it is < 0.05 "
+             f"after Holm. The head alone: every adapter bypassed, the baseline v(none) of the Shapley shares.", ""]
     if cfg.quick:
         lines += [f"**{QUICK}.**", ""]
     for title, a, b, rs in table:
         lines += [f"#### {title}", "", f"Rows tested: {tested(rs)} (Holm's correction over them).", "",
-                  f"| claim | A: {a} | B: {b} | B − A | n | p (Holm) | paper (A → B) | verdict here |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| claim | A: {a} | B: {b} | B − A | n | p (Holm) | TOST p (Holm), ±{100 * cfg.tost_margin:g} | "
+                  f"paper (A → B) | verdict here |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
-            p = "–" if math.isnan(r["p"]) else f"{r['p']:.3f} ({r['p_holm']:.3f})"
+            p, pt = ("–" if math.isnan(r[k]) else f"{r[k]:.3f} ({r[k + '_holm']:.3f})" for k in ("p", "p_tost"))
             lines.append(f"| {r['claim']} | {fmt(r['a'], r['fmt'])} | {fmt(r['b'], r['fmt'])} | "
-                         f"{fmt(r['diff'], r['fmt'])} | {seed_count(r)} | {p} | {r['paper']} | {r['verdict']} |")
+                         f"{fmt(r['diff'], r['fmt'])} | {seed_count(r)} | {p} | {pt} | {r['paper']} | {r['verdict']} |")
         lines.append("")
     if profile:
-        lines += ["A block's Shapley share is its Shapley value over v(all) − v(none), summed over tasks and seeds: "
+        lines += ["A block's Shapley share is its Shapley value over v(all) − v(none), v(none) being the head alone "
+                  "(every adapter bypassed), summed over tasks and seeds: "
                   "the shares add up to 100 %; a negative share is a block whose adapters lower the accuracy on "
                   "average over coalitions (the other blocks then hold more than 100 %).", ""]
     for study, prof in profile.items():
         n = len(prof["lora"])
-        lines += [f"#### Shapley share per block, {REGIMES[study]} (block 0 is the lowest)", "",
+        regime = REGIMES.get(study, f"{cfg.long_task} alone, {cfg.long_steps} steps")
+        lines += [f"#### Shapley share per block, {regime} (block 0 is the lowest)", "",
                   "| method | " + " | ".join(f"block {i}" for i in range(n)) + " |", "|---" * (n + 1) + "|"]
         lines += [f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in shares) + " |" for m, shares in prof.items()]
         lines.append("")
@@ -787,10 +825,11 @@ def plot_dynamics(cfg: Config, path: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = studies(dataclasses.replace(cfg, studies="dynamics"))[0][1]
+    long = studies(dataclasses.replace(cfg, studies="dynamics,ramps"))
+    settings = {setting: (study, o) for study, found, *_ in long for setting, o in found.items()}
     curves = {}
-    for setting in settings:
-        files = [run_folder(cfg, "dynamics", setting, cfg.long_task, s) / "metrics.jsonl" for s in range(cfg.seeds)]
+    for setting, (study, _) in settings.items():
+        files = [run_folder(cfg, study, setting, cfg.long_task, s) / "metrics.jsonl" for s in range(cfg.seeds)]
         records = [[json.loads(line) for line in f.read_text().splitlines()]
                    for f in files if f.is_file() and (f.parent / "result.json").is_file()]  # finished runs only
         if not records:
@@ -806,7 +845,7 @@ def plot_dynamics(cfg: Config, path: Path) -> dict:
     for i, (setting, c) in enumerate(curves.items()):
         axes[0].plot(*c["eval"], ".-", color=f"C{i}", label=setting)
         axes[1].plot(*c["train"], "-", color=f"C{i}", label=setting)
-        o = settings[setting]
+        o = settings[setting][1]
         if o["coto"]:
             steps = range(cfg.long_steps + 1)
             axes[2].plot(steps, [coto_prob(t, cfg.long_steps, shape=o.get("shape", "linear")) for t in steps],

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+import train_vit
 from lab import reproduce
 from lab.reproduce import Config, Plan, holm, holm_rows, interval, p_value, t_quantile, t_within, verdict
 from test_train_vit import fake_fashion
@@ -67,11 +68,40 @@ def test_p_value_and_holm_by_hand():
     got = holm([0.01, 0.04, 0.03, float("nan"), 0.005])
     assert got[:3] + got[4:] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(got[3])
     assert holm([0.02, 0.9]) == pytest.approx([0.04, 0.9]) and holm([0.6, 0.7, 0.8]) == [1.0, 1.0, 1.0]  # capped at 1
-    rows = [{"p": 0.01, "verdict": "holds"}, {"p": 0.045, "verdict": "reversed"},
-            {"p": 0.3, "verdict": "not significant (same direction)"}, {"p": float("nan"), "verdict": "missing"}]
+    rows = [{"p": p, "verdict": v, "fmt": "ratio", "diffs": []} for p, v in ((0.01, "holds"), (0.045, "reversed"),
+            (0.3, "not significant (same direction)"), (float("nan"), "missing"))]
     assert [r["verdict"] for r in holm_rows(rows)] == ["holds", "reversed, not after Holm",
                                                        "not significant (same direction)", "missing"]
     assert [r["p_holm"] for r in holm_rows(rows)][:3] == pytest.approx([0.03, 0.09, 0.3])
+
+
+def test_tost_is_the_90_percent_interval_inside_the_margin():
+    """TOST's p is the larger one-sided p: exactly 0.05 where an end of the 90 % t interval touches the margin,
+    below it exactly when the whole 90 % interval lies inside (-margin, margin)."""
+    from lab.reproduce import p_tost
+    for n in (2, 3, 6):
+        xs = [0.01 * k for k in range(n)]  # mean 0.005 (n - 1), any spread
+        m, sd = reproduce.mean_sd(xs)
+        h90 = t_quantile(n - 1, 0.90) * sd / math.sqrt(n)
+        assert p_tost(xs, abs(m) + h90) == pytest.approx(0.05, abs=1e-9)  # one end on the margin
+        assert p_tost(xs, abs(m) + h90 * 1.01) < 0.05 < p_tost(xs, abs(m) + h90 * 0.99)
+        # further inside: smaller p; the mean on the margin: p = 1/2
+        assert p_tost(xs, abs(m) + 100 * h90) < p_tost(xs, abs(m) + 2 * h90) < 0.05
+        assert p_tost(xs, abs(m)) == pytest.approx(0.5, abs=1e-12)
+    assert math.isnan(p_tost([0.1], 0.03)) and p_tost([0.01, 0.01], 0.03) == 0.0 and p_tost([0.05, 0.05], 0.03) == 1.0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):  # the same as the 90 % interval, by brute force over random samples
+        xs = (0.02 * torch.randn(6, generator=gen, dtype=torch.float64)).tolist()
+        m, sd = reproduce.mean_sd(xs)
+        inside = abs(m) + t_quantile(5, 0.90) * sd / math.sqrt(6) < 0.03
+        assert (p_tost(xs, 0.03) < 0.05) == inside
+    # "equivalent" needs TOST after Holm and no significant difference; a ratio row is not tested
+    near = reproduce.row("x", dict.fromkeys(range(6), 0.5), {s: 0.5 + 0.001 * (-1) ** s for s in range(6)}, +1)
+    far = reproduce.row("y", dict.fromkeys(range(6), 0.5), {s: 0.5 + 0.1 * (-1) ** s for s in range(6)}, +1)
+    ratio = reproduce.row("z", dict.fromkeys(range(6), 1.0), dict.fromkeys(range(6), 1.0), -1, fmt="ratio")
+    out = holm_rows([near, far, ratio], margin=0.03)
+    assert out[0]["verdict"] == "equivalent (within ±3)" and not out[1]["verdict"].startswith("equivalent")
+    assert out[0]["p_tost_holm"] == pytest.approx(min(1, 2 * out[0]["p_tost"])) and math.isnan(out[2]["p_tost"])
 
 
 def test_rows_pair_seeds_by_id_and_name_the_seeds_used():
@@ -178,7 +208,7 @@ def tiny(tmp_path, **kw):
     """A tiny table on the fake Fashion-MNIST in tmp_path/data (test_train_vit's)."""
     data = tmp_path / "data"
     kw.setdefault("data_dir", str(data) if data.is_dir() else fake_fashion(data))
-    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines,dynamics",
+    return Config(out_dir=str(tmp_path / "repro"), seeds=2, tasks="new5,rot90", studies="full,baselines,dynamics,ramps",
                   steps=6, long_steps=8, lr=0.1, pretrain_steps=6, n_test=30, n_eval=20, lrs="1e-2", vit=TINY_VIT, device="cpu", **kw)
 
 
@@ -237,7 +267,13 @@ def test_change_rows_and_controls_from_the_cached_reports(table_run):
     controls = [t for t in sections if t.startswith("Control: ")]
     assert len(controls) == 4 and f"Control: {reproduce.RESCALED}, against CoTo (full data, learned head)" in controls
     assert all(len(sections[t]) == len(full) for t in controls)  # analysed like LoRA and CoTo
-    assert "Rows tested: 36 (Holm's correction over them)" in res["markdown"] and "| p (Holm) |" in res["markdown"]
+    assert "Rows tested: 40 (Holm's correction over them)" in res["markdown"] and "| p (Holm) |" in res["markdown"]
+    # the head alone: the reports' v(none), every adapter bypassed, mean over tasks per seed
+    alone = full[claims.index("1. the head alone: every adapter bypassed (held-out images)")]
+    none = [sum(json.loads((root / "analysis/full/coto" / t / f"seed{s}.json").read_text())["none"]
+                for t in ("new5", "rot90")) / 2 for s in range(2)]
+    assert alone["b"] == pytest.approx(interval(none))
+    assert "3. multi-task merge, ensemble" in claims and "| TOST p (Holm), ±3 |" in res["markdown"]
     # the rescaled control: LoRA's A, and B scaled so that each layer's B A has CoTo's norm
     folder = lambda study, m: reproduce.run_folder(tiny(path), study, m, "rot90", 1)  # noqa: E731
     files = {m: reproduce.read_adapters(folder(study, m))["state"]
@@ -274,7 +310,8 @@ def test_dynamics_rows_and_curves_from_the_runs_files(table_run):
     cfg = tiny(path)
     rows = {r["claim"]: r for r in dict((t, rs) for t, _, _, rs in res["table"])[
         "Training length: rot90, 8 steps (full data, learned head)"]}
-    summary = lambda m, s: json.loads((reproduce.run_folder(cfg, "dynamics", m, "rot90", s)  # noqa: E731
+    study = lambda m: "ramps" if "shape" in m else "dynamics"  # noqa: E731
+    summary = lambda m, s: json.loads((reproduce.run_folder(cfg, study(m), m, "rot90", s)  # noqa: E731
                                        / "summary.json").read_text())
     for m in ("coto", "coto shape=exp", "coto shape=sine"):
         lora, coto = ([summary(x, s)["acc"] for s in range(2)] for x in ("lora", m))
@@ -282,12 +319,16 @@ def test_dynamics_rows_and_curves_from_the_runs_files(table_run):
     loss = [summary("coto", s)["train_loss_last"] for s in range(2)]
     assert rows["   training loss of the last 1 steps, coto"]["b"] == pytest.approx(interval(loss))
     curves = reproduce.plot_dynamics(cfg, path / "dynamics.png")
-    records = [[json.loads(line) for line in (reproduce.run_folder(cfg, "dynamics", "coto shape=sine", "rot90", s)
+    records = [[json.loads(line) for line in (reproduce.run_folder(cfg, "ramps", "coto shape=sine", "rot90", s)
                                               / "metrics.jsonl").read_text().splitlines()] for s in range(2)]
     evals = [[r["eval_acc"] for r in rs if "eval_acc" in r] for rs in records]
     assert curves["coto shape=sine"]["eval"] == (list(range(1, 9)), pytest.approx([(a + b) / 2 for a, b in zip(*evals)]))
     assert loss[1] == [r["loss"] for r in json.loads((reproduce.run_folder(cfg, "dynamics", "coto", "rot90", 1)
                                                       / "result.json").read_text())["history"]][-1]
+    # the long runs analysed like the full regime: one task, so no merging rows
+    long = [r["claim"] for r in dict((t, rs) for t, _, _, rs in res["table"])[
+        "Regime: rot90 alone, 8 steps (full data, learned head)"]]
+    assert "2. interpolation barrier, factors" in long and not any(c.startswith("3.") for c in long)
 
 
 def test_analyse_reads_each_runs_config_from_its_result_json(table_run, tmp_path, capsys):
@@ -345,3 +386,50 @@ def test_a_folder_of_other_data_or_a_damaged_file_is_refused_by_name(table_run, 
     (run / "adapters.pt").unlink()
     p, _ = reproduce.plan(tiny(tmp_path), reproduce.Context(reproduce.vit_config(tiny(tmp_path), {}, 0), ["new5", "rot90"], 20))
     assert [label for label, _, _, file, _ in p.jobs if not file.is_file()] == ["train full/coto/rot90/seed1"]
+
+
+def test_the_matched_control_trains_the_length_nearest_cotos_validation_accuracy(tmp_path):
+    """Per task: seed-0 LoRA at each --matched-steps length and seed-0 CoTo scored on validation images
+    outside the training subset; every seed of the control trains the nearest length."""
+    cfg = dataclasses.replace(tiny(tmp_path, matched_steps="2,5", n_val=20), studies="full,matched")
+    res = reproduce.main(cfg)
+    root = tmp_path / "repro"
+    ctx = reproduce.Context(reproduce.vit_config(cfg, {}, 0), ["new5", "rot90"], cfg.n_eval, n_val=cfg.n_val)
+    vcfg = reproduce.vit_config(cfg, {}, 0)
+    titles = [title for title, *_ in res["table"]]
+    for t in ("new5", "rot90"):
+        choice = json.loads((root / "runs/matched" / t / "select.json").read_text())
+        grid, target = choice["lora_val_acc"], choice["coto_val_acc"]
+        assert set(grid) == {"2", "5"} and choice["steps"] == int(min(grid, key=lambda k: abs(grid[k] - target)))
+        x_val, y_val = ctx.validation(vcfg, t)
+        coto = ctx.model(vcfg, ctx.tasks(vcfg)[t], reproduce.run_folder(cfg, "full", "coto", t, 0))
+        assert target == train_vit.evaluate(coto, x_val, y_val)[0]
+        train = {bytes(x.numpy()) for x in ctx.tasks(vcfg)[t].x_train}
+        assert len(x_val) == 20 and not any(bytes(x.numpy()) in train for x in x_val)  # never a training image
+        for s in range(2):
+            folder = reproduce.run_folder(cfg, "matched", reproduce.MATCHED, t, s)
+            assert json.loads((folder / "summary.json").read_text())["steps"] == choice["steps"]
+            assert json.loads((folder / "result.json").read_text())["config"]["steps"] == choice["steps"]
+    steps = {t: json.loads((root / "runs/matched" / t / "select.json").read_text())["steps"] for t in ("new5", "rot90")}
+    assert (f"Control: {reproduce.MATCHED} (new5: {steps['new5']} steps, rot90: {steps['rot90']} steps), against CoTo "
+            "(full data, learned head)") in titles
+    with pytest.raises(ValueError, match="the matched study is set against the full study's runs"):
+        reproduce.studies(dataclasses.replace(cfg, studies="matched"))
+    with pytest.raises(ValueError, match="--matched-steps '60,x'"):
+        dataclasses.replace(cfg, matched_steps="60,x")
+
+
+def test_the_regimes_and_the_ramp_control():
+    """probe_init and the frozen probe run on every task; the constant-rate control has CoTo's mean
+    exposure (p = 0.5 over the first 75 % of steps, then 1) and differs from it only in the ramp."""
+    from coto import coto_prob
+    found = {name: (settings, tasks) for name, settings, tasks, _ in reproduce.studies(Config())}
+    assert found["probe_init"][0]["coto"] == {"head": "probe_init", "coto": True}
+    assert found["probe"][1] == found["probe_init"][1] == found["full"][1] == Config().tasks.split(",")
+    control = found["controls"][0]["constant p=0.5, then all on"]
+    steps = 1000
+    ramp = [coto_prob(t, steps) for t in range(steps)]
+    flat = [coto_prob(t, steps, p0=control["p0"], shape=control["shape"]) for t in range(steps)]
+    assert flat[0] == flat[749] == 0.5 and flat[750] == flat[-1] == ramp[-1] == 1.0
+    assert sum(flat) / steps == pytest.approx(sum(ramp) / steps, abs=1e-3) == pytest.approx(0.625, abs=1e-3)
+    assert {o["lora_dropout"] for s, o in found["controls"][0].items() if "dropout" in s} == {0.25}
