@@ -3,21 +3,26 @@ Several seeds per setting; a markdown table sets the paper's numbers (arXiv 2506
 
     python -m lab.reproduce --quick   # a smoke test of the whole pipeline (~9 min on a 2-core CPU); its
                                   # 20-step runs are too short for the verdicts to mean anything
-    python -m lab.reproduce           # 401 jobs, ~1.5 h there as 2-4 processes split by --studies (README);
-                                  # rerun the same command to resume
+    python -m lab.reproduce           # every study, 3 seeds: hours on a 2-core CPU; split it over processes
+                                  # by --studies (RESULTS.md); rerun the same command to resume
     python -m lab.reproduce --analyse runs/vit   # only games.py's reports on runs lab.vit_runs saved
 
-Regimes (studies): "full" (the training split, a learned head), "probe" (the same with the frozen
-linear-probe head), "fewshot" (16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many
-epochs), "taskinit" (full, each task's adapters initialised apart), an LR sweep, the DoRA / HiRA
-variants (accuracy and wall-clock), ablations (p0, stage1 ratio, ramp shape), "dynamics" (one task
-trained 10x longer) and controls ("baselines": constant-rate layer drop, element-wise and progressive
-LoRA dropout, and LoRA rescaled to CoTo's size, each analysed like LoRA and CoTo and set against CoTo).
-Every comparison is at equal optimizer steps; the wall-clock row reports the time ratio itself.
-Intervals are 95 % t intervals over seeds (over disjoint seed pairs for interpolation); LoRA and
-CoTo share a seed's initialisation and data order, so the verdict uses the paired difference
-CoTo - LoRA, and for interpolation, combining and pruning also the change each causes (after -
-before). Each section of the table is one family of tests, with Holm's adjusted p.
+Regimes (studies): "full" (the training split, a fresh learned head), "probe_init" (the head starts at
+the linear probe and trains: train_vit.py's default), "probe" (the frozen linear-probe head), "fewshot"
+(16 examples per class, CLIP-LoRA-like r=2, alpha=1, rsLoRA, many epochs), "taskinit" (full, each task's
+adapters initialised apart), "dynamics" (one task trained 10x longer, where the accuracies nearly meet),
+an LR sweep, the DoRA / HiRA variants (accuracy and wall-clock), ablations (p0, stage1 ratio, ramp shape;
+"ramps": the other ramps trained long) and controls, each analysed like LoRA and CoTo and set against
+the full regime's CoTo ("baselines": constant-rate layer drop, element-wise and progressive LoRA dropout
+0.1, LoRA rescaled to CoTo's size; "controls": p = 0.5 for CoTo's stage 1 then every adapter on, dropout
+and progressive dropout 0.25; "matched": LoRA trained to CoTo's accuracy by fewer steps, chosen on
+validation images). Every regime has a row for the head alone (every adapter bypassed).
+Every comparison is at equal optimizer steps unless a control says otherwise; the wall-clock row reports
+the time ratio itself. Intervals are 95 % t intervals over seeds (over disjoint seed pairs for
+interpolation); LoRA and CoTo share a seed's initialisation and data order, so the verdict uses the
+paired difference CoTo - LoRA, and for interpolation, combining and pruning also the change each causes
+(after - before). Each section of the table is one family of tests, with Holm's adjusted p, and with
+TOST against a declared margin where a difference may be called "equivalent".
 
 Every fine-tuning run and every analysis is cached as JSON under out_dir (runs/<study>/<task>/
 <setting>/seed<k>/ holds lab.vit_runs' adapters.pt and result.json; analysis/ holds the
