@@ -433,3 +433,21 @@ def test_the_regimes_and_the_ramp_control():
     assert flat[0] == flat[749] == 0.5 and flat[750] == flat[-1] == ramp[-1] == 1.0
     assert sum(flat) / steps == pytest.approx(sum(ramp) / steps, abs=1e-3) == pytest.approx(0.625, abs=1e-3)
     assert {o["lora_dropout"] for s, o in found["controls"][0].items() if "dropout" in s} == {0.25}
+
+
+def test_the_overview_copies_the_sections_cells(table_run):
+    """One line per regime and control: the B − A of the accuracy and head-alone rows, and of the change rows
+    under the merging and pruning claims, each marked as its section's Holm and TOST verdicts say."""
+    _, res = table_run
+    sections = {title: rows for title, _, _, rows in res["table"]}
+    lines = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in res["markdown"].splitlines()
+             if line.startswith("| full data, learned head (LoRA → CoTo) |") or line.startswith("| layer drop")}
+    full = sections["Regime: full data, learned head"]
+    claims = [r["claim"] for r in full]
+    cells = lines["full data, learned head (LoRA → CoTo)"]
+    acc = full[claims.index("1. accuracy, mean over tasks")]
+    every_other = full[claims.index("4. structured pruning, keep every other") + 1]  # its change row
+    for cell, r in ((cells[0], acc), (cells[5].rstrip(" |"), every_other)):
+        assert cell.split(" *")[0].split(" ≈")[0] == reproduce.fmt(r["diff"], "pct")
+        assert cell.endswith(" *") == (r["p_holm"] < 0.05)
+    assert len(lines) == 2 and len(cells) == len(reproduce.OVERVIEW)
