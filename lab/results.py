@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The sections in reading order; a summary not named here comes after them, by name.
-ORDER = ("toy", "vit", "vit-4-seeds", "reproduce", "reproduce-6-seeds", "gpt2", "bench")
+ORDER = ("toy", "vit", "vit-4-seeds", "reproduce", "reproduce-6-seeds", "reproduce-heads", "gpt2", "bench")
 KEYS = ("title", "command", "commit", "date", "machine", "notes", "tables")
 HEADING = re.compile(r"#{1,6} ")
 SEPARATOR = re.compile(r"\|?(\s*:?-{3,}:?\s*\|)+\s*(:?-{3,}:?)?\s*")
