@@ -93,8 +93,8 @@ class Config:
     def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
         problems = [f"{flag(k)} {getattr(self, k)}: must be an integer >= {low}" for k, low in (
-            ("seeds", 1), ("side_tasks", 1), ("steps", 1), ("fewshot_steps", 1), ("long_steps", 1), ("n_test", 0), ("n_val", 1),
-            ("n_eval", 1), ("pretrain_steps", 1), ("num_samples", 1)) if getattr(self, k) < low]
+            ("seeds", 1), ("side_tasks", 1), ("steps", 1), ("fewshot_steps", 1), ("long_steps", 1), ("n_test", 0),
+            ("n_val", 1), ("n_eval", 1), ("pretrain_steps", 1), ("num_samples", 1)) if getattr(self, k) < low]
         problems += [f"{flag(k)} {getattr(self, k)}: must be > 0" for k in ("lr", "fewshot_lr", "tost_margin")
                      if not getattr(self, k) > 0]
         problems += [f"--n-eval {self.n_eval}: at most --n-test {self.n_test} (the held-out set is the first n_eval "
@@ -147,7 +147,7 @@ MATCHED = "lora matched to coto"
 
 
 def studies(cfg: Config) -> list:
-    """[(study, {setting: overrides}, tasks, analysed)]: analysed = the settings games.py's reports run on."""
+    """[(study, {setting: overrides}, tasks, analyse)]: analyse = run games.py's reports."""
     tasks = cfg.tasks.split(",")
     side = tasks[:cfg.side_tasks]
     pair = lambda extra: {"lora": {**extra, "coto": False}, "coto": {**extra, "coto": True}}  # noqa: E731
@@ -631,8 +631,10 @@ def claim_rows(res: dict, a: tuple, b: tuple, seeds: list) -> list:
     out = [row(f"1. accuracy, {t}", *pair("train", acc, [t]), +1) for t in tasks]
     out.append(row("1. accuracy, mean over tasks", *pair("train", acc), +1,
                    "82.95 → 83.48 (CLIP ViT-B/16 few-shot, 11 sets)"))
-    out += [row("1. the head alone: every adapter bypassed (held-out images)", *pair("adapter", lambda r: r["none"]), 0),
-            row("   what the adapters add to it (all on − head alone)", *pair("adapter", lambda r: r["full"] - r["none"]), 0)]
+    out += [row("1. the head alone: every adapter bypassed (held-out images)",
+                *pair("adapter", lambda r: r["none"]), 0),
+            row("   what the adapters add to it (all on − head alone)",
+                *pair("adapter", lambda r: r["full"] - r["none"]), 0)]
     for space, paper in (("factors", "39 → 79; DTD 1:1 seed merge 65.60 → 72.03"), ("delta", ""),
                          ("factors_head_a", "")):
         name = space.replace("_head_a", ", head of one seed held")
@@ -699,15 +701,16 @@ def sections(res: dict, cfg: Config) -> list:
     out = [(f"Regime: {REGIMES[s]}", "LoRA", "CoTo", claim_rows(res, (s, "lora"), (s, "coto"), seeds))
            for s in REGIMES if s in trained]
     if "dynamics" in trained:  # one task: no merging rows
-        rows = [r for r in claim_rows(res, ("dynamics", "lora"), ("dynamics", "coto"), seeds) if r["verdict"] != "missing"]
+        rows = claim_rows(res, ("dynamics", "lora"), ("dynamics", "coto"), seeds)
+        rows = [r for r in rows if r["verdict"] != "missing"]
         out.append((f"Regime: {cfg.long_task} alone, {cfg.long_steps} steps ({REGIMES['full']})", "LoRA", "CoTo", rows))
     for study in ("baselines", "controls", "matched"):
         for setting in trained.get(study, {}):  # the paper's numbers are LoRA's: not shown here
             rows = [{**r, "paper": ""} for r in claim_rows(res, (study, setting), ("full", "coto"), seeds)]
             name = setting
             if setting == MATCHED:  # the training length chosen per task
-                name += " (" + ", ".join(f"{t}: {runs['0']['steps']} steps" for t, runs in trained[study][setting].items()
-                                         if "0" in runs) + ")"
+                chosen = {t: runs["0"]["steps"] for t, runs in trained[study][setting].items() if "0" in runs}
+                name += " (" + ", ".join(f"{t}: {steps} steps" for t, steps in chosen.items()) + ")"
             out.append((f"Control: {name}, against CoTo ({REGIMES['full']})", setting, "CoTo", rows))
     acc, ms, loss = (lambda r: r["acc"]), (lambda r: r["ms_per_step"]), (lambda r: r["train_loss_last"])  # noqa: E731
     side = cfg.tasks.split(",")[:cfg.side_tasks]
@@ -929,8 +932,8 @@ def main(cfg: Config) -> dict:
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = read_json(root / "config.json") if (root / "config.json").is_file() else None
     data = train_vit.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
-    ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "tost_margin", "analyse", "methods", "value", "players",
-               "num_samples")  # data_dir: where the data is, not what it is (data_sha1 is)
+    ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "tost_margin", "analyse", "methods", "value",
+               "players", "num_samples")  # data_dir: where the data is, not what it is (data_sha1 is)
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     base = dataclasses.asdict(vit_config(cfg, {}, 0))  # train_vit.py's defaults matter as much
     mine["train_vit"] = {k: v for k, v in base.items() if k not in ("out_dir", "data_dir", "device")}
