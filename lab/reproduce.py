@@ -305,6 +305,10 @@ class Context:
         the n_train of its training subset in the same shuffled order, so the two never overlap."""
         task = train_vit.make_tasks(self.data, [name], self.source, vcfg.patch_size, vcfg.n_train + self.n_val,
                                     vcfg.n_test)[name]
+        if not vcfg.n_train or len(task.y_train) < vcfg.n_train + self.n_val:  # else: training images, or too few
+            raise ValueError(f"the matched control needs --n-val {self.n_val} validation images of {name} beside its "
+                             f"n_train {vcfg.n_train or 'all'} training images, and {name} has {len(task.y_train)}: "
+                             f"lower n_train (--vit '{{\"n_train\": ...}}') or --n-val")
         return task.x_train[vcfg.n_train:], task.y_train[vcfg.n_train:]
 
     def eval_set(self, task: train_vit.Task) -> tuple:
@@ -404,7 +408,8 @@ def plan(cfg: Config, ctx: Context) -> tuple:
                         kind, weight, job = "rescale", 1.0, partial(rescale_job, ctx, vcfg, tasks[name], here, *sources)
                     elif setting == MATCHED:
                         choice = here.parents[1] / "select.json"
-                        if seed == 0:  # the choice comes first
+                        if seed == 0:  # the choice comes first; too few validation images: refused before any work
+                            ctx.validation(vcfg, name)
                             grid = sum(map(int, cfg.matched_steps.split(","))) * vcfg.batch_size
                             p.add(f"select {study}/{name}", "train", grid, choice,
                                   partial(select_job, ctx, cfg, vcfg, tasks[name]))

@@ -415,6 +415,9 @@ def test_the_matched_control_trains_the_length_nearest_cotos_validation_accuracy
             "(full data, learned head)") in titles
     with pytest.raises(ValueError, match="the matched study is set against the full study's runs"):
         reproduce.studies(dataclasses.replace(cfg, studies="matched"))
+    for n_train in (0, 10 ** 6):  # 0: every training image is a training image, none is left to validate on
+        with pytest.raises(ValueError, match="the matched control needs --n-val 20 validation images of new5"):
+            ctx.validation(dataclasses.replace(vcfg, n_train=n_train), "new5")
     with pytest.raises(ValueError, match="--matched-steps '60,x'"):
         dataclasses.replace(cfg, matched_steps="60,x")
 
