@@ -191,7 +191,7 @@ def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", den
     task with its own head ({task: (x, y)}): "single" (each task's own adapter), "fusion" (factor
     average), "delta_avg" (delta-W average), "ties" (TIES on delta W, this density) and "ensemble"
     (no merge: the softmax outputs of every task's adapter averaged, each under the scored task's head)."""
-    tasks = list(states)
+    tasks, device = list(states), next(model.parameters()).device
     parts = {t: split_state(model, states[t]) for t in tasks}  # (adapter, head)
     deltas = [split_state(model, delta_state(model, states[t]))[0] for t in tasks]
     combined = {"single": None,
@@ -212,7 +212,6 @@ def combine_report(model, states: dict, eval_sets: dict, value: str = "acc", den
                                            for i in range(0, len(x), batch_size)]) / len(tasks)
         return (probs.argmax(-1) == y).double().mean().item() if value == "acc" else \
             probs.gather(-1, y[:, None]).log().double().mean().item()
-    device = next(model.parameters()).device
     out = {name: {t: evaluate(adapter, t) for t in tasks} for name, adapter in combined.items()}
     return {**out, "ensemble": {t: ensemble(t) for t in tasks}}
 

@@ -750,13 +750,12 @@ def sections(res: dict, cfg: Config) -> list:
         sweep.append(row(f"accuracy at lr {lr:g}", *ab(study, lora, coto), +1,
                          "CoTo's advantage grows with the LR, LoRA degrades" if lr == lrs[-1] else ""))
     out.append(("Learning-rate sweep (accuracy, full data)", "LoRA", "CoTo", sweep))
-    long = []
+    long, lora = [], {get: per_seed(res, "train", "dynamics", "lora", get, seeds) for get in (acc, loss)}
     for study, setting in [(st, s) for st in ("dynamics", "ramps") for s in trained.get(st, {}) if s != "lora"]:
-        lora = lambda get: per_seed(res, "train", "dynamics", "lora", get, seeds)  # noqa: E731
-        mine = lambda get: per_seed(res, "train", study, setting, get, seeds)  # noqa: E731
-        long += [row(f"accuracy, {setting}", lora(acc), mine(acc), +1),
-                 row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}", lora(loss),
-                     mine(loss), 0, fmt="ratio")]
+        mine = {get: per_seed(res, "train", study, setting, get, seeds) for get in (acc, loss)}
+        long += [row(f"accuracy, {setting}", lora[acc], mine[acc], +1),
+                 row(f"   training loss of the last {max(1, cfg.long_steps // 30)} steps, {setting}", lora[loss],
+                     mine[loss], 0, fmt="ratio")]
     out.append((f"Training length: {cfg.long_task}, {cfg.long_steps} steps (full data, learned head)",
                 "LoRA", "CoTo", long))
     return [(title, a, b, holm_rows(rs, cfg.tost_margin)) for title, a, b, rs in out if rs]
