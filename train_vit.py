@@ -1,12 +1,11 @@
 """Pretrain a small ViT on Fashion-MNIST classes 0-4 (cached), then adapt it with LoRA, with and without CoTo
 (Zhuang et al., ICML 2025), to tasks it does not solve: unseen classes, rotated, inverted, patch-shuffled images.
 The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's adapters
-on, and two seeds' adapters interpolated at 0.5. Data: Fashion-MNIST's IDX files (Debian: `apt install
-dataset-fashion-mnist`) or CIFAR-10's binary batches; nothing is downloaded.
+on, and two seeds' adapters interpolated at 0.5. Fashion-MNIST is read from its IDX files, never downloaded.
 
     OMP_NUM_THREADS=1 python train_vit.py            # the README's main job, minutes on a 2-core CPU
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train_vit.py   # DDP: gloo on the CPU, nccl on CUDA
-    OMP_NUM_THREADS=1 python -m lab.vit_runs --resume  # the same job with run folders: checkpoints, resume
+    OMP_NUM_THREADS=1 python -m lab.vit_runs --resume  # the lab's: run folders, resume, CIFAR-10, --init
 """
 import dataclasses
 import gzip
@@ -19,7 +18,6 @@ import time
 import zlib
 from collections import namedtuple
 from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,33 +25,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from coto import SHAPES, CoTo, block_groups, coto_prob
+from coto import CoTo, block_groups
 from games import coalition, interpolate, use_adapter
-from lora import inject_lora, lora_layers, lora_state_dict, mark_only_lora_as_trainable
+from lora import inject_lora, lora_state_dict, mark_only_lora_as_trainable
 from train_toy import get_lr, parse_args, pick_device
 from vit import VisionTransformer, load_pretrained, reset_head
 
-CHOICES = {"dataset": ("fashion-mnist", "cifar10"), "variant": ("lora", "dora", "hira"), "shape": SHAPES,
-           "head": ("learned", "probe", "probe_init")}
-TASKS = ("new5", "rot90", "invert", "shuffle")
+TASKS, HEADS = ("new5", "rot90", "invert", "shuffle"), ("probe_init", "learned", "probe")
 EXAMPLE = "OMP_NUM_THREADS=1 python train_vit.py --tasks rot90,invert --variant dora --seeds 3"
-AT_LEAST = dict(depth=1, embed_dim=1, num_heads=1, patch_size=1, r=1, steps=1, pretrain_steps=1, seeds=1, batch_size=1,
-                pretrain_batch_size=1, warmup=0, pretrain_warmup=0, n_train=0, n_test=0, n_per_class=0, log_every=0,
-                eval_every=0, seed=0, pretrain_seed=0)
-RANGES = {"> 0": (lambda v: v > 0, ("alpha", "lr", "pretrain_lr", "mlp_ratio")), "in [0, 1]": (lambda v: 0 <= v <= 1, ("p0",)),
-          ">= 0": (lambda v: v >= 0, ("weight_decay", "pretrain_weight_decay")),  # nan fails every comparison: refused
-          "in [0, 1)": (lambda v: 0 <= v < 1, ("lora_dropout",)), "in (0, 1]": (lambda v: 0 < v <= 1, ("stage1_ratio",))}
+POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "r", "steps", "pretrain_steps", "seeds",
+            "batch_size", "pretrain_batch_size", "lr", "pretrain_lr")  # > 0; every other number >= 0
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    dataset: str = "fashion-mnist"  # fashion-mnist (IDX files) | cifar10 (binary batches)
-    data_dir: str = ""  # folder of the data files, the only one searched ("": $COTO_DATA_DIR, else ./data, then Debian's)
+    data_dir: str = ""  # folder of the data files, the only one searched ("": ./data, then Debian's)
     patch_size: int = 7  # side of the square patches in pixels (28x28 images: 16 patches + the class token)
     embed_dim: int = 96  # width D of every token
     depth: int = 6  # transformer blocks, CoTo's groups
     num_heads: int = 3  # attention heads per block (divides embed_dim)
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim
-    init: str = ""  # backbone from a torch.save'd timm-format state dict (.pt) instead of pretraining
     source_classes: str = "0-4"  # classes the backbone is pretrained on, as 0-4 or 0,2,5 (new5 gets the others)
     pretrain_steps: int = 500  # optimizer steps of pretraining (cached under out_dir/pretrain-<hash>/)
     pretrain_lr: float = 1e-3  # peak learning rate of pretraining
@@ -71,7 +61,6 @@ class Config:
     rslora: bool = False  # scaling = alpha / sqrt(r) instead (rank-stabilised LoRA)
     variant: str = "lora"  # lora | dora (learned magnitude per output) | hira (Hadamard product with W)
     lora_dropout: float = 0.0  # dropout probability on the adapters' input, in [0, 1) (a baseline)
-    progressive_dropout: bool = False  # lora_dropout decays to 0 on CoTo's stage-1 schedule (a baseline)
     head: str = "probe_init"  # probe_init: from the linear probe, trained | learned: fresh, trained | probe: frozen probe
     coto: bool = True  # train with CoTo (main() runs both settings unless --no-compare)
     compare: bool = True  # main(): plain LoRA and CoTo side by side (--no-compare: only the --coto setting)
@@ -90,36 +79,24 @@ class Config:
     compile: bool = False  # torch.compile each block (two graphs per block: adapters on and off)
     out_dir: str = "runs/vit"  # folder of the backbone cache and results.json
     log_every: int = 10  # steps between log lines, each the mean over its steps (0: only the last step)
-    eval_every: int = 0  # steps between test-set evaluations while fine-tuning (0: only at the end)
 
-    def __post_init__(self):  # every flag checked before any work: one line naming it and what it accepts
-        flag, side = lambda k: "--" + k.replace("_", "-"), 32 if self.dataset == "cifar10" else 28
-        linears = [f"blocks.{i}.{n}" for i in range(self.depth) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    def __post_init__(self):  # what only this script reads, checked now; lora.py, coto.py and vit.py check the rest
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
         try:
             classes = parse_classes(self.source_classes)
         except ValueError:
             classes = [-1]
-        problems = [f"{flag(k)} {getattr(self, k)!r}: choose {', '.join(c)}" for k, c in CHOICES.items()
-                    if getattr(self, k) not in c]
-        problems += [f"--tasks {self.tasks!r}: unknown task {t!r}; choose from {', '.join(TASKS)}"
-                     for t in self.tasks.split(",") if t not in TASKS]
-        problems += [f"--targets {self.targets!r}: {t!r} names no layer; choose from qkv, proj, fc1, fc2"
-                     for t in self.targets.split(",") if not any(n == t or n.endswith("." + t) for n in linears)]
-        problems += [f"{flag(k)} {getattr(self, k)}: must be an integer >= {low}" for k, low in AT_LEAST.items()
-                     if getattr(self, k) < low]
-        problems += [f"{flag(k)} {getattr(self, k)}: must be {text}" for text, (ok, keys) in RANGES.items() for k in keys
-                     if not ok(getattr(self, k))]
-        problems += [message for bad, message in (
-            (not all(0 <= c < 10 for c in classes) or "new5" in self.tasks and len(set(classes)) == 10,
-             f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving some for new5"),
-            (side % self.patch_size, f"--patch-size {self.patch_size}: must divide the image side, {side} for "
-                                     f"{self.dataset} (e.g. {'4 or 8' if side == 32 else '4, 7 or 14'})"),
-            (self.embed_dim % self.num_heads, f"--num-heads {self.num_heads}: must divide --embed-dim {self.embed_dim}"),
-            (self.progressive_dropout and not self.lora_dropout > 0,
-             "--progressive-dropout decays --lora-dropout to 0: set --lora-dropout > 0 (e.g. 0.5)"),
-            (not self.out_dir, "--out-dir '': name a folder")) if bad]
-        if problems:
-            raise ValueError(problems[0])
+        problems = [f"--tasks {self.tasks!r}: unknown task {t!r}; choose from {', '.join(TASKS)}"
+                    for t in self.tasks.split(",") if t not in TASKS]
+        problems += [f"--head {self.head!r}: choose {', '.join(HEADS)}"] * (self.head not in HEADS)
+        problems += [f"{flag(k)} {v}: must be " + (f"an integer >= {int(k in POSITIVE)}" if type(v) is int else "> 0"
+                     if k in POSITIVE else ">= 0") for k, v in vars(self).items()  # nan fails every comparison: refused
+                     if type(v) in (int, float) and not (v > 0 or v == 0 and k not in POSITIVE)]
+        if not all(0 <= c < 10 for c in classes) or "new5" in self.tasks and len(set(classes)) == 10:
+            problems.append(f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving "
+                            "some for new5")
+        if problems or not self.out_dir:
+            raise ValueError(problems[0] if problems else "--out-dir '': name a folder")
 
 # ---------------------------------------------------------------------------------------------- data
 # Every image set is a uint8 tensor (N, C, H, W), labels int64 (N,); batches are cut by index.
@@ -127,12 +104,10 @@ FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 def data_dirs(data_dir: str, extra: str = "") -> list:
-    """Only the folder the user named (--data-dir, else $COTO_DATA_DIR), which must exist; else ./data, `extra`."""
-    named = data_dir or os.environ.get("COTO_DATA_DIR", "")
-    if named and not Path(named).is_dir():
-        source = "--data-dir" if data_dir else "$COTO_DATA_DIR"
-        raise FileNotFoundError(f"{source} {named}: no such folder; point it at the folder holding the data files")
-    return [Path(named)] if named else [Path(d) for d in ("data", extra) if d]
+    """The folder --data-dir names, which must exist, and only it; else ./data, then `extra`."""
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir}: no such folder; point it at the folder holding the data files")
+    return [Path(data_dir)] if data_dir else [Path(d) for d in ("data", extra) if d]
 
 def read_idx(path: Path) -> torch.Tensor:
     """An IDX file (gzipped or not) as a uint8 tensor: images (N, 28, 28), labels (N,)."""
@@ -144,42 +119,24 @@ def read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw[4 + 4 * len(shape):]), dtype=torch.uint8).reshape(shape)
 
 def load_data(cfg: Config) -> dict:
-    """{"x_train": (N, C, H, W) uint8, "y_train": (N,) int64, "x_test", "y_test", "folder", "sha1" of the tensors}."""
-    data = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}[cfg.dataset](cfg.data_dir)
-    tensors = b"".join(data[k].contiguous().numpy().tobytes() for k in ("x_train", "y_train", "x_test", "y_test"))
-    return {**data, "sha1": hashlib.sha1(tensors).hexdigest()}  # other images in the same folder: another backbone
-
-def load_fashion_mnist(data_dir: str) -> dict:
-    """Fashion-MNIST's four IDX files (gzipped or not): 60000 training and 10000 test images (1, 28, 28)."""
-    dirs = data_dirs(data_dir, DEBIAN_DIR)
+    """Fashion-MNIST's four IDX files (gzipped or not): {"x_train": (60000, 1, 28, 28) uint8, "y_train": (60000,)
+    int64, "x_test", "y_test" (10000 images), "name", "folder", "sha1"}."""
+    dirs = data_dirs(cfg.data_dir, DEBIAN_DIR)
     for d in dirs:
         paths = [next((p for p in (d / f"{f}.gz", d / f) if p.is_file()), None) for f in FASHION_FILES]
         if all(paths):
             xtr, ytr, xte, yte = (read_idx(p) for p in paths)
-            return {"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None], "y_test": yte.long(),
-                    "folder": str(d)}
-    raise FileNotFoundError(f"Fashion-MNIST not found (looked for train-images-idx3-ubyte.gz and its three siblings in: "
-                            f"{', '.join(map(str, dirs))}).\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist "
-                            f"(installs them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
+            return with_sha1({"x_train": xtr[:, None], "y_train": ytr.long(), "x_test": xte[:, None],
+                              "y_test": yte.long(), "name": "fashion-mnist", "folder": str(d)})
+    raise FileNotFoundError(f"Fashion-MNIST not found (train-images-idx3-ubyte.gz and its three siblings) in: "
+                            f"{', '.join(map(str, dirs))}.\n  On Debian/Ubuntu: sudo apt install dataset-fashion-mnist "
+                            f"(puts them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
                             "https://github.com/zalandoresearch/fashion-mnist into ./data, or pass --data-dir FOLDER.")
 
-def load_cifar10(data_dir: str) -> dict:
-    """CIFAR-10's binary batches: records of 1 label byte + 3072 pixel bytes (the R, G, B planes of 32 x 32)."""
-    dirs = [f for d in data_dirs(data_dir) for f in (d, d / "cifar-10-batches-bin")]
-    for d in (d for d in dirs if (d / "test_batch.bin").is_file()):
-        out = {"folder": str(d)}
-        for split, names in (("train", [f"data_batch_{i}.bin" for i in range(1, 6)]), ("test", ["test_batch.bin"])):
-            raw = torch.cat([torch.frombuffer(bytearray((d / n).read_bytes()), dtype=torch.uint8) for n in names])
-            if raw.numel() % 3073 or raw.view(-1, 3073)[:, 0].max() > 9:
-                raise ValueError(f"{d}: {', '.join(names)} is not records of 1 label + 3072 pixel bytes; replace it "
-                                 "from cifar-10-binary.tar.gz")
-            records = raw.view(-1, 3073)  # (N, 1 + 3 * 32 * 32)
-            out[f"x_{split}"], out[f"y_{split}"] = records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].long()
-        return out
-    raise FileNotFoundError(
-        f"CIFAR-10 binary batches not found (looked for test_batch.bin in: {', '.join(map(str, dirs))}).\n  Download "
-        "cifar-10-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into ./data (giving "
-        "./data/cifar-10-batches-bin/), or pass --data-dir FOLDER.")
+def with_sha1(data: dict) -> dict:
+    """data with "sha1", a hash of its tensors: other images in the same folder are another backbone's."""
+    tensors = b"".join(data[k].contiguous().numpy().tobytes() for k in ("x_train", "y_train", "x_test", "y_test"))
+    return {**data, "sha1": hashlib.sha1(tensors).hexdigest()}
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float in [-1, 1] (mean 0.5, std 0.5, as timm's ViTs normalise)."""
@@ -226,7 +183,6 @@ def shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor
 
 class Batches:
     """Endless shuffled mini-batches of indices from an explicit generator, epochs concatenated."""
-
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.generator = n, batch_size, torch.Generator().manual_seed(seed)
         self.queue = torch.empty(0, dtype=torch.long)
@@ -238,8 +194,7 @@ class Batches:
         return idx
 
 # ---------------------------------------------------------------------------------------------- model and training
-def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:
-    """A VisionTransformer sized by cfg for square images like x (N, C, H, H)."""
+def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransformer:  # for images like x (N, C, H, H)
     return VisionTransformer(img_size=x.shape[-1], patch_size=cfg.patch_size, in_chans=x.shape[1], num_classes=num_classes,
                              embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
 
@@ -268,15 +223,16 @@ def rank_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float, warmup: int,
-               seed: int, name: str, coto=None, eval_fn=None, run=None) -> dict:
-    """AdamW on the trainable parameters, one log line every cfg.log_every steps: the run's history and timings."""
+               seed: int, name: str, coto=None, run=None) -> dict:
+    """AdamW on the trainable parameters, one log line every cfg.log_every steps: the run's history and timings.
+    run (lab.vit_runs): its start() restores a checkpoint, its step() gets each step's log records."""
     rank, world = rank_world()
     if batch_size % world:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} DDP ranks")
     device, params = next(model.parameters()).device, [p for p in model.parameters() if p.requires_grad]
     opt, batches = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), Batches(len(y), batch_size, seed)
     log = {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}  # the whole run's, resumed with it
-    start = run.start(model, opt, coto, batches, log) if run else 0  # a run folder (lab.vit_runs): its checkpoint's step
+    start = run.start(model, opt, coto, batches, log) if run else 0  # the checkpoint's step
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # CoTo draws alike on every rank, so
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=coto is not None)
     model.train()  # ... a bypassed adapter is unused on all: find_unused_parameters
@@ -287,9 +243,6 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
             group["lr"] = lr_now
         if coto is not None:
             coto.step(step)  # CoTo: each block's adapters train with probability p(step), one draw per step
-        if cfg.progressive_dropout:  # a baseline: dropout decaying to 0 on CoTo's stage-1 schedule
-            for layer in lora_layers(model).values():
-                layer.lora_dropout.p = cfg.lora_dropout * (1 - coto_prob(step, steps, 0.0, cfg.stage1_ratio))
         idx = batches.next()[rank::world]  # this rank's share of the global batch
         xb, yb = to_float(x[idx]).to(device), y[idx].to(device)
         with autocast(device):
@@ -303,22 +256,17 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
         done, seconds = step + 1, time.perf_counter() - clock
         log["seconds"].append(seconds)
         log["active"] += [coto.mask.float().mean().item()] if coto is not None else []
-        for k, v in {**stats, "ms": 1e3 * seconds}.items():
-            log["sums"][k] = log["sums"].get(k, 0.0) + v  # summed until the next log line
-        log["n"], records = log["n"] + 1, []
+        log["sums"] = {k: log["sums"].get(k, 0.0) + v for k, v in {**stats, "ms": 1e3 * seconds}.items()}
+        log["n"], records = log["n"] + 1, []  # summed until the next log line
         if done == steps or cfg.log_every and done % cfg.log_every == 0:  # one fixed-format line, one record
             rec = {"tag": name, "step": done, **{k: v / log["n"] for k, v in log["sums"].items()}, "lr": lr_now}
-            p = f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}" if coto is not None else ""
             records.append({**rec, "p": coto.p} if coto is not None else rec)
             log["history"].append(records[-1])
             log["sums"], log["n"] = {}, 0
+            p = f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}" if coto is not None else ""
             say(f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | {rec['ms']:.0f} ms | "
                 f"eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}")
-        if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
-            acc, loss_ = eval_fn(model)  # eval mode: every adapter runs
-            records.append({"tag": name, "step": done, "eval_loss": loss_, "eval_acc": acc})
-            say(f"{name} | step {done} | eval loss {loss_:.4f} | eval acc {acc:.4f}")
-        if run:  # the step's records into the run's metrics.jsonl, a checkpoint when one is due
+        if run:
             run.step(done, records)
     if world > 1:
         dist.barrier()
@@ -343,34 +291,23 @@ def say(*args, **kw) -> None:
         print(*args, **kw, flush=True)
 
 # ---------------------------------------------------------------------------------------------- pretraining, probing, fine-tuning
-PRETRAIN_FIELDS = ("dataset", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "source_classes",
+PRETRAIN_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "source_classes",
                    *(f"pretrain_{k}" for k in ("steps", "lr", "batch_size", "weight_decay", "warmup", "seed")))
 
 def backbone_key(cfg: Config, data: dict) -> str:
-    """The backbone's folder name: a hash of --init's file, or of the pretraining flags and the data itself."""
-    if cfg.init:
-        return "init-" + hashlib.sha1(Path(cfg.init).read_bytes()).hexdigest()[:10]
+    """The backbone's folder name: a hash of the pretraining flags and of the data itself."""
     fields = [{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, data["sha1"]]
     return "pretrain-" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 def pretrain(cfg: Config, data: dict) -> dict:
-    """The backbone's state dict: --init's, out_dir/<backbone_key>/backbone.pt, or pretrained (and cached)."""
-    source = parse_classes(cfg.source_classes)
-    if cfg.init:
-        try:
-            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state))  # the usual nestings of training checkpoints
-            load_pretrained(build_model(cfg, data["x_train"], 10), state)  # every key and shape checked
-        except Exception as e:
-            raise ValueError(f"--init {cfg.init}: {e if isinstance(e, ValueError) else type(e).__name__}; it must be a "
-                             f"torch.save'd timm-format state dict (a .safetensors: python -m lab.vit_weights)") from None
-        return state
+    """The backbone's state dict: out_dir/<backbone_key>/backbone.pt, else pretrained on the source classes and cached."""
     path = Path(cfg.out_dir) / backbone_key(cfg, data) / "backbone.pt"
     if path.is_file():
         try:
             return torch.load(path, map_location="cpu", weights_only=True)["state"]
         except Exception as e:  # e.g. a copy cut short: train it again rather than fail or use it
             say(f"{path} is damaged ({type(e).__name__}): pretraining it again")
+    source = parse_classes(cfg.source_classes)
     torch.manual_seed(cfg.pretrain_seed)
     model = build_model(cfg, data["x_train"], len(source)).to(pick_device(cfg.device))
     remap = torch.full((10,), -1).index_put_((torch.tensor(source),), torch.arange(len(source)))
@@ -413,25 +350,32 @@ def method_name(cfg: Config) -> str:
     """"lora", "coto", "dora", "dora-coto", "hira", ...: how tables and folders name a run's method."""
     return ("coto" if cfg.coto else "lora") if cfg.variant == "lora" else cfg.variant + "-coto" * cfg.coto
 
-def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None) -> tuple:
-    """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); run: lab.vit_runs' files."""
+def adapt(cfg: Config, task: Task, backbone=None, probe_head=None) -> tuple:
+    """(model, CoTo or None): the backbone (None: random) with a task head and adapters, as cfg says; what
+    inject_lora, CoTo and the ViT refuse, they name."""
     torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))  # LoRA and CoTo alike
     model = build_model(cfg, task.x_train, task.num_classes)
-    load_pretrained(model, backbone)  # the source head is dropped: a fresh one for this task
+    if backbone is not None:
+        load_pretrained(model, backbone)  # the source head is dropped: a fresh one for this task
     reset_head(model, task.num_classes, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.head != "learned":
+    if probe_head is not None and cfg.head != "learned":
         model.head.load_state_dict(probe_head)
     inject_lora(model, cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.lora_dropout, variant=cfg.variant,
                 rslora=cfg.rslora)
+    coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio, shape=cfg.shape,
+                seed=cfg.seed) if cfg.coto else None
+    return model, coto
+
+def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None) -> tuple:
+    """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); run: lab.vit_runs' files."""
+    model, coto = adapt(cfg, task, backbone, probe_head)
     mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())  # prints the count
     model.to(pick_device(cfg.device))
     for blk in model.blocks if cfg.compile else ():  # per block: adapters on or off, two graphs, no recompiles
         blk.compile()
-    coto = CoTo(block_groups(model), cfg.steps, p0=cfg.p0, stage1_ratio=cfg.stage1_ratio, shape=cfg.shape,
-                seed=cfg.seed) if cfg.coto else None
     log = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                      weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, coto=coto, run=run,
-                     name=f"{task.name} {method_name(cfg)} s{cfg.seed}", eval_fn=lambda m: evaluate(m, task.x_test, task.y_test))
+                     name=f"{task.name} {method_name(cfg)} s{cfg.seed}")
     if coto is not None:
         coto.remove()  # every adapter trains again, as a model without CoTo
     acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
@@ -445,48 +389,44 @@ def adapter_state(model) -> dict:
     return {**lora_state_dict(model), **{f"head.{k}": v.detach().cpu() for k, v in model.head.state_dict().items()}}
 
 # ---------------------------------------------------------------------------------------------- the job
-def main(cfg: Config, runs=None) -> dict:
-    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo, each over seeds; the tables."""
+def main(cfg: Config, data=None, backbone=None, runs=None) -> dict:
+    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo, each over seeds; the tables. The lab
+    (lab.vit_runs) passes other data, a backbone from a file, and runs(cfg, task): each run's folder."""
     try:  # the flags naming places, checked before any work too
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot write there ({e.strerror}); choose another folder") from None
     pick_device(cfg.device), data_dirs(cfg.data_dir)
-    if cfg.init and not Path(cfg.init).is_file():
-        raise FileNotFoundError(f"--init {cfg.init}: no such file")
     ddp, cuda = "WORLD_SIZE" in os.environ and not dist.is_initialized(), pick_device(cfg.device).type == "cuda"
     if ddp:  # under torchrun: one process group for the whole job, nccl on CUDA, gloo on the CPU
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        return run_all(cfg, runs)
+        return run_all(cfg, data or load_data(cfg), backbone, runs)
     finally:
         if ddp:
             dist.destroy_process_group()
 
-def run_all(cfg: Config, runs=None) -> dict:
-    """main()'s work: the data, the backbone, each task's probe and runs, the tables, results.json."""
+def run_all(cfg: Config, data: dict, backbone=None, runs=None) -> dict:
+    """main()'s work: each task's probe and runs, the tables, results.json."""
     t0, names = time.time(), cfg.tasks.split(",")
-    say(f"output: {cfg.out_dir}")
-    data = load_data(cfg)
-    say(f"data: {cfg.dataset} from {data['folder']}")
-    key = backbone_key(cfg, data)
-    jobs = [(n, dataclasses.replace(cfg, coto=coto, seed=s)) for n in names for s in range(cfg.seed, cfg.seed + cfg.seeds)
-            for coto in (sorted({cfg.coto, not cfg.coto}) if cfg.compare else [cfg.coto])]  # plain LoRA first
-    # runs(cfg, key, task): a run's folder (lab.vit_runs), made before any work: other flags there stop the job now
-    folders = {(n, c.coto, c.seed): runs(c, key, n) if runs else None for n, c in jobs}
-    backbone = pretrain(cfg, data)
+    say(f"output: {cfg.out_dir}\ndata: {data['name']} from {data['folder']}")
     tasks = make_tasks(data, names, parse_classes(cfg.source_classes), cfg.patch_size, cfg.n_train, cfg.n_test,
                        cfg.n_per_class, seed=0)  # the same images for every seed: seeds vary init, order, draws
+    jobs = [(n, dataclasses.replace(cfg, coto=coto, seed=s)) for n in names for s in range(cfg.seed, cfg.seed + cfg.seeds)
+            for coto in (sorted({cfg.coto, not cfg.coto}) if cfg.compare else [cfg.coto])]  # plain LoRA first
+    adapt(cfg, tasks[names[0]])  # flags that lora.py, coto.py or the ViT refuse stop the job now, before any work
+    folders = {(n, c.coto, c.seed): runs(c, tasks[n]) for n, c in jobs} if runs else {}  # other flags there: stop now
+    backbone = backbone or pretrain(cfg, data)
     probe_model, results, models = build_model(cfg, data["x_train"], 10), {"probe": {}, "runs": []}, {}
     for name, task in tasks.items():
         load_pretrained(probe_model, backbone)
         probe_head, results["probe"][name] = linear_probe(probe_model.to(pick_device(cfg.device)), task)
         say(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}")
         for c in (c for n, c in jobs if n == name):
-            run = folders[name, c.coto, c.seed]  # finished before (lab.vit_runs --resume): its saved adapters, result
-            models[name, c.coto, c.seed], metrics = (run.load(task, backbone), run.result) if run and run.result \
+            run = folders.get((name, c.coto, c.seed))  # finished before (lab.vit_runs --resume): its saved adapters
+            models[name, c.coto, c.seed], metrics = (run.load(backbone), run.result) if run and run.result \
                 else finetune(c, task, backbone, probe_head, run)
             results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0

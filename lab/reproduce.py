@@ -278,8 +278,8 @@ class Context:
     def __init__(self, base: train_vit.Config, task_names: list, n_eval: int, data: dict | None = None,
                  n_val: int = 0):
         self.task_names, self.n_eval, self.n_val = task_names, n_eval, n_val
-        self.data = data or train_vit.load_data(base)
-        self.backbone = train_vit.pretrain(base, self.data)
+        self.data = data or vit_runs.load_data(base)
+        self.backbone = vit_runs.backbone(base, self.data)
         self.source = train_vit.parse_classes(base.source_classes)
         self._tasks, self._probe = {}, {}
 
@@ -321,7 +321,7 @@ class Context:
 
 def train_job(ctx: Context, vcfg, task, folder: Path) -> dict:
     head = ctx.probe_head(vcfg, task)[0] if vcfg.head != "learned" else None
-    _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, run=vit_runs.Run(folder, vcfg, task.name))
+    _, metrics = train_vit.finetune(vcfg, task, ctx.backbone, head, run=vit_runs.Run(folder, vcfg, task))
     keep = ("task", "method", "seed", "acc", "loss", "train_time_s", "ms_per_step", "active_frac")
     last = metrics["history"][-1]["loss"]  # the training loss over the last log interval
     return {**{k: metrics[k] for k in keep}, "train_loss_last": last}
@@ -915,10 +915,13 @@ QUICK = ("--quick is a smoke test of the whole pipeline: its runs are too short 
 
 
 def check(cfg: Config) -> None:
-    """Every run's train_vit.Config made now, so that its flags are checked before any work."""
+    """Every run's train_vit.Config made and its model built now (lora.py, coto.py and the ViT check the flags
+    they take), so that its flags are checked before any work."""
     for _, settings, task_names, _ in studies(cfg):
         for overrides in settings.values():
-            dataclasses.replace(vit_config(cfg, overrides, 0), tasks=",".join(task_names))
+            vcfg = dataclasses.replace(vit_config(cfg, overrides, 0), tasks=",".join(task_names))
+            image = torch.zeros((1, 3, 32, 32) if vcfg.dataset == "cifar10" else (1, 1, 28, 28), dtype=torch.uint8)
+            train_vit.adapt(vcfg, train_vit.Task("check", image, None, None, None, 10))
 
 
 def main(cfg: Config) -> dict:
@@ -935,7 +938,7 @@ def main(cfg: Config) -> dict:
     root = Path(cfg.out_dir)
     # the caches are keyed by path only: refuse to mix runs of two configurations in one folder
     saved = read_json(root / "config.json") if (root / "config.json").is_file() else None
-    data = train_vit.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
+    data = vit_runs.load_data(vit_config(cfg, {}, 0))  # its hash joins the configuration: other data, other runs
     ignored = ("out_dir", "data_dir", "seeds", "studies", "device", "tost_margin", "analyse", "methods", "value",
                "players", "num_samples")  # data_dir: where the data is, not what it is (data_sha1 is)
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}

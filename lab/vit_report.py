@@ -10,12 +10,12 @@ import statistics
 import sys
 from pathlib import Path
 
-import train_vit
 from coto import coto_prob
+from lab import vit_runs
 from lab.utils import seed_bars, seed_values
 
 
-def plot_results(results: dict, cfg: train_vit.Config, path) -> dict:
+def plot_results(results: dict, cfg: vit_runs.Config, path) -> dict:
     """Bars of test accuracy per task (the probe, then each method's mean over seeds with one standard deviation
     as error bars), under them each task's training loss curves (mean over seeds of the logged records) above
     CoTo's p(t). Returns what it draws: {"rows", "acc", "err", "curves": {task: {method: (steps, loss)}}, "p"}."""
@@ -76,8 +76,8 @@ if __name__ == "__main__":
     path = Path(sys.argv[1]) / "results.json"
     try:
         results = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(train_vit.Config)}  # lab.vit_runs' jobs add --resume and the like
-        cfg = train_vit.Config(**{k: v for k, v in results["config"].items() if k in known})
+        known = {f.name for f in dataclasses.fields(vit_runs.Config)}  # the lab's fields too (--dataset)
+        cfg = vit_runs.Config(**{k: v for k, v in results["config"].items() if k in known})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"lab.vit_report: error: {path} is not a train_vit.py results.json ({e})")
     plot_results(results, cfg, path.with_suffix(".png"))

@@ -1,7 +1,7 @@
 """ViT weight files: a timm-format .safetensors / .pth / .pt / .bin file into vit.py's VisionTransformer,
-and converted to the torch.save'd state dict that train_vit.py --init reads.
+and converted to the torch.save'd state dict that lab.vit_runs --init reads.
 
-    python -m lab.vit_weights timm_vit.safetensors vit.pt   # then: python train_vit.py --init vit.pt
+    python -m lab.vit_weights timm_vit.safetensors vit.pt   # then: python -m lab.vit_runs --init vit.pt
 """
 import sys
 
@@ -34,4 +34,4 @@ if __name__ == "__main__":
         torch.save(read_state(sys.argv[1]), sys.argv[2])
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"lab.vit_weights: error: {e}")
-    print(f"wrote {sys.argv[2]}: use it as python train_vit.py --init {sys.argv[2]}")
+    print(f"wrote {sys.argv[2]}: use it as python -m lab.vit_runs --init {sys.argv[2]}")

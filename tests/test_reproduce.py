@@ -161,7 +161,7 @@ def test_plan_pairs_seeds_disjointly_and_rescales_after_training():
                          ({"lrs": "abc"}, "--lrs 'abc': write learning rates > 0"),
                          ({"vit": "{depth: 4}"}, "--vit '{depth: 4}': write a JSON object"),
                          ({"value": "loss"}, "--value 'loss': choose acc or neg_loss"),
-                         ({"vit": '{"variant": "lorra"}'}, "--variant 'lorra'"),
+                         ({"vit": '{"variant": "lorra"}'}, "unknown variant 'lorra': choose one of lora, dora, hira"),
                          ({"vit": '{"depht": 4}'}, "--vit '{\"depht\": 4}': ")):
         with pytest.raises(ValueError, match=re.escape(message)):
             reproduce.main(Config(out_dir="/nonexistent/never-written", **bad))

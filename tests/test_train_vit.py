@@ -76,7 +76,6 @@ def test_fashion_mnist_loader_reads_idx_files(tmp_path, monkeypatch):
     assert torch.equal(load_data(Config(data_dir=str(tmp_path)))["y_test"], d["y_test"])
     # nothing anywhere: the message says how to get the files
     monkeypatch.setattr(train_vit, "DEBIAN_DIR", str(tmp_path / "no-debian"))
-    monkeypatch.delenv("COTO_DATA_DIR", raising=False)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(FileNotFoundError, match="apt install dataset-fashion-mnist"):
@@ -84,18 +83,16 @@ def test_fashion_mnist_loader_reads_idx_files(tmp_path, monkeypatch):
 
 
 def test_a_named_data_folder_is_the_only_one_searched(tmp_path, monkeypatch):
-    """--data-dir (or $COTO_DATA_DIR) that is missing or lacks the files stops the run, even when
-    the files are in a folder that would be searched without it."""
-    monkeypatch.setenv("COTO_DATA_DIR", train_vit.DEBIAN_DIR)  # holds the files where installed
+    """--data-dir that is missing or lacks the files stops the run, even when the files are in a folder
+    that would be searched without it."""
+    monkeypatch.chdir(fake_fashion(tmp_path / "cwd" / "data") and tmp_path / "cwd")  # ./data holds the files
+    assert load_data(Config())["folder"] == "data"
     with pytest.raises(FileNotFoundError, match=r"--data-dir .*nowhere: no such folder"):
         load_data(Config(data_dir=str(tmp_path / "nowhere")))
-    with pytest.raises(FileNotFoundError, match=rf"(?s)not found .*in: {tmp_path}\)"):
+    with pytest.raises(FileNotFoundError, match=rf"(?s)not found .*in: {tmp_path}\."):
         load_data(Config(data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"--data-dir .*nowhere: no such folder"):
-        load_data(Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path / "nowhere")))
-    monkeypatch.setenv("COTO_DATA_DIR", str(tmp_path / "gone"))
-    with pytest.raises(FileNotFoundError, match=r"\$COTO_DATA_DIR .*gone: no such folder"):
-        load_data(Config())
+        vit_runs.load_data(vit_runs.Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path / "nowhere")))
     # checked with the other flags, before any data is read
     monkeypatch.setattr(train_vit, "load_data", lambda c: pytest.fail("read the data before checking the flags"))
     with pytest.raises(FileNotFoundError, match="--data-dir .*nowhere: no such folder"):
@@ -112,14 +109,14 @@ def test_cifar10_loader_reads_the_binary_batches(tmp_path):
         y = torch.randint(0, 10, (4,), generator=g, dtype=torch.uint8)
         batches[name] = (x, y)
         (folder / name).write_bytes(torch.cat([y[:, None], x], 1).numpy().tobytes())
-    d = load_data(Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path)))
+    d = vit_runs.load_data(vit_runs.Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path)))
     assert d["x_train"].shape == (20, 3, 32, 32) and d["x_test"].shape == (4, 3, 32, 32)
     assert torch.equal(d["x_train"][4, 0].flatten(), batches["data_batch_2.bin"][0][0, :1024])  # red plane
     assert torch.equal(d["x_train"][5, 2, 31], batches["data_batch_2.bin"][0][1, -32:])  # blue plane's last row
     assert torch.equal(d["y_test"], batches["test_batch.bin"][1].long())
     (folder / "test_batch.bin").write_bytes((folder / "test_batch.bin").read_bytes()[:-5])
     with pytest.raises(ValueError, match=r"cifar-10-batches-bin: test_batch.bin is not records of 1 label \+ 3072"):
-        load_data(Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path)))
+        vit_runs.load_data(vit_runs.Config(dataset="cifar10", patch_size=4, data_dir=str(tmp_path)))
 
 
 def test_tasks_match_index_formulas(tmp_path):
@@ -159,7 +156,7 @@ def test_batches_are_epochs_and_resume_from_their_generator_and_queue():
 
 def run_dir(cfg: Config, task: str) -> Path:
     """Where lab.vit_runs puts cfg's run of `task`: under the backbone made from cfg's data."""
-    return vit_runs.run_dir(cfg, train_vit.backbone_key(cfg, load_data(cfg)), task)
+    return vit_runs.run_dir(cfg, vit_runs.backbone_key(cfg, vit_runs.load_data(cfg)), task)
 
 
 def _tiny_setup(cfg):
@@ -236,12 +233,12 @@ def test_ddp_two_gloo_ranks_agree_with_each_other_and_one_process(tmp_path):
 
 
 def test_init_from_timm_file_and_wrong_file(tmp_path):
-    cfg = tiny(tmp_path, tasks="new5", seeds=1, compare=False, coto=False, steps=3)
+    cfg = tiny(tmp_path, tasks="new5", seeds=1, compare=False, coto=False, steps=3, cls=vit_runs.Config)
     from vit import VisionTransformer
     src = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=1000, embed_dim=16, depth=2,
                             num_heads=2)
     torch.save(src.state_dict(), tmp_path / "vit.pt")
-    res = main(dataclasses.replace(cfg, init=str(tmp_path / "vit.pt")))
+    res = vit_runs.main(dataclasses.replace(cfg, init=str(tmp_path / "vit.pt")))
     assert not list((tmp_path / "runs").glob("pretrain-*"))  # no pretraining: the file is the backbone
     # the probe saw exactly the file's backbone: refit it by hand and compare
     data = load_data(cfg)
@@ -252,10 +249,10 @@ def test_init_from_timm_file_and_wrong_file(tmp_path):
                                num_heads=2)
     torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
     with pytest.raises(ValueError, match=r"(?s)deeper\.pth.*unexpected keys \(12\): blocks\.2\.norm1\.weight"):
-        main(dataclasses.replace(cfg, init=str(tmp_path / "deeper.pth")))
+        vit_runs.main(dataclasses.replace(cfg, init=str(tmp_path / "deeper.pth")))
     (tmp_path / "vit.safetensors").write_bytes(b"\x08" + bytes(15))  # not a torch file: says how to convert one
     with pytest.raises(ValueError, match=r"--init .*vit\.safetensors: .*python -m lab\.vit_weights"):
-        main(dataclasses.replace(cfg, init=str(tmp_path / "vit.safetensors")))
+        vit_runs.main(dataclasses.replace(cfg, init=str(tmp_path / "vit.safetensors")))
 
 
 def test_pretrain_is_cached_by_exactly_what_it_depends_on(tmp_path, monkeypatch):
@@ -278,26 +275,43 @@ def test_cli_builds_the_config():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(variant="lorra"), "--variant 'lorra': choose lora, dora, hira"),
     (dict(tasks="rot90,rot91"), "--tasks 'rot90,rot91': unknown task 'rot91'; choose from new5, rot90, invert, shuffle"),
-    (dict(head="probes"), "--head 'probes': choose learned, probe, probe_init"), (dict(shape="cosine"), "--shape 'cosine'"),
+    (dict(head="probes"), "--head 'probes': choose probe_init, learned, probe"),
     (dict(source_classes="0-x"), "--source-classes '0-x': write classes 0..9"),
     (dict(source_classes="0-12"), "--source-classes '0-12': write classes 0..9"),
     (dict(source_classes="0-9"), "leaving some for new5"), (dict(r=0), "--r 0: must be an integer >= 1"),
-    (dict(alpha=0.0), "--alpha 0.0: must be > 0"), (dict(lr=float("nan")), "--lr nan: must be > 0"),
-    (dict(lr=-1.0), "--lr -1.0: must be > 0"), (dict(targets="qkv,fc3"), "--targets 'qkv,fc3': 'fc3' names no layer"),
-    (dict(lora_dropout=1.0), "--lora-dropout 1.0: must be in \\[0, 1\\)"), (dict(p0=1.5), "--p0 1.5: must be in \\[0, 1\\]"),
+    (dict(lr=float("nan")), "--lr nan: must be > 0"), (dict(lr=-1.0), "--lr -1.0: must be > 0"),
+    (dict(weight_decay=-0.1), "--weight-decay -0.1: must be >= 0"), (dict(mlp_ratio=0.0), "--mlp-ratio 0.0: must be > 0"),
     (dict(batch_size=0), "--batch-size 0: must be an integer >= 1"), (dict(warmup=-3), "--warmup -3: must be an integer >= 0"),
-    (dict(eval_every=-1), "--eval-every -1: must be"), (dict(log_every=-2), "--log-every -2: must be"),
-    (dict(n_train=-5), "--n-train -5: must be"), (dict(n_test=-1), "--n-test -1: must be"),
-    (dict(n_per_class=-2), "--n-per-class -2: must be"), (dict(out_dir=""), "--out-dir '': name a folder"),
-    (dict(num_heads=5), "--num-heads 5: must divide --embed-dim 96"),
-    (dict(patch_size=5), "--patch-size 5: must divide the image side, 28 for fashion-mnist"),
-    (dict(dataset="cifar10"), "--patch-size 7: must divide the image side, 32 for cifar10 \\(e.g. 4 or 8\\)"),
-    (dict(progressive_dropout=True), "--progressive-dropout decays --lora-dropout to 0")])
+    (dict(log_every=-2), "--log-every -2: must be"), (dict(n_train=-5), "--n-train -5: must be"),
+    (dict(n_test=-1), "--n-test -1: must be"), (dict(n_per_class=-2), "--n-per-class -2: must be"),
+    (dict(out_dir=""), "--out-dir '': name a folder")])
 def test_every_flag_is_checked_when_the_config_is_made(flags, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(Config(), **flags)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(variant="lorra"), "unknown variant 'lorra': choose one of lora, dora, hira"),
+    (dict(shape="cosine"), "unknown shape 'cosine'"), (dict(r=17), "rank r=17 must be an integer in 1..16"),
+    (dict(alpha=0.0), "alpha=0.0 must be a finite number > 0"), (dict(lora_dropout=1.0), "dropout=1.0 must be"),
+    (dict(targets="qkv,fc3"), r"targets \['fc3'\] match no nn.Linear; the linear layers are: blocks.0.attn.qkv"),
+    (dict(p0=1.5), "p0=1.5 and stage1_ratio=0.75 must both be in"), (dict(num_heads=5), "not divisible by num_heads 5"),
+    (dict(patch_size=5), "img_size 28 is not a multiple of patch_size 5")])
+def test_what_lora_coto_and_the_vit_refuse_stops_the_job_before_any_work(tmp_path, monkeypatch, flags, message):
+    """The flags lora.py, coto.py and vit.py check themselves: their messages, before pretraining."""
+    monkeypatch.setattr(train_vit, "pretrain", lambda *a: pytest.fail("pretrained before checking the flags"))
+    with pytest.raises(ValueError, match=message):
+        main(tiny(tmp_path, **flags))
+
+
+def test_lab_flags_are_checked_when_the_config_is_made():
+    for flags, message in ((dict(dataset="mnist"), "--dataset 'mnist': choose fashion-mnist, cifar10"),
+                           (dict(progressive_dropout=True), "--progressive-dropout decays --lora-dropout to 0"),
+                           (dict(eval_every=-1), "--eval-every -1: must be an integer >= 0"),
+                           (dict(ckpt_every=-1), "--ckpt-every -1: must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            vit_runs.Config(**flags)
 
 
 def test_bad_flags_and_places_stop_before_any_data_is_read_in_one_line(tmp_path, monkeypatch):
@@ -308,8 +322,9 @@ def test_bad_flags_and_places_stop_before_any_data_is_read_in_one_line(tmp_path,
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cuda: not a device this torch has here"):
             main(tiny(tmp_path, device="cuda"))
+    monkeypatch.setattr(vit_runs, "load_data", lambda c: pytest.fail("read the data before checking the flags"))
     with pytest.raises(FileNotFoundError, match="--init .*nope.pt: no such file"):
-        main(tiny(tmp_path, init=str(tmp_path / "nope.pt")))
+        vit_runs.main(tiny(tmp_path, init=str(tmp_path / "nope.pt"), cls=vit_runs.Config))
     for argv, says in ((["--tasks", "rot91"], "--tasks 'rot91': unknown task 'rot91'; choose from new5, rot90, invert, "
                                               "shuffle"), (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1")):
         proc = subprocess.run([sys.executable, "train_vit.py", *argv, "--out-dir", str(tmp_path)], capture_output=True,
@@ -394,7 +409,7 @@ def test_main_under_torchrun_closes_its_process_group(tmp_path, monkeypatch):
     for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)  # what torchrun --nproc_per_node 1 sets
     seen = []
-    monkeypatch.setattr(train_vit, "run_all", lambda cfg, runs: seen.append(dist.get_world_size()))
+    monkeypatch.setattr(train_vit, "run_all", lambda *a: seen.append(dist.get_world_size()))
     main(tiny(tmp_path, device="cpu"))
     assert seen == [1] and not dist.is_initialized()
 
@@ -426,7 +441,7 @@ def test_plot_results_draws_the_seed_means_and_spreads(tmp_path):
         run("rot90", "lora", 1, 0.92, [1.8, 0.8]), run("rot90", "coto", 1, 0.86, [2.4, 1.0]),
         run("invert", "lora", 0, 0.80, [1.0, 0.5]), run("invert", "coto", 0, 0.84, [1.1, 0.7]),
         run("invert", "lora", 1, 0.82, [1.2, 0.5]), run("invert", "coto", 1, 0.80, [1.3, 0.9])]}
-    cfg = dataclasses.replace(TINY, steps=10, p0=0.1)
+    cfg = vit_runs.Config(**{**dataclasses.asdict(TINY), "steps": 10, "p0": 0.1})
     path = tmp_path / "results.png"
     drawn = vit_report.plot_results(results, cfg, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -441,3 +456,20 @@ def test_plot_results_draws_the_seed_means_and_spreads(tmp_path):
     assert drawn["curves"]["invert"]["lora"] == ([5, 10], pytest.approx([1.1, 0.5]))
     assert drawn["p"][0] == list(range(11))
     assert drawn["p"][1] == pytest.approx([min(0.1 + 0.9 * t / 8, 1.0) for t in range(11)])  # ceil(0.75 * 10) = 8
+
+
+def test_the_shipped_backbone_is_what_the_default_flags_pretrain_on_fashion_mnist():
+    """runs/vit holds the backbone of the default flags (so that the main job starts at the probes): it must sit
+    under those flags' and the real data's key, else the job pretrains again; its source accuracy as recorded."""
+    if not Path(train_vit.DEBIAN_DIR, "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST is not in {train_vit.DEBIAN_DIR}: sudo apt install dataset-fashion-mnist")
+    cfg = Config(data_dir=train_vit.DEBIAN_DIR)
+    data = load_data(cfg)
+    path = Path(train_vit.__file__).parent / cfg.out_dir / train_vit.backbone_key(cfg, data) / "backbone.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["config"] == {f: getattr(cfg, f) for f in train_vit.PRETRAIN_FIELDS}
+    model = train_vit.build_model(cfg, data["x_train"], 5)
+    model.load_state_dict(saved["state"])  # every key and shape
+    source = data["y_test"] < 5  # classes 0-4, labels unchanged
+    acc, _ = evaluate(model, data["x_test"][source], data["y_test"][source])
+    assert abs(acc - saved["source_acc"]) < 0.005 and saved["source_acc"] > 0.85  # other CPUs: a near tie may flip
