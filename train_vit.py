@@ -368,6 +368,8 @@ def adapt(cfg: Config, task: Task, backbone=None, probe_head=None) -> tuple:
 
 def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None) -> tuple:
     """LoRA (CoTo if cfg.coto) and a task head on the frozen backbone: (model, metrics); run: lab.vit_runs' files."""
+    if cfg.head != "learned" and probe_head is None:  # else a fresh head would pass for the probe's
+        raise ValueError(f"--head {cfg.head} starts at the linear probe: pass its head (linear_probe's first result)")
     model, coto = adapt(cfg, task, backbone, probe_head)
     mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())  # prints the count
     model.to(pick_device(cfg.device))
