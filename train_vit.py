@@ -1,17 +1,16 @@
-"""Pretrain a small ViT on Fashion-MNIST classes 0-4 (cached), then adapt it with LoRA, with and without CoTo
-(Zhuang et al., ICML 2025), to tasks it does not solve: unseen classes, rotated, inverted, patch-shuffled images.
-The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's adapters
+"""Adapt a small pretrained ViT (shipped in runs/vit) with LoRA, with and without CoTo (Zhuang et al., ICML 2025),
+to Fashion-MNIST tasks its pretraining on classes 0-4 does not solve: unseen classes, rotated, inverted, patch-shuffled
+images. The tables: both beside a linear probe, then what CoTo is about (games.py): only every other block's adapters
 on, and two seeds' adapters interpolated at 0.5. Fashion-MNIST is read from its IDX files, never downloaded.
 
-    OMP_NUM_THREADS=1 python train_vit.py            # the README's main job, minutes on a 2-core CPU
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 train_vit.py   # DDP: gloo on the CPU, nccl on CUDA
-    OMP_NUM_THREADS=1 python -m lab.vit_runs --resume  # the lab's: run folders, resume, CIFAR-10, --init
+    OMP_NUM_THREADS=1 python train_vit.py                # the README's main job, minutes on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m lab.vit_runs --depth 8   # the lab's: pretraining, run folders, resume, DDP, CIFAR-10
 """
 import dataclasses
 import gzip
 import hashlib
 import json
-import os
+import re
 import statistics
 import struct
 import time
@@ -22,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from coto import CoTo, block_groups
@@ -32,25 +30,21 @@ from train_toy import get_lr, parse_args, pick_device
 from vit import VisionTransformer, load_pretrained, reset_head
 
 TASKS, HEADS = ("new5", "rot90", "invert", "shuffle"), ("probe_init", "learned", "probe")
+ARCH = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "source_classes")  # what a backbone file records
 EXAMPLE = "OMP_NUM_THREADS=1 python train_vit.py --tasks rot90,invert --variant dora --seeds 3"
-POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "r", "steps", "pretrain_steps", "seeds",
-            "batch_size", "pretrain_batch_size", "lr", "pretrain_lr")  # > 0; every other number >= 0
+STATS = ("ms_per_step", "warmup_s", "active_frac")  # a run's timings, averaged per method under the first table
+POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "r", "steps", "seeds", "batch_size", "lr")
 
 @dataclasses.dataclass
 class Config:
     data_dir: str = ""  # folder of the data files, the only one searched ("": ./data, then Debian's)
+    backbone: str = "runs/vit/pretrain-558112658e/backbone.pt"  # the pretrained ViT (others: python -m lab.vit_runs)
     patch_size: int = 7  # side of the square patches in pixels (28x28 images: 16 patches + the class token)
     embed_dim: int = 96  # width D of every token
     depth: int = 6  # transformer blocks, CoTo's groups
     num_heads: int = 3  # attention heads per block (divides embed_dim)
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim
-    source_classes: str = "0-4"  # classes the backbone is pretrained on, as 0-4 or 0,2,5 (new5 gets the others)
-    pretrain_steps: int = 500  # optimizer steps of pretraining (cached under out_dir/pretrain-<hash>/)
-    pretrain_lr: float = 1e-3  # peak learning rate of pretraining
-    pretrain_batch_size: int = 128  # images per pretraining step
-    pretrain_weight_decay: float = 0.01  # AdamW weight decay of pretraining
-    pretrain_warmup: int = 10  # linear-warmup steps of pretraining, then cosine to 0
-    pretrain_seed: int = 0  # the backbone's initialisation and data order (fine-tuning seeds leave it alone)
+    source_classes: str = "0-4"  # classes the backbone was pretrained on, as 0-4 or 0,2,5 (new5 gets the others)
     tasks: str = "new5,rot90,invert,shuffle"  # comma-separated: new5 (unseen classes) | rot90 | invert | shuffle (patches)
     n_train: int = 10000  # training images per task (0: all)
     n_test: int = 5000  # test images per task (0: the whole test split)
@@ -68,7 +62,7 @@ class Config:
     stage1_ratio: float = 0.75  # fraction of the steps over which CoTo's p rises to 1, in (0, 1]
     shape: str = "linear"  # how p rises: linear | exp | sine | constant (p0 all through stage 1: layer drop)
     steps: int = 150  # optimizer steps of each fine-tuning run
-    batch_size: int = 128  # images per fine-tuning step (global: split over DDP ranks)
+    batch_size: int = 128  # images per fine-tuning step
     lr: float = 1e-2  # peak learning rate of fine-tuning
     weight_decay: float = 0.01  # AdamW weight decay of fine-tuning
     warmup: int = 10  # linear-warmup steps of fine-tuning, then cosine to 0
@@ -76,41 +70,34 @@ class Config:
     seeds: int = 2  # runs seeds seed .. seed + seeds - 1 (2: one pair to interpolate)
     task_init: bool = False  # adapters' initialisation drawn from (seed, task): each task its own
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
-    compile: bool = False  # torch.compile each block (two graphs per block: adapters on and off)
-    out_dir: str = "runs/vit"  # folder of the backbone cache and results.json
+    out_dir: str = "runs/vit"  # folder of results.json
     log_every: int = 10  # steps between log lines, each the mean over its steps (0: only the last step)
 
     def __post_init__(self):  # what only this script reads, checked now; lora.py, coto.py and vit.py check the rest
-        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
-        try:
-            classes = parse_classes(self.source_classes)
-        except ValueError:
-            classes = [-1]
-        problems = [f"--tasks {self.tasks!r}: unknown task {t!r}; choose from {', '.join(TASKS)}"
-                    for t in self.tasks.split(",") if t not in TASKS]
-        problems += [f"--head {self.head!r}: choose {', '.join(HEADS)}"] * (self.head not in HEADS)
-        problems += [f"{flag(k)} {v}: must be " + (f"an integer >= {int(k in POSITIVE)}" if type(v) is int else "> 0"
-                     if k in POSITIVE else ">= 0") for k, v in vars(self).items()  # nan fails every comparison: refused
-                     if type(v) in (int, float) and not (v > 0 or v == 0 and k not in POSITIVE)]
-        if not all(0 <= c < 10 for c in classes) or "new5" in self.tasks and len(set(classes)) == 10:
-            problems.append(f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving "
-                            "some for new5")
-        if problems or not self.out_dir:
-            raise ValueError(problems[0] if problems else "--out-dir '': name a folder")
+        bad = [f"--tasks {self.tasks!r}: unknown task {t!r}; choose from {', '.join(TASKS)}"
+               for t in self.tasks.split(",") if t not in TASKS]
+        bad += [f"--head {self.head!r}: choose {', '.join(HEADS)}"] * (self.head not in HEADS)
+        bad += [f"--{k.replace('_', '-')} {v}: must be " + (f"an integer >= {int(k in POSITIVE)}" if type(v) is int else
+                "> 0" if k in POSITIVE else ">= 0") for k, v in vars(self).items()  # nan fails every comparison
+                if type(v) in (int, float) and not (v > 0 or v == 0 and k not in POSITIVE)]
+        classes = re.fullmatch(r"\d(-\d)?(,\d(-\d)?)*", self.source_classes) and parse_classes(self.source_classes)
+        if not classes or "new5" in self.tasks and len(set(classes)) == 10:
+            bad.append(f"--source-classes {self.source_classes!r}: write classes 0..9 as 0-4 or 0,2,5, leaving "
+                       "some for new5")
+        if bad or not self.out_dir:
+            raise ValueError(bad[0] if bad else "--out-dir '': name a folder")
 
 # ---------------------------------------------------------------------------------------------- data
 # Every image set is a uint8 tensor (N, C, H, W), labels int64 (N,); batches are cut by index.
 FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
-def data_dirs(data_dir: str, extra: str = "") -> list:
-    """The folder --data-dir names, which must exist, and only it; else ./data, then `extra`."""
+def data_dirs(data_dir: str, extra: str = "") -> list:  # --data-dir's folder, which must exist; else ./data, `extra`
     if data_dir and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"--data-dir {data_dir}: no such folder; point it at the folder holding the data files")
     return [Path(data_dir)] if data_dir else [Path(d) for d in ("data", extra) if d]
 
-def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (gzipped or not) as a uint8 tensor: images (N, 28, 28), labels (N,)."""
+def read_idx(path: Path) -> torch.Tensor:  # an IDX file (gzipped or not) as uint8: images (N, 28, 28), labels (N,)
     raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
     magic, = struct.unpack(">I", raw[:4])
     if magic >> 8 != 0x08:  # 0x00000803 images, 0x00000801 labels: unsigned bytes, 3 or 1 dims
@@ -133,17 +120,14 @@ def load_data(cfg: Config) -> dict:
                             f"(puts them in {DEBIAN_DIR})\n  Elsewhere: download the four .gz files from "
                             "https://github.com/zalandoresearch/fashion-mnist into ./data, or pass --data-dir FOLDER.")
 
-def with_sha1(data: dict) -> dict:
-    """data with "sha1", a hash of its tensors: other images in the same folder are another backbone's."""
+def with_sha1(data: dict) -> dict:  # data and "sha1", a hash of its tensors: backbones of other images are refused
     tensors = b"".join(data[k].contiguous().numpy().tobytes() for k in ("x_train", "y_train", "x_test", "y_test"))
     return {**data, "sha1": hashlib.sha1(tensors).hexdigest()}
 
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float in [-1, 1] (mean 0.5, std 0.5, as timm's ViTs normalise)."""
+def to_float(x: torch.Tensor) -> torch.Tensor:  # uint8 images -> float in [-1, 1] (mean, std 0.5: as timm's ViTs)
     return x.float().div_(127.5).sub_(1.0)
 
-def parse_classes(spec: str) -> list:
-    """"0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]."""
+def parse_classes(spec: str) -> list:  # "0-4" -> [0, 1, 2, 3, 4]; "0,2,5" -> [0, 2, 5]
     return [c for part in spec.split(",") for a, _, b in [part.partition("-")] for c in range(int(a), int(b or a) + 1)]
 
 Task = namedtuple("Task", "name x_train y_train x_test y_test num_classes")  # images uint8, labels 0 .. num_classes - 1
@@ -175,18 +159,15 @@ def subsample(y: torch.Tensor, n: int, n_per_class: int, k: int, generator) -> t
         raise ValueError(f"--n-per-class {n_per_class}: class {short[0]} has only {len(idx[short[0]])} training images")
     return torch.cat([i[torch.randperm(len(i), generator=generator)[:n_per_class]] for i in idx])
 
-def shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor:
-    """Rearrange the p x p tiles of every image (B, C, H, W) by the permutation `perm` of the tiles."""
+def shuffle_patches(x: torch.Tensor, p: int, perm: torch.Tensor) -> torch.Tensor:  # p x p tiles of (B, C, H, W) by perm
     B, C, H, W = x.shape
     tiles = x.reshape(B, C, H // p, p, W // p, p).transpose(3, 4).reshape(B, C, -1, p, p)[:, :, perm]
     return tiles.reshape(B, C, H // p, W // p, p, p).transpose(3, 4).reshape(B, C, H, W)
 
-class Batches:
-    """Endless shuffled mini-batches of indices from an explicit generator, epochs concatenated."""
+class Batches:  # endless shuffled mini-batches of indices from an explicit generator, epochs concatenated
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.generator = n, batch_size, torch.Generator().manual_seed(seed)
         self.queue = torch.empty(0, dtype=torch.long)
-
     def next(self) -> torch.Tensor:
         while len(self.queue) < self.batch_size:
             self.queue = torch.cat([self.queue, torch.randperm(self.n, generator=self.generator)])
@@ -198,8 +179,18 @@ def build_model(cfg: Config, x: torch.Tensor, num_classes: int) -> VisionTransfo
     return VisionTransformer(img_size=x.shape[-1], patch_size=cfg.patch_size, in_chans=x.shape[1], num_classes=num_classes,
                              embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio)
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA only; CPU and MPS run in float32."""
+def load_backbone(cfg: Config, data: dict) -> dict:
+    """The pretrained ViT's state dict from --backbone, refused if pretrained for another model or other data."""
+    if not Path(cfg.backbone).is_file():
+        raise FileNotFoundError(f"--backbone {cfg.backbone}: no such file; python -m lab.vit_runs pretrains one")
+    saved = torch.load(cfg.backbone, map_location="cpu", weights_only=True)  # {"state", "config", "source_acc"}
+    own = {**{k: getattr(cfg, k) for k in ARCH}, "data_sha1": data["sha1"]}
+    if diff := [f"{k}={saved['config'].get(k)} (this run: {v})" for k, v in own.items() if saved["config"].get(k) != v]:
+        raise ValueError(f"--backbone {cfg.backbone} was pretrained with {', '.join(diff)}: pass its flags, or pretrain "
+                         "one for yours with python -m lab.vit_runs (which runs this job too)")
+    return saved["state"]
+
+def autocast(device: torch.device):  # bf16 autocast on CUDA only; CPU and MPS run in float32
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 @torch.no_grad()
@@ -218,24 +209,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250, fea
     logits, y = torch.cat(out), y.to(device)  # (N, num_classes)
     return (logits.argmax(1) == y).sum().item() / len(y), F.cross_entropy(logits, y).item()  # an exact fraction
 
-def rank_world() -> tuple:
-    """(rank, world size): (0, 1) outside torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: int, weight_decay: float, warmup: int,
                seed: int, name: str, coto=None, run=None) -> dict:
     """AdamW on the trainable parameters, one log line every cfg.log_every steps: the run's history and timings.
-    run (lab.vit_runs): its start() restores a checkpoint, its step() gets each step's log records."""
-    rank, world = rank_world()
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} must be divisible by the {world} DDP ranks")
+    run (lab.vit_runs): start() restores a checkpoint, wrap() wraps the model for DDP, step() saves each step's."""
     device, params = next(model.parameters()).device, [p for p in model.parameters() if p.requires_grad]
     opt, batches = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), Batches(len(y), batch_size, seed)
     log = {"history": [], "seconds": [], "active": [], "sums": {}, "n": 0}  # the whole run's, resumed with it
-    start = run.start(model, opt, coto, batches, log) if run else 0  # the checkpoint's step
-    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(  # CoTo draws alike on every rank, so
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=coto is not None)
-    model.train()  # ... a bypassed adapter is unused on all: find_unused_parameters
+    start, net = (run.start(model, opt, coto, batches, log), run.wrap(model)) if run else (0, model)
+    model.train()
     for step in range(start, steps):
         clock = time.perf_counter()
         lr_now = get_lr(step, steps, lr, warmup)
@@ -243,7 +225,7 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
             group["lr"] = lr_now
         if coto is not None:
             coto.step(step)  # CoTo: each block's adapters train with probability p(step), one draw per step
-        idx = batches.next()[rank::world]  # this rank's share of the global batch
+        idx = batches.next()
         xb, yb = to_float(x[idx]).to(device), y[idx].to(device)
         with autocast(device):
             logits = net(xb)  # (B, num_classes)
@@ -252,107 +234,56 @@ def train_loop(model, x, y, cfg: Config, *, steps: int, lr: float, batch_size: i
         check_finite(loss, params, step + 1, lr, name)
         opt.step()
         opt.zero_grad(set_to_none=True)  # a bypassed adapter keeps grad None: AdamW leaves it alone
-        stats = {"loss": loss.item(), "acc": (logits.argmax(1) == yb).float().mean().item()}  # .item() waits for the GPU
+        stats = {"loss": loss.item(), "acc": (logits.argmax(1) == yb).float().mean().item()}  # waits for the GPU
         done, seconds = step + 1, time.perf_counter() - clock
         log["seconds"].append(seconds)
         log["active"] += [coto.mask.float().mean().item()] if coto is not None else []
-        log["sums"] = {k: log["sums"].get(k, 0.0) + v for k, v in {**stats, "ms": 1e3 * seconds}.items()}
-        log["n"], records = log["n"] + 1, []  # summed until the next log line
+        stats = {k: log["sums"].get(k, 0.0) + v for k, v in {**stats, "ms": 1e3 * seconds}.items()}
+        log["sums"], log["n"] = stats, log["n"] + 1  # summed until the next log line
         if done == steps or cfg.log_every and done % cfg.log_every == 0:  # one fixed-format line, one record
             rec = {"tag": name, "step": done, **{k: v / log["n"] for k, v in log["sums"].items()}, "lr": lr_now}
-            records.append({**rec, "p": coto.p} if coto is not None else rec)
-            log["history"].append(records[-1])
+            log["history"].append({**rec, "p": coto.p} if coto is not None else rec)
             log["sums"], log["n"] = {}, 0
             p = f" | p {coto.p:.2f} | active {int(coto.mask.sum())}/{len(coto.mask)}" if coto is not None else ""
-            say(f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | {rec['ms']:.0f} ms | "
-                f"eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}")
-        if run:
-            run.step(done, records)
-    if world > 1:
-        dist.barrier()
+            print(f"{name} | step {done} | loss {rec['loss']:.3f} | acc {rec['acc']:.3f}{p} | {rec['ms']:.0f} ms | "
+                  f"eta {timedelta(seconds=round(rec['ms'] / 1e3 * (steps - done)))}", flush=True)
+        if run:  # it holds `log`: the records of step `done` are its last
+            run.step(done)
     steady = [s for s in log["seconds"] if s <= 5 * statistics.median(log["seconds"])]  # slower: compile / warm-up
     return {"history": log["history"], "train_time_s": sum(log["seconds"]), "warmup_s": sum(log["seconds"]) - sum(steady),
             "ms_per_step": 1e3 * statistics.fmean(steady), "active_frac": statistics.fmean(log["active"] or [1.0])}
 
 def check_finite(loss: torch.Tensor, params: list, step: int, lr: float, name: str) -> None:
-    """Stop at the first non-finite loss or gradient, before opt.step(); under DDP every rank stops."""
+    """Stop at the first non-finite loss or gradient, before opt.step() (under DDP the gradients are all ranks')."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    health = torch.stack([loss.detach().float(), norm.float()])  # (2,): one all_reduce for both
-    if rank_world()[1] > 1:
-        dist.all_reduce(health)
-    if not health.isfinite().all():
-        raise FloatingPointError(f"{name}: at step {step} the loss is {health[0]:.4g} and the gradient norm {health[1]:.4g}: "
-                                 f"training diverged. Rerun with a lower learning rate (--lr, or --pretrain-lr for "
-                                 f"pretraining; this run's peak: {lr:g})")
+    if not (loss.isfinite() and norm.isfinite()):
+        raise FloatingPointError(f"{name}: at step {step} the loss is {loss:.4g} and the gradient norm {norm:.4g}: "
+                                 f"training diverged. Rerun with a lower learning rate (this run's peak: {lr:g})")
 
-def say(*args, **kw) -> None:
-    """print() on rank 0 only (every line once under torchrun), flushed."""
-    if rank_world()[0] == 0:
-        print(*args, **kw, flush=True)
-
-# ---------------------------------------------------------------------------------------------- pretraining, probing, fine-tuning
-PRETRAIN_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "source_classes",
-                   *(f"pretrain_{k}" for k in ("steps", "lr", "batch_size", "weight_decay", "warmup", "seed")))
-
-def backbone_key(cfg: Config, data: dict) -> str:
-    """The backbone's folder name: a hash of the pretraining flags and of the data itself."""
-    fields = [{f: getattr(cfg, f) for f in PRETRAIN_FIELDS}, data["sha1"]]
-    return "pretrain-" + hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-
-def pretrain(cfg: Config, data: dict) -> dict:
-    """The backbone's state dict: out_dir/<backbone_key>/backbone.pt, else pretrained on the source classes and cached."""
-    path = Path(cfg.out_dir) / backbone_key(cfg, data) / "backbone.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)["state"]
-        except Exception as e:  # e.g. a copy cut short: train it again rather than fail or use it
-            say(f"{path} is damaged ({type(e).__name__}): pretraining it again")
-    source = parse_classes(cfg.source_classes)
-    torch.manual_seed(cfg.pretrain_seed)
-    model = build_model(cfg, data["x_train"], len(source)).to(pick_device(cfg.device))
-    remap = torch.full((10,), -1).index_put_((torch.tensor(source),), torch.arange(len(source)))
-    mtr, mte = remap[data["y_train"]] >= 0, remap[data["y_test"]] >= 0
-    say(f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter ViT on classes "
-        f"{cfg.source_classes} ({int(mtr.sum())} images) for {cfg.pretrain_steps} steps")
-    train_loop(model, data["x_train"][mtr], remap[data["y_train"][mtr]], cfg, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-               batch_size=cfg.pretrain_batch_size, weight_decay=cfg.pretrain_weight_decay, warmup=cfg.pretrain_warmup,
-               seed=cfg.pretrain_seed, name="pretrain")
-    acc, _ = evaluate(model, data["x_test"][mte], remap[data["y_test"][mte]])
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    say(f"pretrained: source test accuracy {acc:.4f}; cached in {path}")
-    if rank_world()[0] == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)  # a file cut short is pretrained again (above)
-        torch.save({"state": state, "source_acc": acc, "config": {f: getattr(cfg, f) for f in PRETRAIN_FIELDS}}, path)
-    return state
-
+# ---------------------------------------------------------------------------------------------- probing, fine-tuning
 @torch.no_grad()
 def linear_probe(model: VisionTransformer, task: Task, weight_decay: float = 1e-4, iters: int = 100) -> tuple:
     """Logistic regression on the frozen features (L-BFGS): ({"weight": (K, D), "bias": (K,)}, test accuracy)."""
     ftr, fte = (evaluate(model, x, None, features=True) for x in (task.x_train, task.x_test))  # (N, D), once a task
     mu, sd = ftr.mean(0), ftr.std(0) + 1e-6  # standardised for L-BFGS, folded back into the head below
-    head = torch.nn.Linear(ftr.shape[1], task.num_classes)
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
-
+    W, bias = (torch.zeros(task.num_classes, *d, requires_grad=True) for d in (ftr.shape[1:], ()))  # (K, D), (K,)
+    opt = torch.optim.LBFGS([W, bias], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
     def closure():
         with torch.enable_grad():
             opt.zero_grad()
-            loss = F.cross_entropy(head((ftr - mu) / sd), task.y_train) + weight_decay * head.weight.square().sum()
+            loss = F.cross_entropy(F.linear((ftr - mu) / sd, W, bias), task.y_train) + weight_decay * W.square().sum()
             loss.backward()
         return loss
-
     opt.step(closure)
-    w = head.weight / sd  # head((f - mu) / sd) == (W / sd) f + (b - (W / sd) mu)
-    b = head.bias - w @ mu
+    w = W / sd  # W (f - mu) / sd + bias == (W / sd) f + (bias - (W / sd) mu)
+    b = bias - w @ mu
     return {"weight": w, "bias": b}, ((fte @ w.T + b).argmax(1) == task.y_test).float().mean().item()
 
-def method_name(cfg: Config) -> str:
-    """"lora", "coto", "dora", "dora-coto", "hira", ...: how tables and folders name a run's method."""
+def method_name(cfg: Config) -> str:  # "lora", "coto", "dora", "dora-coto", ...: a run's method in tables, folders
     return ("coto" if cfg.coto else "lora") if cfg.variant == "lora" else cfg.variant + "-coto" * cfg.coto
 
 def adapt(cfg: Config, task: Task, backbone=None, probe_head=None) -> tuple:
-    """(model, CoTo or None): the backbone (None: random) with a task head and adapters, as cfg says; what
-    inject_lora, CoTo and the ViT refuse, they name."""
+    """(model, CoTo or None): the backbone (None: random), a task head and adapters (lora.py, coto.py check cfg)."""
     torch.manual_seed(cfg.seed + (zlib.crc32(task.name.encode()) if cfg.task_init else 0))  # LoRA and CoTo alike
     model = build_model(cfg, task.x_train, task.num_classes)
     if backbone is not None:
@@ -372,12 +303,9 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None)
         raise ValueError(f"--head {cfg.head} starts at the linear probe: pass its head (linear_probe's first result)")
     model, coto = adapt(cfg, task, backbone, probe_head)
     mark_only_lora_as_trainable(model, also=("head",) if cfg.head != "probe" else ())  # prints the count
-    model.to(pick_device(cfg.device))
-    for blk in model.blocks if cfg.compile else ():  # per block: adapters on or off, two graphs, no recompiles
-        blk.compile()
-    log = train_loop(model, task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                     weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed, coto=coto, run=run,
-                     name=f"{task.name} {method_name(cfg)} s{cfg.seed}")
+    log = train_loop(model.to(pick_device(cfg.device)), task.x_train, task.y_train, cfg, steps=cfg.steps, lr=cfg.lr,
+                     batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, warmup=cfg.warmup, seed=cfg.seed,
+                     coto=coto, run=run, name=f"{task.name} {method_name(cfg)} s{cfg.seed}")
     if coto is not None:
         coto.remove()  # every adapter trains again, as a model without CoTo
     acc, loss = evaluate(model, task.x_test, task.y_test)  # eval mode: every adapter runs
@@ -386,69 +314,52 @@ def finetune(cfg: Config, task: Task, backbone: dict, probe_head=None, run=None)
         run.finish(model, metrics)
     return model.eval(), metrics
 
-def adapter_state(model) -> dict:
-    """What a fine-tuned model adds to the backbone: its adapters and its head."""
+def adapter_state(model) -> dict:  # what a fine-tuned model adds to the backbone: its adapters and its head
     return {**lora_state_dict(model), **{f"head.{k}": v.detach().cpu() for k, v in model.head.state_dict().items()}}
 
 # ---------------------------------------------------------------------------------------------- the job
-def main(cfg: Config, data=None, backbone=None, runs=None) -> dict:
-    """Pretrain (or load), then for every task: linear probe, LoRA, CoTo, each over seeds; the tables. The lab
-    (lab.vit_runs) passes other data, a backbone from a file, and runs(cfg, task): each run's folder."""
+def main(cfg: Config, data=None, backbone=load_backbone, runs=None) -> dict:
+    """For every task: a linear probe on the backbone, then LoRA and CoTo, each over seeds; the tables. The lab
+    (lab.vit_runs) passes other data, backbone(cfg, data) that pretrains, and runs(cfg, task): each run's folder."""
     try:  # the flags naming places, checked before any work too
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--out-dir {cfg.out_dir}: cannot write there ({e.strerror}); choose another folder") from None
     pick_device(cfg.device), data_dirs(cfg.data_dir)
-    ddp, cuda = "WORLD_SIZE" in os.environ and not dist.is_initialized(), pick_device(cfg.device).type == "cuda"
-    if ddp:  # under torchrun: one process group for the whole job, nccl on CUDA, gloo on the CPU
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    try:
-        return run_all(cfg, data or load_data(cfg), backbone, runs)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-def run_all(cfg: Config, data: dict, backbone=None, runs=None) -> dict:
-    """main()'s work: each task's probe and runs, the tables, results.json."""
-    t0, names = time.time(), cfg.tasks.split(",")
-    say(f"output: {cfg.out_dir}\ndata: {data['name']} from {data['folder']}")
+    t0, names, data = time.time(), cfg.tasks.split(","), data or load_data(cfg)
+    print(f"output: {cfg.out_dir}\ndata: {data['name']} from {data['folder']}", flush=True)
     tasks = make_tasks(data, names, parse_classes(cfg.source_classes), cfg.patch_size, cfg.n_train, cfg.n_test,
                        cfg.n_per_class, seed=0)  # the same images for every seed: seeds vary init, order, draws
     jobs = [(n, dataclasses.replace(cfg, coto=coto, seed=s)) for n in names for s in range(cfg.seed, cfg.seed + cfg.seeds)
             for coto in (sorted({cfg.coto, not cfg.coto}) if cfg.compare else [cfg.coto])]  # plain LoRA first
-    adapt(cfg, tasks[names[0]])  # flags that lora.py, coto.py or the ViT refuse stop the job now, before any work
+    adapt(cfg, tasks[names[0]])  # what lora.py, coto.py or the ViT refuse stops the job now, before any work
     folders = {(n, c.coto, c.seed): runs(c, tasks[n]) for n, c in jobs} if runs else {}  # other flags there: stop now
-    backbone = backbone or pretrain(cfg, data)
+    backbone = backbone(cfg, data)  # the pretrained ViT's state dict
     probe_model, results, models = build_model(cfg, data["x_train"], 10), {"probe": {}, "runs": []}, {}
     for name, task in tasks.items():
         load_pretrained(probe_model, backbone)
         probe_head, results["probe"][name] = linear_probe(probe_model.to(pick_device(cfg.device)), task)
-        say(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}")
+        print(f"{name}: frozen-backbone linear probe test accuracy {results['probe'][name]:.4f}", flush=True)
         for c in (c for n, c in jobs if n == name):
             run = folders.get((name, c.coto, c.seed))  # finished before (lab.vit_runs --resume): its saved adapters
             models[name, c.coto, c.seed], metrics = (run.load(backbone), run.result) if run and run.result \
                 else finetune(c, task, backbone, probe_head, run)
             results["runs"].append(metrics)
     results["wall_s"] = time.time() - t0
-    if rank_world()[0] == 0:  # the tables: test accuracy in % per task and method, beside the linear probe
-        print(seed_table("\ntest accuracy in %", results["runs"], results["probe"]))
-        for m in dict.fromkeys(r["method"] for r in results["runs"]):
-            rs = [r for r in results["runs"] if r["method"] == m]
-            print(f"{m}: {statistics.fmean(r['ms_per_step'] for r in rs):.0f} ms/step (steady state) + "
-                  f"{statistics.fmean(r['warmup_s'] for r in rs):.1f} s compile / warm-up, adapters active "
-                  f"{100 * statistics.fmean(r['active_frac'] for r in rs):.1f}% of block-steps")
-        results["robustness"] = rob = robustness(cfg, jobs, tasks, models)
-        print(seed_table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %",
-                         rob["every_other"], results["probe"]))
-        print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head "
-                         "averaged), test accuracy in %", rob["interp"], results["probe"]) if rob["interp"] else
-              "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
-        print(f"total {timedelta(seconds=round(time.time() - t0))}")
-        results_json = json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1)
-        (Path(cfg.out_dir) / "results.json").write_text(results_json)
-        print(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir})")
+    print(seed_table("\ntest accuracy in %", results["runs"], results["probe"]))
+    for m in dict.fromkeys(r["method"] for r in results["runs"]):
+        ms, warm, active = (statistics.fmean(r[k] for r in results["runs"] if r["method"] == m) for k in STATS)
+        print(f"{m}: {ms:.0f} ms/step (steady state) + {warm:.1f} s compile / warm-up, adapters active "
+              f"{100 * active:.1f}% of block-steps")
+    results["robustness"] = rob = robustness(cfg, jobs, tasks, models)
+    print(seed_table("\nonly every other block's adapters on (blocks 0, 2, ...), test accuracy in %",
+                     rob["every_other"], results["probe"]))
+    print(seed_table("\ntwo seeds' adapters interpolated at lambda 0.5 (every adapter tensor and the head "
+                     "averaged), test accuracy in %", rob["interp"], results["probe"]) if rob["interp"] else
+          "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)")
+    print(f"total {timedelta(seconds=round(time.time() - t0))}")
+    (Path(cfg.out_dir) / "results.json").write_text(json.dumps({**results, "config": dataclasses.asdict(cfg)}, indent=1))
+    print(f"wrote {cfg.out_dir}/results.json (its figure: python -m lab.vit_report {cfg.out_dir})")
     return results
 
 def robustness(cfg: Config, jobs: list, tasks: dict, models: dict) -> dict:
@@ -457,12 +368,10 @@ def robustness(cfg: Config, jobs: list, tasks: dict, models: dict) -> dict:
     for name, c in jobs:
         task, model = tasks[name], models[name, c.coto, c.seed]
         record = {"task": name, "method": method_name(c), "seed": c.seed}
-        groups = block_groups(model)
-        with coalition(groups, range(0, len(groups), 2)):
+        with coalition(block_groups(model), range(0, cfg.depth, 2)):
             out["every_other"].append({**record, "acc": evaluate(model, task.x_test, task.y_test)[0]})
         if (c.seed - cfg.seed) % 2 == 0 and c.seed + 1 < cfg.seed + cfg.seeds:
-            other = models[name, c.coto, c.seed + 1]
-            with use_adapter(model, interpolate(adapter_state(model), adapter_state(other), 0.5)):
+            with use_adapter(model, interpolate(adapter_state(model), adapter_state(models[name, c.coto, c.seed + 1]), 0.5)):
                 out["interp"].append({**record, "seed": f"{c.seed}+{c.seed + 1}",
                                       "acc": evaluate(model, task.x_test, task.y_test)[0]})
     return out
@@ -487,7 +396,5 @@ def seed_table(title: str, runs: list, probe: dict) -> str:
 if __name__ == "__main__":
     try:
         main(parse_args(Config, __doc__, EXAMPLE))
-    except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted (python -m lab.vit_runs --resume runs the job with checkpoints to continue from)")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:  # one line that says what to do
         raise SystemExit(f"train_vit.py: error: {e}")

@@ -20,8 +20,9 @@ step "toy" python train_toy.py --device cuda --out-dir $out/toy
 step "ViT main job, 2 seeds, a folder per run" python -m lab.vit_runs --device cuda --seeds 2 --out-dir $out/vit
 step "ViT --resume of the finished job (every run kept)" python -m lab.vit_runs --device cuda --seeds 2 --out-dir $out/vit --resume
 step "its figure" python -m lab.vit_report $out/vit
-step "ViT --compile" python train_vit.py --device cuda --compile --tasks rot90 --out-dir $out/vit-compile
-step "ViT under torchrun (nccl)" torchrun --nproc_per_node 1 train_vit.py --device cuda --tasks rot90 --out-dir $out/vit-ddp
+step "train_vit.py on the shipped backbone" python train_vit.py --device cuda --tasks rot90 --out-dir $out/vit-classroom
+step "ViT --compile" python -m lab.vit_runs --device cuda --compile --tasks rot90 --out-dir $out/vit-compile
+step "ViT under torchrun (nccl)" torchrun --nproc_per_node 1 -m lab.vit_runs --device cuda --tasks rot90 --out-dir $out/vit-ddp
 step "analyses of the saved ViT runs" python -m lab.reproduce --analyse $out/vit --device cuda
 step "GPT-2 with --games, 2 seeds" python -m lab.train_gpt2 --device cuda --games --seeds 2 --out-dir $out/gpt2
 step "reproduce.py --quick" python -m lab.reproduce --quick --device cuda --out-dir $out/repro

@@ -1,6 +1,6 @@
 """Small helpers shared by the lab's scripts: the command line, atomic checkpoints, weight files, run-folder
-locks, the training machinery of train_gpt2 (logging, resume) and the seed tables. (The device choice, the
-LR schedule, DDP ranks, the divergence check and method names are the classroom's: train_toy, train_vit.)
+locks, the training machinery of train_gpt2 (logging, resume), DDP ranks and the seed tables. (The device choice,
+the LR schedule, the divergence check and method names are the classroom's: train_toy, train_vit.)
 
 safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
@@ -23,13 +23,18 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from train_vit import rank_world
+import torch.distributed as dist
 
 try:
     import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
 except ImportError:
     fcntl = None
+
+
+def rank_world() -> tuple:
+    """(rank, world size) under torchrun; (0, 1) outside it."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -1,7 +1,8 @@
-"""train_vit.py: data loaders against hand-written files, task transforms against index formulas, the
-backbone's cache tied to what it depends on, flags checked before any work, DDP ranks == each other == one
-process, --init, bf16 evaluation against float32, and what the script prints (its tables against a direct
-computation). The run folders (checkpoints, resume, result files) are lab.vit_runs': tests/test_vit_runs.py."""
+"""train_vit.py: data loaders against hand-written files, task transforms against index formulas, the backbone
+file checked against the flags and the data, flags checked before any work, bf16 evaluation against float32, and
+what the script prints (its tables against a direct computation); with lab.vit_runs, which pretrains the backbones:
+their cache tied to what it depends on, DDP ranks == each other == one process, --init. The run folders
+(checkpoints, resume, result files) are tested in tests/test_vit_runs.py."""
 import dataclasses
 import gzip
 import json
@@ -23,9 +24,10 @@ import train_vit
 from lora import lora_state_dict
 from train_toy import parse_args
 from lab import vit_report, vit_runs
-from train_vit import Batches, Config, evaluate, finetune, load_data, main, make_tasks, pretrain
+from lab.vit_runs import pretrain
+from train_vit import Batches, Config, evaluate, finetune, load_data, main, make_tasks
 
-TINY = Config(embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6, batch_size=32, n_train=200, n_test=100,
+TINY = vit_runs.Config(embed_dim=16, depth=2, num_heads=2, pretrain_steps=5, steps=6, batch_size=32, n_train=200, n_test=100,
               tasks="new5,rot90", warmup=2, log_every=3, r=2, alpha=4.0, lr=1e-2, head="learned", seeds=1)
 
 
@@ -52,11 +54,19 @@ def fake_fashion(folder: Path, seed: int = 0, n_train: int = 600, n_test: int = 
     return str(folder)
 
 
-def tiny(tmp_path, **kw) -> Config:
-    """TINY on the fake Fashion-MNIST in tmp_path/data, writing into tmp_path/runs (cls: another Config class)."""
-    cls = kw.pop("cls", Config)
+def tiny(tmp_path, **kw) -> vit_runs.Config:
+    """TINY (the lab's flags: pretraining too) on the fake Fashion-MNIST in tmp_path/data, writing into tmp_path/runs."""
     data_dir = fake_fashion(tmp_path / "data") if not (tmp_path / "data").is_dir() else str(tmp_path / "data")
-    return cls(**{**dataclasses.asdict(TINY), "data_dir": data_dir, "out_dir": str(tmp_path / "runs"), **kw})
+    return vit_runs.Config(**{**dataclasses.asdict(TINY), "data_dir": data_dir, "out_dir": str(tmp_path / "runs"), **kw})
+
+
+def classroom(cfg: vit_runs.Config, pretrained: bool = True) -> Config:
+    """cfg's train_vit.py flags; --backbone the lab's pretraining of cfg (pretrained now unless told not to)."""
+    if pretrained:
+        pretrain(cfg, load_data(cfg))
+    own = {f.name for f in dataclasses.fields(Config)}
+    path = next(Path(cfg.out_dir).glob("pretrain-*/backbone.pt"), Path(cfg.out_dir) / "none.pt")
+    return Config(**{**{k: v for k, v in dataclasses.asdict(cfg).items() if k in own}, "backbone": str(path)})
 
 
 def test_fashion_mnist_loader_reads_idx_files(tmp_path, monkeypatch):
@@ -96,7 +106,7 @@ def test_a_named_data_folder_is_the_only_one_searched(tmp_path, monkeypatch):
     # checked with the other flags, before any data is read
     monkeypatch.setattr(train_vit, "load_data", lambda c: pytest.fail("read the data before checking the flags"))
     with pytest.raises(FileNotFoundError, match="--data-dir .*nowhere: no such folder"):
-        main(tiny(tmp_path, data_dir=str(tmp_path / "nowhere")))
+        main(classroom(tiny(tmp_path, data_dir=str(tmp_path / "nowhere")), pretrained=False))
 
 
 def test_cifar10_loader_reads_the_binary_batches(tmp_path):
@@ -210,7 +220,7 @@ def _ddp_worker(rank, world, port, cfg, backbone, task, out):
             return self.mask
 
     train_vit.CoTo = RecordingCoTo
-    model, _ = finetune(cfg, task, backbone)
+    model, _ = finetune(cfg, task, backbone, run=vit_runs.Ranks())
     torch.save({"masks": masks, "lora": lora_state_dict(model)}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -233,7 +243,7 @@ def test_ddp_two_gloo_ranks_agree_with_each_other_and_one_process(tmp_path):
 
 
 def test_init_from_timm_file_and_wrong_file(tmp_path):
-    cfg = tiny(tmp_path, tasks="new5", seeds=1, compare=False, coto=False, steps=3, cls=vit_runs.Config)
+    cfg = tiny(tmp_path, tasks="new5", seeds=1, compare=False, coto=False, steps=3)
     from vit import VisionTransformer
     src = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=1000, embed_dim=16, depth=2,
                             num_heads=2)
@@ -299,10 +309,13 @@ def test_every_flag_is_checked_when_the_config_is_made(flags, message):
     (dict(p0=1.5), "p0=1.5 and stage1_ratio=0.75 must both be in"), (dict(num_heads=5), "not divisible by num_heads 5"),
     (dict(patch_size=5), "img_size 28 is not a multiple of patch_size 5")])
 def test_what_lora_coto_and_the_vit_refuse_stops_the_job_before_any_work(tmp_path, monkeypatch, flags, message):
-    """The flags lora.py, coto.py and vit.py check themselves: their messages, before pretraining."""
-    monkeypatch.setattr(train_vit, "pretrain", lambda *a: pytest.fail("pretrained before checking the flags"))
+    """The flags lora.py, coto.py and vit.py check themselves: their messages, before the backbone is read (or, in
+    the lab, pretrained)."""
     with pytest.raises(ValueError, match=message):
-        main(tiny(tmp_path, **flags))
+        main(classroom(tiny(tmp_path, **flags), pretrained=False), backbone=lambda *a: pytest.fail("read the backbone"))
+    monkeypatch.setattr(vit_runs, "pretrain", lambda *a: pytest.fail("pretrained before checking the flags"))
+    with pytest.raises(ValueError, match=message):
+        vit_runs.main(tiny(tmp_path, **flags))
 
 
 def test_lab_flags_are_checked_when_the_config_is_made():
@@ -324,7 +337,7 @@ def test_bad_flags_and_places_stop_before_any_data_is_read_in_one_line(tmp_path,
             main(tiny(tmp_path, device="cuda"))
     monkeypatch.setattr(vit_runs, "load_data", lambda c: pytest.fail("read the data before checking the flags"))
     with pytest.raises(FileNotFoundError, match="--init .*nope.pt: no such file"):
-        vit_runs.main(tiny(tmp_path, init=str(tmp_path / "nope.pt"), cls=vit_runs.Config))
+        vit_runs.main(tiny(tmp_path, init=str(tmp_path / "nope.pt")))
     for argv, says in ((["--tasks", "rot91"], "--tasks 'rot91': unknown task 'rot91'; choose from new5, rot90, invert, "
                                               "shuffle"), (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1")):
         proc = subprocess.run([sys.executable, "train_vit.py", *argv, "--out-dir", str(tmp_path)], capture_output=True,
@@ -338,7 +351,8 @@ def test_bad_flags_and_places_stop_before_any_data_is_read_in_one_line(tmp_path,
 
 
 def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
-    cfg = tiny(tmp_path, tasks="rot90", device=str(device))
+    cfg = classroom(tiny(tmp_path, tasks="rot90", device=str(device)))
+    capsys.readouterr()
     res = main(cfg)
     lines = capsys.readouterr().out.splitlines()
     assert lines[:2] == [f"output: {cfg.out_dir}", f"data: fashion-mnist from {cfg.data_dir}"]
@@ -350,7 +364,7 @@ def test_main_tiny_says_what_it_did(tmp_path, device, capsys):
     assert any(line.startswith("coto: ") and " ms/step (steady state) + " in line for line in lines)
     assert [r["method"] for r in res["runs"]] == ["lora", "coto"]
     assert "seed interpolation needs two seeds' runs: run with --seeds 2 (or more)" in lines
-    # files: the backbone's cache and results.json, nothing per run (that is lab.vit_runs')
+    # files: results.json beside the backbone (the lab's), nothing per run (that is lab.vit_runs')
     assert sorted(str(f.relative_to(tmp_path / "runs")) for f in (tmp_path / "runs").rglob("*") if f.is_file()) == \
         sorted(["results.json", str(next((tmp_path / "runs").glob("pretrain-*/backbone.pt")).relative_to(tmp_path / "runs"))])
     assert json.loads((tmp_path / "runs" / "results.json").read_text())["runs"] == json.loads(json.dumps(res["runs"]))
@@ -364,8 +378,7 @@ def test_main_prints_the_robustness_numbers_of_a_direct_computation(tmp_path, ca
     block (depth 2: block 1's lora_B zeroed, so its delta W is 0) and the two seeds' lora_A, lora_B and head
     averaged, each evaluated as a model."""
     # trained long enough that the adapters decide the predictions (tiny's 6 steps stay at chance)
-    cfg = tiny(tmp_path, tasks="rot90", seeds=2, device="cpu", pretrain_steps=200, steps=20, n_train=600, n_test=300,
-               cls=vit_runs.Config)
+    cfg = tiny(tmp_path, tasks="rot90", seeds=2, device="cpu", pretrain_steps=200, steps=20, n_train=600, n_test=300)
     res = vit_runs.main(cfg)
     lines = capsys.readouterr().out.splitlines()
     backbone, task = _tiny_setup(cfg)
@@ -402,15 +415,15 @@ def test_main_prints_the_robustness_numbers_of_a_direct_computation(tmp_path, ca
     assert json.loads((tmp_path / "runs" / "results.json").read_text())["robustness"] == res["robustness"]
 
 
-def test_main_under_torchrun_closes_its_process_group(tmp_path, monkeypatch):
+def test_the_lab_under_torchrun_closes_its_process_group(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)  # what torchrun --nproc_per_node 1 sets
     seen = []
-    monkeypatch.setattr(train_vit, "run_all", lambda *a: seen.append(dist.get_world_size()))
-    main(tiny(tmp_path, device="cpu"))
+    monkeypatch.setattr(train_vit, "main", lambda *a, **k: seen.append(dist.get_world_size()))
+    vit_runs.main(tiny(tmp_path, device="cpu"))
     assert seen == [1] and not dist.is_initialized()
 
 
@@ -463,13 +476,29 @@ def test_the_shipped_backbone_is_what_the_default_flags_pretrain_on_fashion_mnis
     under those flags' and the real data's key, else the job pretrains again; its source accuracy as recorded."""
     if not Path(train_vit.DEBIAN_DIR, "t10k-labels-idx1-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST is not in {train_vit.DEBIAN_DIR}: sudo apt install dataset-fashion-mnist")
-    cfg = Config(data_dir=train_vit.DEBIAN_DIR)
+    cfg = vit_runs.Config(data_dir=train_vit.DEBIAN_DIR)
     data = load_data(cfg)
-    path = Path(train_vit.__file__).parent / cfg.out_dir / train_vit.backbone_key(cfg, data) / "backbone.pt"
+    path = Path(train_vit.__file__).parent / cfg.out_dir / vit_runs.backbone_key(cfg, data) / "backbone.pt"
+    assert path == Path(train_vit.__file__).parent / Config().backbone  # train_vit.py's default is the lab's cache
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert saved["config"] == {f: getattr(cfg, f) for f in train_vit.PRETRAIN_FIELDS}
+    assert saved["config"] == {**{f: getattr(cfg, f) for f in vit_runs.PRETRAIN_FIELDS}, "data_sha1": data["sha1"]}
     model = train_vit.build_model(cfg, data["x_train"], 5)
     model.load_state_dict(saved["state"])  # every key and shape
     source = data["y_test"] < 5  # classes 0-4, labels unchanged
     acc, _ = evaluate(model, data["x_test"][source], data["y_test"][source])
     assert abs(acc - saved["source_acc"]) < 0.005 and saved["source_acc"] > 0.85  # other CPUs: a near tie may flip
+
+
+def test_a_backbone_of_other_flags_or_data_is_refused_by_name(tmp_path):
+    cfg = classroom(tiny(tmp_path))
+    data = load_data(cfg)
+    saved = torch.load(cfg.backbone, weights_only=True)
+    loaded = train_vit.load_backbone(cfg, data)
+    assert loaded.keys() == saved["state"].keys() and all(torch.equal(loaded[k], saved["state"][k]) for k in loaded)
+    with pytest.raises(ValueError, match=r"was pretrained with depth=2 \(this run: 3\): .*python -m lab\.vit_runs"):
+        train_vit.load_backbone(dataclasses.replace(cfg, depth=3), data)
+    other = load_data(dataclasses.replace(cfg, data_dir=fake_fashion(tmp_path / "other", seed=1)))
+    with pytest.raises(ValueError, match=rf"data_sha1={data['sha1']} \(this run: {other['sha1']}\)"):
+        train_vit.load_backbone(cfg, other)
+    with pytest.raises(FileNotFoundError, match=r"--backbone .*none\.pt: no such file; python -m lab\.vit_runs"):
+        train_vit.load_backbone(dataclasses.replace(cfg, backbone=str(tmp_path / "none.pt")), data)

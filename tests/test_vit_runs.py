@@ -17,13 +17,14 @@ from lab.utils import atomic_write_text, lock_folder
 from lab.vit_runs import Config, Run, load_adapters, main
 from lora import lora_state_dict
 from test_utils import assert_every_flag_explained
-from test_train_vit import _tiny_setup, fake_fashion, run_dir, tiny as tiny_vit
-from train_vit import evaluate, load_data, make_tasks, pretrain
+from test_train_vit import _tiny_setup, classroom, fake_fashion, run_dir, tiny as tiny_vit
+from lab.vit_runs import pretrain
+from train_vit import evaluate, load_data, make_tasks
 
 
 def tiny(tmp_path, **kw) -> Config:
     """test_train_vit's tiny job with run folders, a checkpoint every 3 steps."""
-    return tiny_vit(tmp_path, cls=Config, **{"ckpt_every": 3, **kw})
+    return tiny_vit(tmp_path, **{"ckpt_every": 3, **kw})
 
 
 def finetune(cfg: Config, task, backbone, probe=None, out_dir=None) -> tuple:
@@ -81,7 +82,7 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train_vit, "finetune", lambda *a, **k: pytest.fail("retrained a finished run"))
     again = main(dataclasses.replace(cfg, resume=True, log_every=1))  # logging is not part of the result
     assert [{k: v for k, v in r.items() if k != "config"} for r in again["runs"]] == first["runs"]
-    monkeypatch.setattr(train_vit, "pretrain", lambda *a: pytest.fail("pretrained before checking the flags"))
+    monkeypatch.setattr(vit_runs, "pretrain", lambda *a: pytest.fail("pretrained before checking the flags"))
     with pytest.raises(ValueError, match=r"another configuration \(alpha: 4.0 then, 64.0 now; r: 2 then, 8 now\)"):
         main(dataclasses.replace(cfg, resume=True, r=8, alpha=64.0))
     # an unfinished run: its checkpoint refuses another configuration
@@ -154,7 +155,7 @@ def test_real_fashion_mnist_smoke(tmp_path):
     run = res["runs"][0]
     task = make_tasks(data, ["invert"], [0, 1, 2, 3, 4], 7, 256, 200)["invert"]
     backbone = pretrain(cfg, data)
-    folder = vit_runs.run_dir(dataclasses.replace(cfg, seed=0), train_vit.backbone_key(cfg, data), "invert")
+    folder = vit_runs.run_dir(dataclasses.replace(cfg, seed=0), vit_runs.backbone_key(cfg, data), "invert")
     model = load_adapters(cfg, task, backbone, folder / "adapters.pt")
     assert evaluate(model, task.x_test, task.y_test)[0] == run["acc"]
 
@@ -219,8 +220,7 @@ def test_main_keeps_each_run_in_its_folder(tmp_path, device, capsys):
     cfg = tiny(tmp_path, tasks="rot90", device=str(device))
     res = main(cfg)
     lines = capsys.readouterr().out.splitlines()
-    fields = {f.name for f in dataclasses.fields(train_vit.Config)}  # train_vit.py's own flags
-    plain = train_vit.main(train_vit.Config(**{k: v for k, v in vit_runs.vit_fields(cfg).items() if k in fields}))
+    plain = train_vit.main(classroom(cfg))  # train_vit.py's own flags, the lab's backbone
     tables = lambda out: [line for line in out if line.startswith("|")]  # noqa: E731
     assert tables(lines) == tables(capsys.readouterr().out.splitlines()) and plain["probe"] == res["probe"]
     tags = [json.loads(r)["tag"] for r in (run_dir(cfg, "rot90") / "metrics.jsonl").read_text().splitlines()]
