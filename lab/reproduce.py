@@ -74,7 +74,7 @@ class Config:
     long_steps: int = 1500  # fine-tuning steps of the dynamics study (10x the full regime's)
     n_test: int = 2000  # test images per task for the single-task accuracy (0: the whole test split)
     n_eval: int = 500  # held-out images per task for the analyses: the first n_eval test images
-    pretrain_steps: int = 500  # optimizer steps of the backbone's pretraining (train_vit.py's, cached)
+    pretrain_steps: int = 500  # optimizer steps of the backbone's pretraining (lab.vit_runs', cached)
     matched_steps: str = "60,90,120"  # the "matched" control: LoRA's training lengths to choose from on validation
     n_val: int = 2000  # validation images per task (training images outside the training subset) for "matched"
     studies: str = ("full,probe_init,probe,fewshot,lr,variants,ablations,baselines,controls,matched,taskinit,"

@@ -41,7 +41,8 @@ EXAMPLE = "OMP_NUM_THREADS=1 python -m lab.vit_runs --tasks rot90 --resume --ckp
 # how a run is carried out or listed, not what it computes: --resume allows other values
 NOT_IN_RESULT = ("data_dir", "device", "compile", "out_dir", "resume", "ckpt_every", "log_every", "eval_every", "tasks",
                  "seeds", "compare", "backbone")  # backbone: the file train_vit.py loads; here, the folder's key is it
-PRETRAIN_FIELDS = (*train_vit.ARCH, *(f"pretrain_{k}" for k in ("steps", "lr", "batch_size", "weight_decay", "warmup", "seed")))
+PRETRAIN_FIELDS = (*train_vit.ARCH, *(f"pretrain_{k}" for k in ("steps", "lr", "batch_size", "weight_decay", "warmup",
+                                                                 "seed")))
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Config(train_vit.Config):
                 v = getattr(self, k)
                 raise ValueError(f"--{k.replace('_', '-')} {v}: must be " + ("an integer >= 1" if type(v) is int else "> 0"))
         super().__post_init__()
+        if self.backbone != train_vit.Config.backbone:
+            raise ValueError("--backbone is train_vit.py's: lab.vit_runs pretrains its backbone (cached) or loads --init")
         if self.dataset not in ("fashion-mnist", "cifar10"):
             raise ValueError(f"--dataset {self.dataset!r}: choose fashion-mnist, cifar10")
         if self.progressive_dropout and not self.lora_dropout > 0:

@@ -322,7 +322,10 @@ def test_lab_flags_are_checked_when_the_config_is_made():
     for flags, message in ((dict(dataset="mnist"), "--dataset 'mnist': choose fashion-mnist, cifar10"),
                            (dict(progressive_dropout=True), "--progressive-dropout decays --lora-dropout to 0"),
                            (dict(eval_every=-1), "--eval-every -1: must be an integer >= 0"),
-                           (dict(ckpt_every=-1), "--ckpt-every -1: must be an integer >= 0")):
+                           (dict(ckpt_every=-1), "--ckpt-every -1: must be an integer >= 0"),
+                           (dict(pretrain_steps=0), "--pretrain-steps 0: must be an integer >= 1"),
+                           (dict(pretrain_lr=float("nan")), "--pretrain-lr nan: must be > 0"),
+                           (dict(backbone="x.pt"), "--backbone is train_vit.py's: lab.vit_runs pretrains")):
         with pytest.raises(ValueError, match=message):
             vit_runs.Config(**flags)
 
