@@ -76,7 +76,8 @@ if __name__ == "__main__":
     path = Path(sys.argv[1]) / "results.json"
     try:
         results = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(vit_runs.Config)}  # the lab's fields too (--dataset)
+        known = {f.name for f in dataclasses.fields(vit_runs.Config)} - {"backbone"}  # the lab's fields too; a file of
+        # train_vit.py's --backbone is refused by vit_runs.Config, and the figure does not need it
         cfg = vit_runs.Config(**{k: v for k, v in results["config"].items() if k in known})
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"lab.vit_report: error: {path} is not a train_vit.py results.json ({e})")
