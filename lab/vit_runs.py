@@ -217,7 +217,7 @@ class Run(Ranks):
     def start(self, model, opt, coto, batches, log: dict) -> int:
         """The folder locked and made ready; with --resume, everything restored from ckpt.pt: its step."""
         super().start(model, opt, coto, batches, log)
-        self.model, self.opt, self.coto, self.batches, self.log, self.metrics = model, opt, coto, batches, log, None
+        self.model, self.opt, self.batches, self.log, self.metrics = model, opt, batches, log, None  # self.coto: Ranks
         for blk in model.blocks if self.cfg.compile else ():  # per block: adapters on or off, two graphs, no recompiles
             blk.compile()
         ckpt, start = self.folder / "ckpt.pt", 0
