@@ -47,6 +47,13 @@ from train_toy import pick_device
 from vit import VisionTransformer
 
 
+def ints(text: str):  # "6,12" -> [6, 12], "" -> []; None if a part is not an integer
+    try:
+        return [int(t) for t in text.split(",")] if text else []
+    except ValueError:
+        return None
+
+
 @dataclasses.dataclass
 class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
@@ -57,7 +64,7 @@ class Config:
     large_embed_dim: int = 192  # width of the larger ViT of sections 1 and 5 (ViT-Ti's)
     large_depth: int = 12  # blocks of the larger ViT (twice as deep); 0 skips it
     large_num_heads: int = 3  # attention heads of the larger ViT
-    variants: tuple = ("lora", "dora", "hira")  # adapter variants measured: any of lora, dora, hira
+    variants: str = "lora,dora,hira"  # comma-separated adapter variants measured: any of lora, dora, hira
     targets: str = "qkv,proj,fc1,fc2"  # comma-separated nn.Linear name suffixes that get adapters in every block
     r: int = 8  # LoRA rank
     alpha: float = 16.0  # scaling = alpha / r
@@ -68,10 +75,10 @@ class Config:
     schedule_points: int = 12  # steps of that schedule measured, evenly spaced over it
     repeats: int = 3  # rounds of alternating calls; every figure is the median over rounds
     warmup: int = 2  # calls of each case before timing (excluded)
-    shapley_blocks: tuple = (6, 12)  # depths of the exact-Shapley row (empty: skip)
+    shapley_blocks: str = "6,12"  # comma-separated depths of the exact-Shapley rows ("": none)
     shapley_batch: int = 16  # held-out images the coalition values are computed on
     naive_samples: int = 32  # coalitions timed for the naive way (its time is per coalition x 2^n)
-    layer_shape: tuple = (2048, 384, 1536)  # tokens, in, out of the layer table (a ViT-S fc1)
+    layer_shape: str = "2048,384,1536"  # tokens,in,out of the layer table (a ViT-S fc1)
     peft: bool = True  # PEFT's LoRA and DoRA beside ours in the layer and memory tables (if installed)
     quick: bool = False  # one ViT, fewer steps and coalitions: about a minute
     layer_only: bool = False  # only section 3's layer race (nn.Linear, classroom, lab kernels, PEFT): seconds
@@ -82,6 +89,7 @@ class Config:
         def vit_ok(dim, depth, heads):  # vit.py splits the width over the heads
             return dim >= 1 and depth >= 2 and heads >= 1 and dim % heads == 0
         nearest = next(p for p in (Path(self.out), *Path(self.out).parents) if p.exists())  # made there
+        blocks, shape = ints(self.shapley_blocks), ints(self.layer_shape)
         rules = [  # (the fields, their values are fine, what they accept)
             (["threads"], self.threads >= 0, "0 (torch's default) or a number of threads >= 1"),
             (["embed_dim", "depth", "num_heads"], vit_ok(self.embed_dim, self.depth, self.num_heads),
@@ -89,7 +97,7 @@ class Config:
             (["large_embed_dim", "large_depth", "large_num_heads"], self.large_depth == 0 or vit_ok(
                 self.large_embed_dim, self.large_depth, self.large_num_heads),
              "large-depth 0 (no larger ViT), or >= 2 with large-num-heads >= 1 dividing large-embed-dim"),
-            (["variants"], bool(self.variants) and set(self.variants) <= set(VARIANTS), f"any of {', '.join(VARIANTS)}"),
+            (["variants"], set(self.variants.split(",")) <= set(VARIANTS), "comma-separated, any of " + ", ".join(VARIANTS)),
             (["targets"], set(self.targets.split(",")) <= {"qkv", "proj", "fc1", "fc2"},
              "comma-separated, any of qkv, proj, fc1, fc2"),
             (["r"], self.r >= 1, "an integer >= 1"),
@@ -98,23 +106,24 @@ class Config:
             (["stage1_ratio"], 0 < self.stage1_ratio <= 1, "a fraction in (0, 1]"),
             (["warmup"], self.warmup >= 0, "an integer >= 0"),
             (["seed"], self.seed >= 0, "an integer >= 0"),
-            (["shapley_blocks"], all(1 <= b <= 12 for b in self.shapley_blocks),
-             "depths in 1..12 (all 2^depth coalitions are evaluated), or none"),
-            (["layer_shape"], len(self.layer_shape) == 3 and min(self.layer_shape) >= 1,
-             "three integers >= 1: tokens, in, out"),
+            (["shapley_blocks"], blocks is not None and all(1 <= b <= 12 for b in blocks),
+             "comma-separated depths in 1..12 (all 2^depth coalitions are evaluated), or ''"),
+            (["layer_shape"], shape is not None and len(shape) == 3 and min(shape) >= 1,
+             "three comma-separated integers >= 1: tokens,in,out"),
             (["out"], self.out and nearest.is_dir() and os.access(nearest, os.W_OK), "a folder that can be written"),
         ] + [([k], getattr(self, k) >= 1, "an integer >= 1") for k in (
             "batch_size", "total_steps", "schedule_points", "repeats", "shapley_batch", "naive_samples")]
         for fields, ok, allowed in rules:
             if not ok:
                 values = [getattr(self, k) for k in fields]
-                raise ValueError(" ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if type(v) is tuple
-                                          else repr(v) if v == "" else str(v)) for k, v in zip(fields, values))
+                raise ValueError(" ".join(f"--{k.replace('_', '-')} " + (repr(v) if v == "" else str(v))
+                                          for k, v in zip(fields, values))
                                  + f": give {allowed}")
         pick_device(self.device)  # --device cuda without CUDA: one line
 
 
-QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks=(6,))  # what --quick overrides
+QUICK = dict(large_depth=0, schedule_points=8, shapley_blocks="6")  # what --quick overrides
+
 
 
 # The measuring harness
@@ -350,17 +359,17 @@ def bench_layer(cfg: Config, device: torch.device) -> list:
     frozen nn.Linear, the input requiring grad as inside a network; the classroom layer (lora.py)
     beside the hand-written kernels (lab/kernels.py, "fast") and PEFT's, in the dtype training uses
     on this device (fp32 on a CPU, bf16 autocast on CUDA) and, on CUDA, in fp32 too."""
-    T, D, H = cfg.layer_shape
+    T, D, H = ints(cfg.layer_shape)
     torch.manual_seed(cfg.seed)
     base = nn.Linear(D, H).requires_grad_(False).to(device)
     x = torch.randn(T, D, device=device, requires_grad=True)
     dy = torch.randn(T, H, device=device)  # the gradient arriving from above
     dy_amp = dy.bfloat16()
     layers = {"nn.Linear": base}
-    for v in cfg.variants:
+    for v in cfg.variants.split(","):
         layers[v] = LoRALinear(copy.deepcopy(base), cfg.r, cfg.alpha, variant=v)
         nn.init.normal_(layers[v].lora_B, std=0.02)
-    for v in cfg.variants:  # the same adapters, run by the hand-written kernels
+    for v in cfg.variants.split(","):  # the same adapters, run by the hand-written kernels
         layers[f"fast {v}"] = copy.deepcopy(layers[v])
         layers[f"fast {v}"].__class__ = FastLoRALinear
     if use_peft(cfg):
@@ -406,7 +415,7 @@ def bench_shapley(cfg: Config, device: torch.device) -> list:
     forward per coalition, timed on `naive_samples` coalitions and scaled to 2^L) and games.py's
     depth-first prefix sharing."""
     rows = []
-    for depth in cfg.shapley_blocks:
+    for depth in ints(cfg.shapley_blocks):
         model = lora_vit({**vit_sizes(cfg)["default"], "depth": depth}, "lora", cfg, device).eval()
         groups = block_groups(model)
         x, y = batch_of(cfg.shapley_batch, model.num_classes, device, cfg.seed)
@@ -479,7 +488,7 @@ def bench_memory(cfg: Config, device: torch.device) -> list:
     rows = []
     peft = [f"PEFT {v}" for v in ("lora", "dora") if use_peft(cfg)]
     for name, size in vit_sizes(cfg).items():
-        for method in ("full", *cfg.variants, *peft):
+        for method in ("full", *cfg.variants.split(","), *peft):
             variant = None if method == "full" else method.split()[-1]
             model = lora_vit(size, variant, cfg, device, peft=method.startswith("PEFT"))
             x, y = batch_of(cfg.batch_size, model.num_classes, device, cfg.seed)
@@ -513,7 +522,7 @@ def table(res: dict) -> str:
               "|---|---|---|---|---|---|"]
         L += [f"| {r['variant']} | {r['lowest']} | {r['ms']:.1f} | {r['ratio']:.3f} | {r['predicted']:.3f} | "
               f"{'yes' if r['no_grad_below'] else 'NO'} |" for r in res["truncation"]]
-    T, D, H = cfg["layer_shape"]
+    T, D, H = ints(cfg["layer_shape"])
     L += ["", f"3. The layer race: one layer, {T} tokens, {D} -> {H}, forward + backward, input requiring "
               f"grad; lora / dora / hira: lora.py (classroom), fast: lab/kernels.py, PEFT: peft's layers", "",
           "| layer | dtype | ms | vs nn.Linear | FLOP ratio |", "|---|---|---|---|---|"]
@@ -558,12 +567,12 @@ def main(cfg: Config) -> dict:
     if not cfg.layer_only:
         res["coto"] = []
         for name, size in vit_sizes(cfg).items():
-            for variant in cfg.variants:
+            for variant in cfg.variants.split(","):
                 r = bench_coto(name, size, variant, cfg, device)
                 res["coto"].append(r)
                 log(f"coto {name} {variant} | {r['ms_on']:.0f} ms/step on | saving {r['saving']:.1%} "
                     f"| predicted {r['predicted_saving']:.1%}")
-        res["truncation"] = [row for v in ("lora", "hira") if v in cfg.variants
+        res["truncation"] = [row for v in ("lora", "hira") if v in cfg.variants.split(",")
                              for row in bench_truncation(v, cfg, device)]
         log("truncation")
     res["layer"] = bench_layer(cfg, device)
@@ -586,4 +595,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     run_script(main, Config, __doc__, __file__, interrupted="nothing was written; run it again",
-               example="OMP_NUM_THREADS=1 python -m lab.bench --quick --variants lora dora --out runs/bench-quick")
+               example="OMP_NUM_THREADS=1 python -m lab.bench --quick --variants lora,dora --out runs/bench-quick")

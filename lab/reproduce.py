@@ -57,6 +57,8 @@ from lab import vit_runs
 from lab.reports import adapter_report, combine_report, pair_report, plot_reports, rescale_to_norm
 from lab.utils import atomic_save, atomic_write_text, format_eta, run_script
 
+STUDIES = "full,probe_init,probe,fewshot,lr,variants,ablations,baselines,controls,matched,taskinit,dynamics,ramps"
+
 
 @dataclass
 class Config:
@@ -77,11 +79,10 @@ class Config:
     pretrain_steps: int = 500  # optimizer steps of the backbone's pretraining (lab.vit_runs', cached)
     matched_steps: str = "60,90,120"  # the "matched" control: LoRA's training lengths to choose from on validation
     n_val: int = 2000  # validation images per task (training images outside the training subset) for "matched"
-    studies: str = ("full,probe_init,probe,fewshot,lr,variants,ablations,baselines,controls,matched,taskinit,"
-                    "dynamics,ramps")  # comma-separated parts of the table to run, from these
+    studies: str = STUDIES  # comma-separated parts of the table to run, any of these
     tost_margin: float = 0.03  # equivalence tests (TOST): a difference within ± this (0.03: 3 points) is "equivalent"
     vit: str = ""  # JSON of extra train_vit.Config fields for every run, e.g. '{"depth": 4}'
-    data_dir: str = ""  # folder of the data files ("": train_vit.py's search path: $COTO_DATA_DIR, ./data, Debian's)
+    data_dir: str = ""  # folder of the data files ("": train_vit.py's search path: ./data, then Debian's)
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     # instead of the table: games.py's reports on the runs another lab.vit_runs command saved
     analyse: str = ""  # a lab.vit_runs --out-dir: only the reports on its saved runs, into <it>/games/ (cached)

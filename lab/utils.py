@@ -1,29 +1,26 @@
-"""Small helpers shared by the lab's scripts: the command line, atomic checkpoints, weight files, run-folder
-locks, the training machinery of train_gpt2 (logging, resume), DDP ranks and the seed tables. (The device choice,
-the LR schedule, the divergence check and method names are the classroom's: train_toy, train_vit.)
+"""Small helpers shared by the lab's scripts: their one-line errors, atomic checkpoints, weight files, run-folder
+locks, the training machinery of train_gpt2 (logging, resume), DDP ranks and the seed tables. (The flags, the device
+choice, the LR schedule, the divergence check and method names are the classroom's: train_toy, train_vit.)
 
 safetensors is read and written by hand (the format is an 8-byte little-endian header length, a
 JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes), so loading a
 checkpoint needs nothing beyond torch.
 """
-import argparse
 import dataclasses
-import inspect
-import io
 import json
 import math
 import os
 import statistics
 import struct
 import tempfile
-import textwrap
 import time
-import tokenize
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from train_toy import parse_args
 
 try:
     import fcntl  # a lock per run folder (POSIX); without it, runs sharing a folder are not refused
@@ -45,74 +42,18 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in each flag's help; the example command at the end unwrapped, so it copies whole."""
-
-
-def parse_config(cls, argv=None, description: str = "", example: str = ""):
-    """A `cls` (a dataclass) from the command line: one --flag per field, --flag / --no-flag for
-    booleans, several values for tuples; --help shows each field's comment and default. A value
-    the dataclass refuses (its __post_init__ raising ValueError or TypeError) is argparse's one-line
-    error, like a value of the wrong type. `main(parse_config(Config))` is how every script starts;
-    `example`, a command, ends --help."""
-    parser = argparse.ArgumentParser(description=description, usage="%(prog)s [--flag value ...]",
-                                     epilog=f"example:\n  {example}" if example else None,
-                                     formatter_class=_HelpFormatter,
-                                     allow_abbrev=False)  # --seed must not quietly mean --seeds
-    comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        # argparse %-formats help texts; the formatter appends "(default: ...)", quoted for strings
-        help = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
-        help += " (default: %(default)r)" if isinstance(default, str) else ""
-        if isinstance(default, bool):
-            options = {"action": argparse.BooleanOptionalAction}
-        elif isinstance(default, tuple):
-            options = {"nargs": "*", "type": type(default[0]) if default else str}
-        else:
-            options = {"type": f.type if isinstance(f.type, type) else type(default)}
-        parser.add_argument(flag, default=default, help=help, **options)
-    args = vars(parser.parse_args(argv))
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except (ValueError, TypeError) as e:
-        parser.error(str(e))
-
-
 def run_script(main, cls, doc: str, file: str,
                interrupted: str = "run the same command with --resume to continue from the last checkpoints",
                example: str = "") -> None:
-    """What `python script.py --flags` does: main(parse_config(cls)). Ctrl-C, bad flags, missing or
-    damaged files and a diverging run end in one line that says what to do, not a traceback."""
+    """What `python -m lab.script --flags` does: main(parse_args(cls, ...)), the flags built by the classroom's
+    parse_args. Ctrl-C, bad flags, missing or damaged files and a diverging run end in one line that says what to
+    do, not a traceback."""
     try:
-        main(parse_config(cls, description=doc.split("\n")[0], example=example))
+        main(parse_args(cls, doc, example))
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: {interrupted}")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"{Path(file).name}: error: {e}")
-
-
-def _field_comments(cls) -> dict:
-    """{field: comment} from the `# ...` on each field's line(s) in the source of cls and of the dataclasses it
-    extends (a subclass's comment wins); {} where the source is not available."""
-    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
-    for c in [c for c in cls.__mro__ if dataclasses.is_dataclass(c)]:  # cls first: its own comments win
-        try:
-            source = textwrap.dedent(inspect.getsource(c))
-        except (OSError, TypeError):
-            continue
-        line = []  # the statement's tokens
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NEWLINE:  # the end of a statement: `name: type = default  # comment`?
-                if len(line) > 1 and line[0].string in names and line[1].string == ":":
-                    text = " ".join(t.string.lstrip("#").strip() for t in line if t.type == tokenize.COMMENT)
-                    comments.setdefault(line[0].string, text)
-                line = []
-            elif tok.type not in (tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
-                if line or tok.type != tokenize.COMMENT:  # a comment on a line of its own belongs to no field
-                    line.append(tok)
-    return {name: text for name, text in comments.items() if text}
 
 
 def _atomic_write(path, write) -> None:

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 from lab import bench
 from lab.kernels import use_fast_kernels
 from coto import block_groups
-from lab.utils import parse_config
+from train_toy import parse_args
 from test_utils import assert_every_flag_explained
 
 TINY = dict(embed_dim=16, depth=3, num_heads=2)
@@ -108,8 +108,8 @@ def test_coto_masks_follow_the_schedule():
 
 def test_main_tiny(tmp_path, device, capsys):
     cfg = bench.Config(**TINY, device=str(device), large_embed_dim=16, large_depth=4, large_num_heads=2,
-                       r=2, batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks=(3,),
-                       shapley_batch=8, naive_samples=8, layer_shape=(68, 16, 64), out=str(tmp_path),
+                       r=2, batch_size=4, schedule_points=3, repeats=1, warmup=0, shapley_blocks="3",
+                       shapley_batch=8, naive_samples=8, layer_shape="68,16,64", out=str(tmp_path),
                        threads=0)
     res = bench.main(cfg)
     peft = ["PEFT lora", "PEFT dora"]  # PEFT's layers beside ours, same adapters on the same targets
@@ -140,7 +140,7 @@ def test_main_tiny(tmp_path, device, capsys):
 
 
 def test_layer_only_runs_the_layer_race_alone(tmp_path, capsys):
-    cfg = bench.Config(**TINY, repeats=1, warmup=0, layer_shape=(68, 16, 64), out=str(tmp_path), peft=False)
+    cfg = bench.Config(**TINY, repeats=1, warmup=0, layer_shape="68,16,64", out=str(tmp_path), peft=False)
     res = bench.main(dataclasses.replace(cfg, layer_only=True))
     assert [r["layer"] for r in res["layer"]] == ["nn.Linear", "lora", "dora", "hira", "fast lora", "fast dora",
                                                   "fast hira"]
@@ -156,10 +156,12 @@ def test_layer_only_runs_the_layer_race_alone(tmp_path, capsys):
     (["--embed-dim", "10"], "--embed-dim 10 --depth 6 --num-heads 4: give depth >= 2 (CoTo needs a block to skip) "
                             "and num-heads >= 1 dividing embed-dim"),
     (["--large-depth", "1"], "--large-embed-dim 192 --large-depth 1 --large-num-heads 3: give large-depth 0"),
-    (["--variants", "lora", "qlora"], "--variants lora qlora: give any of lora, dora, hira"),
+    (["--variants", "lora,qlora"], "--variants lora,qlora: give comma-separated, any of lora, dora, hira"),
+    (["--variants", ""], "--variants '': give comma-separated, any of lora, dora, hira"),
     (["--targets", "qkv,head"], "--targets qkv,head: give comma-separated, any of qkv, proj, fc1, fc2"),
-    (["--shapley-blocks", "13"], "--shapley-blocks 13: give depths in 1..12"),
-    (["--layer-shape", "64", "16"], "--layer-shape 64 16: give three integers >= 1: tokens, in, out"),
+    (["--shapley-blocks", "6,13"], "--shapley-blocks 6,13: give comma-separated depths in 1..12"),
+    (["--shapley-blocks", "6 12"], "--shapley-blocks 6 12: give comma-separated depths in 1..12"),
+    (["--layer-shape", "64,16"], "--layer-shape 64,16: give three comma-separated integers >= 1: tokens,in,out"),
     (["--repeats", "0"], "--repeats 0: give an integer >= 1"),
     (["--p0", "nan"], "--p0 nan: give a probability in [0, 1]"),
     (["--out", ""], "--out '': give a folder that can be written"),
@@ -170,7 +172,7 @@ def test_every_bad_flag_is_one_line_before_any_benchmark(argv, says, monkeypatch
     monkeypatch.chdir(Path(__file__).parents[1])
     monkeypatch.setattr(bench, "main", lambda cfg: pytest.fail("the benchmark started"))
     with pytest.raises(SystemExit) as e:
-        parse_config(bench.Config, argv)
+        parse_args(bench.Config, "", "", argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and says in err[-1] and len(err) == 2, err  # argparse's usage line, then the error
 

@@ -1,4 +1,4 @@
-"""utils.py: safetensors by hand against the reference library, atomic writes, checkpoints, the CLI."""
+"""lab/utils.py: safetensors by hand against the reference library, atomic writes, checkpoints, run_script."""
 import dataclasses
 import json
 import math
@@ -18,8 +18,8 @@ import torch
 from lab import utils
 from train_toy import get_lr, parse_args
 from train_vit import check_finite, method_name
-from lab.utils import (TrainLog, _field_comments, atomic_save, atomic_write_text, finished_run, load_checkpoint,
-                   load_weights, parse_config, read_safetensors, read_safetensors_metadata,
+from lab.utils import (TrainLog, atomic_save, atomic_write_text, finished_run, load_checkpoint,
+                   load_weights, read_safetensors, read_safetensors_metadata,
                    save_checkpoint, save_result, seed_table, truncate_jsonl, write_safetensors)
 
 TENSORS = {"a.weight": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
@@ -171,37 +171,41 @@ def test_atomic_writes_leave_other_processes_temporary_files_alone(tmp_path):
 @dataclass
 class Demo:
     steps: int = 10  # optimizer steps
-    lr: float = 1e-3
-    name: str = "x#y"  # a "#" in a string is not a comment
+    lr: float = 1e-3  # peak learning rate
+    name: str = "x"  # the run's name
     coto: bool = True  # stage 1 lasts 75 % of the steps
-    seeds: tuple = (0, 1)  # one run per seed,
     # a comment of its own, about nothing
-    blocks: tuple = ()  # (empty: none)
+    seeds: int = 2  # runs, one per seed
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
 
 
-def test_parse_config_builds_every_field_type():
-    assert parse_config(Demo, []) == Demo()
-    cfg = parse_config(Demo, ["--steps", "3", "--lr", "2", "--name", "y", "--no-coto",
-                              "--seeds", "4", "5", "6", "--blocks", "a", "b"])
-    assert cfg == Demo(steps=3, lr=2.0, name="y", coto=False, seeds=(4, 5, 6), blocks=("a", "b"))
-    assert isinstance(cfg.lr, float)
-    assert parse_config(Demo, ["--seeds"]).seeds == ()
+def run_demo(monkeypatch, argv, main=lambda cfg: None):
+    """run_script(main, Demo, ...) as `python demo.py *argv` runs it."""
+    monkeypatch.setattr("sys.argv", ["demo.py", *argv])
+    utils.run_script(main, Demo, "A demo.", "demo.py", interrupted="run it again", example="python demo.py --steps 3")
 
 
-def test_help_shows_each_fields_comment_and_default(capsys):
-    with pytest.raises(SystemExit):
-        parse_config(Demo, ["--help"], description="A demo.")
-    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for line in ("A demo.", "--steps STEPS optimizer steps (default: 10)", "--lr LR lr (default: 0.001)",
-                 "--name NAME a \"#\" in a string is not a comment (default: 'x#y')",
-                 "--coto, --no-coto stage 1 lasts 75 % of the steps (default: True)",
-                 "one run per seed, (default: (0, 1))", "--blocks [BLOCKS ...] (empty: none) (default: ())"):
+def test_run_script_builds_every_field_type_with_the_classrooms_flags(monkeypatch):
+    """The lab's scripts take their flags from train_toy.parse_args: ints, floats, strings, --x / --no-x."""
+    seen = []
+    run_demo(monkeypatch, [], seen.append)
+    run_demo(monkeypatch, ["--steps", "3", "--lr", "2", "--name", "y", "--no-coto"], seen.append)
+    assert seen == [Demo(), Demo(steps=3, lr=2.0, name="y", coto=False)] and isinstance(seen[1].lr, float)
+
+
+def test_run_script_help_shows_each_fields_comment_and_default(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_demo(monkeypatch, ["--help"])
+    out = capsys.readouterr().out
+    text = " ".join(out.split())  # undo argparse's line wrapping
+    for line in ("A demo.", "--steps STEPS optimizer steps (default: 10)", "--lr LR peak learning rate (default: 0.001)",
+                 "--coto, --no-coto stage 1 lasts 75 % of the steps (default: True)"):
         assert line in text, (line, text)
-    assert "about nothing" not in text and text.count("(default:") == 6  # once per field
+    assert e.value.code == 0 and "about nothing" not in text and text.count("(default:") == 5  # once per field
+    assert_every_flag_explained(out, Demo)
 
 
 def option_helps(text: str) -> dict:
@@ -228,34 +232,40 @@ def assert_every_flag_explained(text: str, cls) -> None:
 
 
 def test_help_of_a_subclass_explains_the_inherited_flags(capsys):
-    """A Config extending another shows the base's comments as help: both parsers, lab's and the classroom's."""
+    """A Config extending another (lab.vit_runs' of train_vit's) shows the base's comments as help."""
     @dataclass
     class More(Demo):
         rounds: int = 2  # rounds of the demo
         steps: int = 20  # optimizer steps, overridden
 
-    assert _field_comments(More) == {"steps": "optimizer steps, overridden", "name": 'a "#" in a string is not a '
-                                     "comment", "coto": "stage 1 lasts 75 % of the steps", "seeds": "one run per seed,",
-                                     "blocks": "(empty: none)", "rounds": "rounds of the demo"}
-    for parse in (lambda: parse_config(More, ["--help"], example="python demo.py --rounds 3"),
-                  lambda: parse_args(More, "A demo.", "python demo.py --rounds 3", ["--help"])):
-        with pytest.raises(SystemExit):
-            parse()
-        helps = option_helps(capsys.readouterr().out)
-        assert helps["--coto"] == "stage 1 lasts 75 % of the steps" and helps["--rounds"] == "rounds of the demo"
-        assert helps["--steps"] == "optimizer steps, overridden"
+    with pytest.raises(SystemExit):
+        parse_args(More, "A demo.", "python demo.py --rounds 3", ["--help"])
+    helps = option_helps(capsys.readouterr().out)
+    assert helps["--coto"] == "stage 1 lasts 75 % of the steps" and helps["--rounds"] == "rounds of the demo"
+    assert helps["--steps"] == "optimizer steps, overridden"
 
 
 @pytest.mark.parametrize("argv, says", [(["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
                                         (["--steps", "0"], "steps=0 must be >= 1"),
                                         (["--stpes", "3"], "unrecognized arguments: --stpes 3"),
                                         (["--seed", "3"], "unrecognized arguments: --seed 3")])  # not --seeds
-def test_a_bad_flag_is_one_line_not_a_traceback(capsys, argv, says):
+def test_a_bad_flag_is_one_line_not_a_traceback(monkeypatch, capsys, argv, says):
     with pytest.raises(SystemExit) as e:
-        parse_config(Demo, argv)
+        run_demo(monkeypatch, argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("error: " + says) and len(err) == 2  # the one-line usage, then the error
+
+
+@pytest.mark.parametrize("raised, says", [(ValueError("--x 1: too big"), "demo.py: error: --x 1: too big"),
+                                          (FileNotFoundError("no data"), "demo.py: error: no data"),
+                                          (KeyboardInterrupt(), "\ninterrupted: run it again")])
+def test_what_main_raises_is_one_line_that_says_what_to_do(monkeypatch, raised, says):
+    def main(cfg):
+        raise raised
+    with pytest.raises(SystemExit) as e:
+        run_demo(monkeypatch, [], main)
+    assert e.value.code == says
 
 
 CONFIG = {"r": 2, "alpha": 4.0, "lr": 0.01, "tasks": ("rot90", "flip")}
