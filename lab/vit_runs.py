@@ -300,8 +300,9 @@ def main(cfg: Config) -> dict:
     the whole job (nccl on CUDA, gloo on the CPU), rank 0 alone printing and writing files."""
     if cfg.init and not Path(cfg.init).is_file():
         raise FileNotFoundError(f"--init {cfg.init}: no such file")
-    pick_device(cfg.device), data_dirs(cfg.data_dir)  # a wrong place: one line before the data is read
-    ddp, cuda = "WORLD_SIZE" in os.environ and not dist.is_initialized(), pick_device(cfg.device).type == "cuda"
+    cuda = pick_device(cfg.device).type == "cuda"  # a device this machine lacks: one line before the data is read
+    data_dirs(cfg.data_dir)  # a --data-dir that does not exist: the same
+    ddp = "WORLD_SIZE" in os.environ and not dist.is_initialized()
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
